@@ -1,3 +1,15 @@
 //! lors-lm: train decoder-only language models whose stacked layers share their weights
 //! the LORS way (`W_l = W_shared + B_l A_l`).
+pub mod checkpoint;
+pub mod config;
 pub mod data;
+pub mod device;
+pub mod generate;
+pub mod lors;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod params_cmd;
+pub mod rng;
+pub mod store;
+pub mod train;

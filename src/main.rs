@@ -1,6 +1,8 @@
 use clap::{Parser, Subcommand};
+use lors_lm::{data, generate, params_cmd, train};
 
-/// Train decoder-only LMs whose stacked layers share their weights the LORS way.
+/// Train decoder-only LMs whose stacked layers share their weights the LORS way:
+/// every layer l uses W_l = W_shared + B_l·A_l.
 #[derive(Parser)]
 #[command(name = "lors-lm", version, about)]
 struct Cli {
@@ -11,13 +13,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Tokenize text files into token files (train.bin, val.bin) plus tokenizer.json and meta.json.
-    Prepare(lors_lm::data::PrepareArgs),
+    Prepare(data::PrepareArgs),
+    /// Train a model from a config on prepared data.
+    Train(train::TrainArgs),
+    /// Generate text from a trained run.
+    Generate(generate::GenerateArgs),
+    /// Print the parameter table of a config: unique vs vanilla.
+    Params(params_cmd::ParamsArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Prepare(args) => lors_lm::data::run_prepare(&args),
+        Command::Prepare(args) => data::run_prepare(&args),
+        Command::Train(args) => train::run(&args).map(|_| ()),
+        Command::Generate(args) => generate::run(&args),
+        Command::Params(args) => params_cmd::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

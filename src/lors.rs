@@ -1,0 +1,112 @@
+//! The LORS linear layer: `y = x W_lᵀ` with `W_l = W_shared + B_l · A_l`.
+//!
+//! * `W_shared` (out×in) is one tensor shared by all layers of a group; every layer holds a
+//!   clone of the same variable, so its gradient is the sum over those layers.
+//! * `B_l` (out×r) and `A_l` (r×in) are private to layer `l`. As in the LORS paper's code,
+//!   `A` is Kaiming-uniform (PyTorch's default `Linear` init: U(±1/√in)), `B` is zero, so every
+//!   layer starts equal to the shared weight, and there is no α/r scaling.
+//! * Vanilla and fully shared (ALBERT-style) stacks are the same type with no private term.
+//!
+//! ## Merge per step, or factored?
+//! Training uses the merged form `x (W + B A)ᵀ`. With N = batch·seq tokens, the factored
+//! form `x Wᵀ + (x Aᵀ) Bᵀ` adds 2·N·r·(in+out) multiply-adds to the forward pass and twice
+//! that to the backward pass, while merging costs r·in·out forward and 2·r·in·out backward
+//! (dA = Bᵀ dW, dB = dW Aᵀ, where dW = dyᵀ x is needed anyway for the shared base).
+//! Merging is cheaper whenever N > in·out / (2·(in+out)), i.e. N > d/4 for square weights:
+//! always, for training batches. `benches/lors_merge.rs` measures both
+//! (`cargo bench --bench lors_merge`); its numbers are in docs/performance.md. For
+//! generation the model merges once at load (`merged()`), so decoding costs exactly what a
+//! vanilla model's does.
+
+use crate::store::{Init, ParamStore};
+use anyhow::Result;
+use candle_core::Tensor;
+
+#[derive(Debug, Clone)]
+pub struct LorsLinear {
+    /// (out, in): the shared base, or a private full weight.
+    base: Tensor,
+    /// Private residual: A (r, in), B (out, r).
+    residual: Option<(Tensor, Tensor)>,
+}
+
+impl LorsLinear {
+    /// Build a projection. `base_name` names the (possibly shared) base weight; `residual`
+    /// gives the private factors' name prefix and rank when the layer has a LORS residual.
+    pub fn new(
+        store: &mut ParamStore,
+        base_name: &str,
+        (out, inp): (usize, usize),
+        residual: Option<(&str, usize)>,
+    ) -> Result<Self> {
+        let base = store.get(base_name, &[out, inp], Init::Normal(0.02))?;
+        let residual = match residual {
+            Some((prefix, r)) => {
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a = store.get(&format!("{prefix}.lors_a"), &[r, inp], Init::Uniform(bound))?;
+                let b = store.get(&format!("{prefix}.lors_b"), &[out, r], Init::Zeros)?;
+                Some((a, b))
+            }
+            None => None,
+        };
+        Ok(Self { base, residual })
+    }
+
+    /// A layer from explicit tensors (tests, benchmarks).
+    pub fn from_parts(base: Tensor, residual: Option<(Tensor, Tensor)>) -> Self {
+        Self { base, residual }
+    }
+
+    /// The effective weight `W + B A`, (out, in).
+    pub fn weight(&self) -> Result<Tensor> {
+        Ok(match &self.residual {
+            Some((a, b)) => (&self.base + b.matmul(a)?)?,
+            None => self.base.clone(),
+        })
+    }
+
+    /// `x (W + B A)ᵀ` for x of shape (..., in) → (..., out), merging first.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.weight()?)
+    }
+
+    /// `x Wᵀ + (x Aᵀ) Bᵀ`: the same map without forming `B A` (for the benchmark and tests).
+    pub fn forward_factored(&self, x: &Tensor) -> Result<Tensor> {
+        let y = linear(x, &self.base)?;
+        Ok(match &self.residual {
+            Some((a, b)) => (y + linear(&linear(x, a)?, b)?)?,
+            None => y,
+        })
+    }
+
+    /// A plain linear layer holding the merged weight, detached from the graph (generation).
+    pub fn merged(&self) -> Result<Self> {
+        Ok(Self { base: self.weight()?.detach(), residual: None })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.residual.as_ref().map_or(0, |(a, _)| a.dims()[0])
+    }
+
+    /// ‖B A‖_F / ‖W_shared‖_F: how far this layer has moved from its shared base.
+    pub fn residual_ratio(&self) -> Result<f32> {
+        let Some((a, b)) = &self.residual else { return Ok(0.0) };
+        let ba = b.matmul(a)?.detach();
+        let num = ba.sqr()?.sum_all()?.sqrt()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let den = self.base.detach().sqr()?.sum_all()?.sqrt()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        Ok(num / den.max(f32::MIN_POSITIVE))
+    }
+}
+
+/// `x wᵀ` for x (..., in) and w (out, in), flattening the leading dims into one matmul.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let inp = dims[dims.len() - 1];
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let out = w.dims()[0];
+    // (N, in) x (in, out) -> (N, out)
+    let y = x.reshape((lead, inp))?.matmul(&w.t()?)?;
+    let mut shape = dims[..dims.len() - 1].to_vec();
+    shape.push(out);
+    Ok(y.reshape(shape)?)
+}

@@ -1,0 +1,331 @@
+//! A Llama-architecture decoder-only LM (as Hugging Face `LlamaForCausalLM`) whose seven
+//! projection types can be LORS-shared across layers.
+//!
+//! embed → L × [RMSNorm → causal self-attention with RoPE → residual;
+//!              RMSNorm → SwiGLU `down(silu(gate(x)) * up(x))` → residual]
+//!       → RMSNorm → LM head (tied to the embedding by default).
+//!
+//! Every op here is a differentiable composition of basic candle ops: candle's fused
+//! `softmax_last_dim`, `rms_norm` and `rope` build no backward op and would silently stop
+//! the gradient (see shared/CANDLE_NOTES.md).
+//!
+//! Parameter names (checkpoints):
+//! `embed.weight` (V, d); `layers.{l}.{attn,ffn}_norm.weight` (d);
+//! a shared base `shared.{g}.{p}.weight` (out, in) for group g, or a private
+//! `layers.{l}.{p}.weight`; LORS factors `layers.{l}.{p}.lors_a` (r, in) and
+//! `layers.{l}.{p}.lors_b` (out, r); `norm.weight` (d); `lm_head.weight` (V, d) when untied.
+
+use crate::config::{Config, ModelConfig};
+use crate::lors::{linear, LorsLinear};
+use crate::store::{Init, ParamStore};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// RMSNorm `x / sqrt(mean(x²) + eps) * g` over the last dim.
+fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(gain)?)
+}
+
+/// Softmax over the last dim. The max is detached: softmax does not depend on it, so its
+/// gradient contribution is exactly zero and need not be built.
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// Rotary position embedding tables, HF "rotate_half" convention: the first and second
+/// halves of each head form the rotated pairs.
+struct Rope {
+    /// (max_seq_len, head_dim): cos/sin of position·θ_i, each frequency twice (both halves).
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let hd = cfg.head_dim();
+        let half = hd / 2;
+        let inv_freq: Vec<f64> =
+            (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let n = cfg.max_seq_len;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * hd), Vec::with_capacity(n * hd));
+        for pos in 0..n {
+            for j in 0..hd {
+                let angle = pos as f64 * inv_freq[j % half];
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let mk = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (n, hd), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+        };
+        Ok(Self { cos: mk(cos)?, sin: mk(sin)? })
+    }
+
+    /// x: (B, H, T, hd) at positions offset..offset+T.
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, _, t, hd) = x.dims4()?;
+        let cos = self.cos.narrow(0, offset, t)?; // (T, hd)
+        let sin = self.sin.narrow(0, offset, t)?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?; // rotate_half(x)
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    }
+}
+
+/// Per-layer key/value cache for generation: (k, v), each (B, H_kv, T_past, hd).
+pub type KvCache = Vec<Option<(Tensor, Tensor)>>;
+
+struct Block {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    q: LorsLinear,
+    k: LorsLinear,
+    v: LorsLinear,
+    o: LorsLinear,
+    gate: LorsLinear,
+    up: LorsLinear,
+    down: LorsLinear,
+}
+
+impl Block {
+    fn new(cfg: &Config, store: &mut ParamStore, layer: usize) -> Result<Self> {
+        let m = &cfg.model;
+        let d = m.d_model;
+        let proj = |store: &mut ParamStore, p: &str| -> Result<LorsLinear> {
+            let shape = m.proj_shape(p);
+            let own = format!("layers.{layer}.{p}");
+            let base = if cfg.lors.is_shared(p) {
+                format!("shared.{}.{p}.weight", cfg.lors.group_of(layer, m.n_layers))
+            } else {
+                format!("{own}.weight")
+            };
+            let r = cfg.lors.rank_for(p, layer);
+            let residual = (r > 0).then_some((own.as_str(), r));
+            LorsLinear::new(store, &base, shape, residual)
+        };
+        Ok(Self {
+            attn_norm: store.get(&format!("layers.{layer}.attn_norm.weight"), &[d], Init::Ones)?,
+            q: proj(store, "q")?,
+            k: proj(store, "k")?,
+            v: proj(store, "v")?,
+            o: proj(store, "o")?,
+            ffn_norm: store.get(&format!("layers.{layer}.ffn_norm.weight"), &[d], Init::Ones)?,
+            gate: proj(store, "gate")?,
+            up: proj(store, "up")?,
+            down: proj(store, "down")?,
+        })
+    }
+
+    fn projections(&self) -> [(&'static str, &LorsLinear); 7] {
+        [
+            ("q", &self.q),
+            ("k", &self.k),
+            ("v", &self.v),
+            ("o", &self.o),
+            ("gate", &self.gate),
+            ("up", &self.up),
+            ("down", &self.down),
+        ]
+    }
+
+    fn merged(&self) -> Result<Self> {
+        Ok(Self {
+            attn_norm: self.attn_norm.detach(),
+            ffn_norm: self.ffn_norm.detach(),
+            q: self.q.merged()?,
+            k: self.k.merged()?,
+            v: self.v.merged()?,
+            o: self.o.merged()?,
+            gate: self.gate.merged()?,
+            up: self.up.merged()?,
+            down: self.down.merged()?,
+        })
+    }
+
+    /// x: (B, T, d) → (B, T, d).
+    fn forward(
+        &self,
+        x: &Tensor,
+        cfg: &ModelConfig,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        offset: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let (h, hkv, hd) = (cfg.n_heads, cfg.kv_heads(), cfg.head_dim());
+
+        // --- attention ---
+        let xn = rms_norm(x, &self.attn_norm, cfg.norm_eps)?;
+        // (B, T, H*hd) -> (B, T, H, hd) -> (B, H, T, hd)
+        let q = self.q.forward(&xn)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = self.k.forward(&xn)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v.forward(&xn)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, offset)?;
+        let mut k = rope.apply(&k, offset)?;
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?; // (B, Hkv, T_past + T, hd)
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let s = k.dim(2)?; // keys visible: T_past + T
+        let (k, v) = if h != hkv {
+            // GQA: (B, Hkv, S, hd) -> (B, Hkv, rep, S, hd) -> (B, H, S, hd)
+            let rep = h / hkv;
+            let expand = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, rep, s, hd))?.reshape((b, h, s, hd))?)
+            };
+            (expand(&k)?, expand(&v)?)
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?; // (B, H, T, S)
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = softmax_last(&att)?;
+        let y = att.matmul(&v)?; // (B, H, T, hd)
+        let y = y.transpose(1, 2)?.reshape((b, t, d))?; // (B, T, d)
+        let x = (x + self.o.forward(&y)?)?;
+
+        // --- SwiGLU FFN ---
+        let xn = rms_norm(&x, &self.ffn_norm, cfg.norm_eps)?;
+        let hdn = (self.gate.forward(&xn)?.silu()? * self.up.forward(&xn)?)?; // (B, T, ffn)
+        Ok((x + self.down.forward(&hdn)?)?)
+    }
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    rope: Rope,
+}
+
+impl Model {
+    /// Build the model, creating or loading every parameter through `store`.
+    /// `cfg.model.vocab_size` must be resolved (> 0).
+    pub fn new(cfg: &Config, store: &mut ParamStore) -> Result<Self> {
+        let m = &cfg.model;
+        if m.vocab_size == 0 {
+            bail!("model.vocab_size is 0: resolve it from the data before building the model");
+        }
+        let (v, d) = (m.vocab_size, m.d_model);
+        let embed = store.get("embed.weight", &[v, d], Init::Normal(0.02))?;
+        let layers = (0..m.n_layers).map(|l| Block::new(cfg, store, l)).collect::<Result<Vec<_>>>()?;
+        let norm = store.get("norm.weight", &[d], Init::Ones)?;
+        let lm_head = if m.tie_embeddings {
+            None
+        } else {
+            Some(store.get("lm_head.weight", &[v, d], Init::Normal(0.02))?)
+        };
+        store.finish()?;
+        let rope = Rope::new(m, store.dtype, &store.device)?;
+        Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope })
+    }
+
+    /// A copy with every `W + B A` merged into one weight and detached from the graph:
+    /// generation then costs exactly what a vanilla model's does.
+    pub fn merged(&self) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            embed: self.embed.detach(),
+            layers: self.layers.iter().map(Block::merged).collect::<Result<Vec<_>>>()?,
+            norm: self.norm.detach(),
+            lm_head: self.lm_head.as_ref().map(|t| t.detach()),
+            rope: Rope { cos: self.rope.cos.clone(), sin: self.rope.sin.clone() },
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed.device().clone()
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        vec![None; self.layers.len()]
+    }
+
+    /// ids: (B, T) u32 → logits (B, T, V). Training and eval.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_at(ids, 0, None)
+    }
+
+    /// ids (B, T) at positions offset..offset+T, optionally reading and extending a KV cache.
+    pub fn forward_at(&self, ids: &Tensor, offset: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if offset + t > self.cfg.max_seq_len {
+            bail!(
+                "sequence of {} tokens exceeds model.max_seq_len ({})",
+                offset + t,
+                self.cfg.max_seq_len
+            );
+        }
+        let mask = causal_mask(t, offset, self.embed.dtype(), self.embed.device())?;
+        let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.d_model))?;
+        for (l, block) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c[l]);
+            x = block.forward(&x, &self.cfg, &self.rope, mask.as_ref(), offset, slot)?;
+        }
+        let x = rms_norm(&x, &self.norm, self.cfg.norm_eps)?;
+        linear(&x, self.lm_head.as_ref().unwrap_or(&self.embed)) // (B, T, V)
+    }
+
+    /// Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T).
+    pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t, v) = logits.dims3()?;
+        let logits = logits.reshape((b * t, v))?;
+        let targets = targets.reshape(b * t)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+    }
+
+    /// For each layer and projection type: `‖B_l A_l‖_F / ‖W_shared‖_F` (0 where there is
+    /// no private residual).
+    pub fn residual_ratios(&self) -> Result<Vec<(usize, &'static str, f32)>> {
+        let mut out = vec![];
+        for (l, block) in self.layers.iter().enumerate() {
+            for (p, lin) in block.projections() {
+                if lin.rank() > 0 {
+                    out.push((l, p, lin.residual_ratio()?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The effective (merged) weight of projection `proj` in `layer`.
+    pub fn effective_weight(&self, layer: usize, proj: &str) -> Result<Tensor> {
+        let block = &self.layers[layer];
+        let lin = block
+            .projections()
+            .into_iter()
+            .find(|(p, _)| *p == proj)
+            .map(|(_, l)| l)
+            .ok_or_else(|| anyhow::anyhow!("unknown projection {proj}"))?;
+        lin.weight()
+    }
+}
+
+/// Additive causal mask (T, offset+T): 0 where key j <= offset + i, -inf after. None for T=1.
+fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let s = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (t, s), device)?.to_dtype(dtype)?))
+}

@@ -1,0 +1,398 @@
+//! `lors-lm train`: a flat, explicit training loop.
+//!
+//! for step in start+1 ..= max_steps:
+//!     lr = lr_at(step)                              (linear warmup, cosine decay to min_lr)
+//!     grad_accum × { random windows → forward → loss / grad_accum → backward → add grads }
+//!     clip to train.grad_clip (global norm) → AdamW step
+//!     log line; eval on fixed val batches every eval_interval; checkpoint every ckpt_interval
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::Config;
+use crate::data::{Meta, TokenFile};
+use crate::model::Model;
+use crate::optim::AdamW;
+use crate::params::ParamCounts;
+use crate::rng::Rng;
+use crate::store::ParamStore;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// TOML config file (see configs/). With --resume it defaults to RUN_DIR/config.toml.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Prepared data directory from `lors-lm prepare` (overrides data.dir).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Run directory for config, checkpoints and logs [default: runs/<config name>].
+    #[arg(long, value_name = "RUN_DIR")]
+    pub out: Option<PathBuf>,
+    /// Override a config key, e.g. --set train.lr=1e-3 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start afresh in an --out that holds another run (its checkpoints and logs are deleted).
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
+    /// Print a log line every N steps (overrides train.log_interval).
+    #[arg(long, value_name = "N")]
+    pub log_interval: Option<usize>,
+    /// Stop after this step, checkpointing it, as if interrupted (continue with --resume).
+    #[arg(long, value_name = "STEP")]
+    pub stop_at: Option<usize>,
+    /// Print only errors and the final summary.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Learning rate at optimizer step `step` (1-based): linear warmup over `warmup_steps`, then
+/// cosine decay from `lr` to `min_lr` at `max_steps`.
+pub fn lr_at(step: usize, cfg: &crate::config::TrainConfig) -> f64 {
+    let (lr, min_lr, warm, max) = (cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps);
+    if step <= warm {
+        return lr * step as f64 / warm.max(1) as f64;
+    }
+    if step >= max {
+        return min_lr;
+    }
+    let ratio = (step - warm) as f64 / (max - warm) as f64;
+    min_lr + 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) * (lr - min_lr)
+}
+
+/// Random windows of `seq_len + 1` tokens: inputs (B, T) and targets shifted by one.
+pub fn sample_batch(data: &TokenFile, rng: &mut Rng, b: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let max_start = data.len() - (t + 1);
+    let starts: Vec<usize> = (0..b).map(|_| rng.below(max_start as u64 + 1) as usize).collect();
+    batch_from_starts(data, &starts, t, device)
+}
+
+fn batch_from_starts(data: &TokenFile, starts: &[usize], t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let (mut x, mut y) = (Vec::with_capacity(starts.len() * t), Vec::with_capacity(starts.len() * t));
+    for &s in starts {
+        let w = data.window(s, t + 1)?;
+        x.extend_from_slice(&w[..t]);
+        y.extend_from_slice(&w[1..]);
+    }
+    let b = starts.len();
+    Ok((Tensor::from_vec(x, (b, t), device)?, Tensor::from_vec(y, (b, t), device)?))
+}
+
+/// Mean loss of `model` over fixed batches, without building a graph (the weights are merged
+/// and detached first).
+pub fn evaluate(model: &Model, batches: &[(Tensor, Tensor)]) -> Result<f64> {
+    let frozen = model.merged()?;
+    let mut total = 0.0;
+    for (x, y) in batches {
+        let loss = Model::loss(&frozen.forward(x)?, y)?;
+        total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok(total / batches.len() as f64)
+}
+
+/// Global L2 norm of all gradients, with one host sync.
+fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum: Option<Tensor> = None;
+    for g in grads {
+        let s = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+        sum = Some(match sum {
+            Some(acc) => (acc + s)?,
+            None => s,
+        });
+    }
+    Ok(sum.map_or(Ok(0.0), |s| s.to_scalar::<f64>())?.sqrt())
+}
+
+/// Prepare the run directory: refuse to clobber another run unless --force.
+fn init_run_dir(out: &Path, force: bool) -> Result<()> {
+    let holds_run = out.join("config.toml").exists() || checkpoint::checkpoints_dir(out).exists();
+    if holds_run {
+        if !force {
+            bail!(
+                "{} already holds a run: pass --resume to continue it, --force to start over (deletes its checkpoints), or another --out",
+                out.display()
+            );
+        }
+        for sub in ["checkpoints", "tb"] {
+            let p = out.join(sub);
+            if p.exists() {
+                fs::remove_dir_all(&p).with_context(|| format!("cannot clear {}", p.display()))?;
+            }
+        }
+        for f in ["config.toml", "metrics.jsonl", "samples.txt"] {
+            let p = out.join(f);
+            if p.exists() {
+                fs::remove_file(&p)?;
+            }
+        }
+    }
+    fs::create_dir_all(out).with_context(|| format!("cannot create run directory {}", out.display()))?;
+    Ok(())
+}
+
+/// Keep only metrics lines of steps <= `step` (a resumed run rewrites what came after).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = fs::read_to_string(path)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(path, kept)?;
+    Ok(())
+}
+
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub final_step: usize,
+    pub val_loss: Option<f64>,
+}
+
+pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
+    // --- config and run directory ---
+    let out = match (&args.out, &args.config) {
+        (Some(o), _) => o.clone(),
+        (None, Some(c)) => PathBuf::from("runs").join(c.file_stem().unwrap_or_default()),
+        (None, None) => bail!("pass --config FILE (or --out RUN_DIR with --resume)"),
+    };
+    let resume_ckpt = if args.resume {
+        let (step, dir) = checkpoint::resolve(&out, None)
+            .with_context(|| format!("--resume: nothing to resume in {}", out.display()))?;
+        Some((step, dir))
+    } else {
+        None
+    };
+    let cfg_path = match (&args.config, &resume_ckpt) {
+        (Some(c), _) => c.clone(),
+        (None, Some(_)) => out.join("config.toml"),
+        (None, None) => bail!("pass --config FILE"),
+    };
+    let mut cfg = Config::load(&cfg_path, &args.sets)?;
+    if let Some(n) = args.log_interval {
+        if n == 0 {
+            bail!("--log-interval must be > 0");
+        }
+        cfg.train.log_interval = n;
+    }
+    let data_dir = match &args.data {
+        Some(d) => d.clone(),
+        None if !cfg.data.dir.is_empty() => PathBuf::from(&cfg.data.dir),
+        None => bail!("no data: pass --data DIR (from `lors-lm prepare`) or set data.dir in the config"),
+    };
+    cfg.data.dir = data_dir.to_string_lossy().into_owned();
+
+    // --- data ---
+    let meta = Meta::load(&data_dir)?;
+    if cfg.model.vocab_size == 0 {
+        cfg.model.vocab_size = meta.vocab_size;
+    } else if cfg.model.vocab_size != meta.vocab_size {
+        bail!(
+            "model.vocab_size = {} but the data in {} has a vocabulary of {}: set model.vocab_size = 0 to take it from the data",
+            cfg.model.vocab_size,
+            data_dir.display(),
+            meta.vocab_size
+        );
+    }
+    let train_data = TokenFile::open(&data_dir, "train", &meta)?;
+    let val_data = TokenFile::open(&data_dir, "val", &meta)?;
+    let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
+    for (name, f) in [("train", &train_data), ("val", &val_data)] {
+        if f.len() < t + 1 {
+            bail!(
+                "{name} split in {} has {} tokens, fewer than one window of train.seq_len + 1 = {}: use more text or a shorter seq_len",
+                data_dir.display(),
+                f.len(),
+                t + 1
+            );
+        }
+        if f.max_id() as usize >= cfg.model.vocab_size {
+            bail!("{name} split holds token id {} >= vocabulary {}: the data is corrupt or from another tokenizer", f.max_id(), cfg.model.vocab_size);
+        }
+    }
+
+    let device = crate::device::parse_device(&args.device)?;
+    if resume_ckpt.is_none() {
+        init_run_dir(&out, args.force)?;
+        for (src, dst) in [("tokenizer.json", "tokenizer.json"), ("meta.json", "data_meta.json")] {
+            let s = data_dir.join(src);
+            if s.is_file() {
+                fs::copy(&s, out.join(dst)).with_context(|| format!("cannot copy {}", s.display()))?;
+            }
+        }
+    }
+    fs::write(out.join("config.toml"), cfg.to_toml()?)?;
+
+    // --- model and optimizer ---
+    let (model, store) = match &resume_ckpt {
+        Some((_, dir)) => checkpoint::load_model(&cfg, dir, &device)?,
+        None => {
+            let mut store = ParamStore::new_init(cfg.train.seed, DType::F32, &device);
+            let model = Model::new(&cfg, &mut store)?;
+            (model, store)
+        }
+    };
+    let tc = cfg.train.clone();
+    let mut opt = AdamW::new(store.vars(), tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
+    let mut state = TrainState { step: 0, data_rng: Rng::new(tc.seed).fork(1).state, opt_t: 0, tokens_seen: 0, val_loss: None };
+    if let Some((_, dir)) = &resume_ckpt {
+        state = checkpoint::load_state(dir)?;
+        opt.load_state(checkpoint::load_optimizer(dir, &device)?, state.opt_t)?;
+    }
+    let metrics_path = out.join("metrics.jsonl");
+    truncate_metrics(&metrics_path, state.step)?;
+    let mut metrics = fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+
+    // Fixed validation batches: the same for every eval and every resume.
+    let mut val_rng = Rng::new(tc.seed).fork(2);
+    let val_batches = (0..tc.eval_batches)
+        .map(|_| sample_batch(&val_data, &mut val_rng, b, t, &device))
+        .collect::<Result<Vec<_>>>()?;
+
+    let counts = ParamCounts::from_config(&cfg);
+    let say = |s: &str| {
+        if !args.quiet {
+            println!("{s}");
+        }
+    };
+    say(&format!("run dir   {}", out.display()));
+    say(&format!("data      {} ({} train / {} val tokens, vocab {})", data_dir.display(), train_data.len(), val_data.len(), meta.vocab_size));
+    say(&format!(
+        "model     d={} L={} heads={}/{} ffn={} mode={:?} rank={} groups={}",
+        cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.kv_heads(), cfg.model.ffn_hidden, cfg.lors.mode, cfg.lors.rank, cfg.lors.groups
+    ));
+    say(&format!(
+        "params    {} unique, {} vanilla-equivalent ({:.1}% fewer)",
+        counts.total(),
+        counts.vanilla_total,
+        counts.reduction_pct()
+    ));
+    let tokens_per_step = b * t * tc.grad_accum;
+    say(&format!("device    {device:?}, f32, {tokens_per_step} tokens/step, {} epochs of train data", fmt_epochs(tokens_per_step, tc.max_steps, train_data.len())));
+    if let Some((s, _)) = &resume_ckpt {
+        say(&format!("resuming  from step {s}"));
+    }
+
+    // --- the loop ---
+    let mut data_rng = Rng { state: state.data_rng };
+    let params = opt.params().to_vec();
+    let run_start = Instant::now();
+    let mut last_val = state.val_loss;
+    let start_step = state.step;
+    for step in start_step + 1..=tc.max_steps {
+        let t0 = Instant::now();
+        let lr = lr_at(step, &tc);
+        let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut loss_sum = 0.0;
+        for _ in 0..tc.grad_accum {
+            let (x, y) = sample_batch(&train_data, &mut data_rng, b, t, &device)?;
+            let loss = Model::loss(&model.forward(&x)?, &y)?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let loss = if tc.grad_accum > 1 { (loss / tc.grad_accum as f64)? } else { loss };
+            let grads = loss.backward()?;
+            for (slot, (name, var)) in acc.iter_mut().zip(&params) {
+                let g = grads
+                    .get(var.as_tensor())
+                    .with_context(|| format!("parameter {name} received no gradient"))?;
+                *slot = Some(match slot.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        let loss = loss_sum / tc.grad_accum as f64;
+        if !loss.is_finite() {
+            bail!("loss became {loss} at step {step}: lower train.lr or raise train.warmup_steps (the last checkpoint is intact)");
+        }
+        let mut grads: Vec<Tensor> = acc.into_iter().map(|g| g.expect("filled above")).collect();
+        let grad_norm = global_norm(&grads)?;
+        if tc.grad_clip > 0.0 && grad_norm > tc.grad_clip {
+            let scale = tc.grad_clip / (grad_norm + 1e-6);
+            grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<Vec<_>>>()?;
+        }
+        opt.step(&grads, lr)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        state.tokens_seen += tokens_per_step as u64;
+        let tok_s = tokens_per_step as f64 / (ms / 1e3);
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens_seen, "ms": ms, "tokens_per_sec": tok_s})
+        )?;
+        if step % tc.log_interval == 0 || step == tc.max_steps || step == start_step + 1 {
+            say(&format!(
+                "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad {grad_norm:.3} | {tok_s:>8.0} tok/s | {ms:>7.1} ms",
+                tc.max_steps
+            ));
+        }
+        if step % tc.eval_interval == 0 || step == tc.max_steps {
+            let vl = evaluate(&model, &val_batches)?;
+            last_val = Some(vl);
+            writeln!(metrics, "{}", serde_json::json!({"step": step, "val_loss": vl, "val_ppl": vl.exp(), "tokens": state.tokens_seen}))?;
+            say(&format!("eval  {step:>6} | val loss {vl:.4} | val ppl {:.2}", vl.exp()));
+        }
+        let stop_here = args.stop_at == Some(step);
+        if (tc.ckpt_interval > 0 && step % tc.ckpt_interval == 0) || step == tc.max_steps || stop_here {
+            state.step = step;
+            state.data_rng = data_rng.state;
+            state.opt_t = opt.t;
+            state.val_loss = last_val;
+            metrics.flush()?;
+            let dir = checkpoint::save(&out, &cfg, &store.tensors(), &opt.state_tensors(), &state, tc.keep_checkpoints)?;
+            say(&format!("saved {}", dir.display()));
+        }
+        if stop_here {
+            say(&format!("stopping at step {step} (--stop-at); continue with --resume"));
+            break;
+        }
+    }
+    metrics.flush()?;
+    let wall = run_start.elapsed().as_secs_f64();
+    let end_step = args.stop_at.map_or(tc.max_steps, |s| s.min(tc.max_steps));
+    let done = end_step.saturating_sub(start_step);
+    println!(
+        "done: {} steps in {:.1}s ({:.0} tok/s), final val loss {}, run dir {}",
+        done,
+        wall,
+        (done * tokens_per_step) as f64 / wall.max(1e-9),
+        last_val.map_or("n/a".into(), |v| format!("{v:.4} (ppl {:.2})", v.exp())),
+        out.display()
+    );
+    Ok(TrainSummary { run_dir: out, final_step: end_step.max(start_step), val_loss: last_val })
+}
+
+fn fmt_epochs(tokens_per_step: usize, steps: usize, train_tokens: usize) -> String {
+    format!("{:.2}", (tokens_per_step * steps) as f64 / train_tokens.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TrainConfig;
+
+    #[test]
+    fn lr_schedule_warms_up_then_decays_to_min() {
+        let c = TrainConfig { lr: 1.0, min_lr: 0.1, warmup_steps: 10, max_steps: 110, ..Default::default() };
+        assert!((lr_at(1, &c) - 0.1).abs() < 1e-12);
+        assert!((lr_at(10, &c) - 1.0).abs() < 1e-12);
+        assert!((lr_at(60, &c) - 0.55).abs() < 1e-12); // halfway down the cosine
+        assert!((lr_at(110, &c) - 0.1).abs() < 1e-12);
+        assert!(lr_at(30, &c) > lr_at(31, &c));
+    }
+}
