@@ -2,6 +2,7 @@
 //! the LORS way (`W_l = W_shared + B_l A_l`).
 pub mod checkpoint;
 pub mod config;
+pub mod console;
 pub mod data;
 pub mod device;
 pub mod generate;

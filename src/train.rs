@@ -8,6 +8,7 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::Config;
+use crate::console::Console;
 use crate::data::{Meta, TokenFile};
 use crate::model::Model;
 use crate::optim::AdamW;
@@ -266,27 +267,29 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .collect::<Result<Vec<_>>>()?;
 
     let counts = ParamCounts::from_config(&cfg);
-    let say = |s: &str| {
-        if !args.quiet {
-            println!("{s}");
-        }
-    };
-    say(&format!("run dir   {}", out.display()));
-    say(&format!("data      {} ({} train / {} val tokens, vocab {})", data_dir.display(), train_data.len(), val_data.len(), meta.vocab_size));
-    say(&format!(
-        "model     d={} L={} heads={}/{} ffn={} mode={:?} rank={} groups={}",
-        cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.kv_heads(), cfg.model.ffn_hidden, cfg.lors.mode, cfg.lors.rank, cfg.lors.groups
-    ));
-    say(&format!(
-        "params    {} unique, {} vanilla-equivalent ({:.1}% fewer)",
-        counts.total(),
-        counts.vanilla_total,
-        counts.reduction_pct()
+    let mut console = Console::new(args.quiet);
+    console.line(&format!("# resolved config (saved to {})", out.join("config.toml").display()));
+    console.line(cfg.to_toml()?.trim_end());
+    console.line("");
+    console.line(counts.table().trim_end());
+    console.line(&format!(
+        "data      {} ({} train / {} val tokens, vocab {})",
+        data_dir.display(),
+        train_data.len(),
+        val_data.len(),
+        meta.vocab_size
     ));
     let tokens_per_step = b * t * tc.grad_accum;
-    say(&format!("device    {device:?}, f32, {tokens_per_step} tokens/step, {} epochs of train data", fmt_epochs(tokens_per_step, tc.max_steps, train_data.len())));
+    console.line(&format!(
+        "device    {}, dtype {}, {tokens_per_step} tokens/step ({b} × {t} × {} accum), {} epochs over the train split",
+        device_name(&device),
+        tc.dtype,
+        tc.grad_accum,
+        fmt_epochs(tokens_per_step, tc.max_steps, train_data.len())
+    ));
+    console.line(&format!("run dir   {}", out.display()));
     if let Some((s, _)) = &resume_ckpt {
-        say(&format!("resuming  from step {s}"));
+        console.line(&format!("resuming  from step {s}"));
     }
 
     // --- the loop ---
@@ -294,7 +297,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let params = opt.params().to_vec();
     let run_start = Instant::now();
     let mut last_val = state.val_loss;
+    let mut last_ckpt: Option<PathBuf> = None;
     let start_step = state.step;
+    console.start_progress(start_step, tc.max_steps);
     for step in start_step + 1..=tc.max_steps {
         let t0 = Instant::now();
         let lr = lr_at(step, &tc);
@@ -335,8 +340,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             "{}",
             serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens_seen, "ms": ms, "tokens_per_sec": tok_s})
         )?;
+        console.progress(step, loss, tok_s);
         if step % tc.log_interval == 0 || step == tc.max_steps || step == start_step + 1 {
-            say(&format!(
+            console.line(&format!(
                 "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad {grad_norm:.3} | {tok_s:>8.0} tok/s | {ms:>7.1} ms",
                 tc.max_steps
             ));
@@ -345,7 +351,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             let vl = evaluate(&model, &val_batches)?;
             last_val = Some(vl);
             writeln!(metrics, "{}", serde_json::json!({"step": step, "val_loss": vl, "val_ppl": vl.exp(), "tokens": state.tokens_seen}))?;
-            say(&format!("eval  {step:>6} | val loss {vl:.4} | val ppl {:.2}", vl.exp()));
+            console.line(&format!("eval  {step:>6} | val loss {vl:.4} | val ppl {:.2}", vl.exp()));
         }
         let stop_here = args.stop_at == Some(step);
         if (tc.ckpt_interval > 0 && step % tc.ckpt_interval == 0) || step == tc.max_steps || stop_here {
@@ -355,26 +361,34 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             state.val_loss = last_val;
             metrics.flush()?;
             let dir = checkpoint::save(&out, &cfg, &store.tensors(), &opt.state_tensors(), &state, tc.keep_checkpoints)?;
-            say(&format!("saved {}", dir.display()));
+            last_ckpt = Some(dir.clone());
+            console.line(&format!("saved {}", dir.display()));
         }
         if stop_here {
-            say(&format!("stopping at step {step} (--stop-at); continue with --resume"));
+            console.line(&format!("stopping at step {step} (--stop-at); continue with --resume"));
             break;
         }
     }
     metrics.flush()?;
+    console.finish();
     let wall = run_start.elapsed().as_secs_f64();
     let end_step = args.stop_at.map_or(tc.max_steps, |s| s.min(tc.max_steps));
     let done = end_step.saturating_sub(start_step);
-    println!(
-        "done: {} steps in {:.1}s ({:.0} tok/s), final val loss {}, run dir {}",
-        done,
-        wall,
+    console.summary(&format!(
+        "done: {done} steps in {wall:.1}s, mean {:.0} tok/s | final val loss {} | checkpoint {} | metrics {}",
         (done * tokens_per_step) as f64 / wall.max(1e-9),
         last_val.map_or("n/a".into(), |v| format!("{v:.4} (ppl {:.2})", v.exp())),
-        out.display()
-    );
+        last_ckpt.as_deref().unwrap_or(&checkpoint::checkpoints_dir(&out)).display(),
+        metrics_path.display()
+    ));
     Ok(TrainSummary { run_dir: out, final_step: end_step.max(start_step), val_loss: last_val })
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        other => format!("{other:?}"),
+    }
 }
 
 fn fmt_epochs(tokens_per_step: usize, steps: usize, train_tokens: usize) -> String {
