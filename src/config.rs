@@ -257,29 +257,30 @@ pub struct DataConfig {
 impl Config {
     /// A model that trains in seconds: for tests and smoke runs.
     pub fn tiny() -> Self {
-        let mut c = Config::default();
-        c.model = ModelConfig {
-            vocab_size: 0,
-            d_model: 32,
-            n_layers: 3,
-            n_heads: 4,
-            n_kv_heads: 2,
-            ffn_hidden: 64,
-            max_seq_len: 32,
-            ..ModelConfig::default()
-        };
-        c.lors.rank = 4;
-        c.train = TrainConfig {
-            batch_size: 4,
-            seq_len: 16,
-            max_steps: 40,
-            warmup_steps: 5,
-            eval_interval: 20,
-            eval_batches: 2,
-            log_interval: 10,
-            ..TrainConfig::default()
-        };
-        c
+        Config {
+            model: ModelConfig {
+                vocab_size: 0,
+                d_model: 32,
+                n_layers: 3,
+                n_heads: 4,
+                n_kv_heads: 2,
+                ffn_hidden: 64,
+                max_seq_len: 32,
+                ..ModelConfig::default()
+            },
+            lors: LorsConfig { rank: 4, ..LorsConfig::default() },
+            train: TrainConfig {
+                batch_size: 4,
+                seq_len: 16,
+                max_steps: 40,
+                warmup_steps: 5,
+                eval_interval: 20,
+                eval_batches: 2,
+                log_interval: 10,
+                ..TrainConfig::default()
+            },
+            data: DataConfig::default(),
+        }
     }
 
     /// Parse a TOML text with `--set section.key=value` overrides applied, then validate.
@@ -318,12 +319,12 @@ impl Config {
         ensure(m.n_heads > 0, "model.n_heads must be > 0")?;
         ensure(m.ffn_hidden > 0, "model.ffn_hidden must be > 0")?;
         ensure(
-            m.d_model % m.n_heads == 0,
+            m.d_model.is_multiple_of(m.n_heads),
             &format!("model.d_model ({}) must be divisible by model.n_heads ({})", m.d_model, m.n_heads),
         )?;
-        ensure(m.head_dim() % 2 == 0, "model.d_model / model.n_heads must be even (RoPE rotates pairs)")?;
+        ensure(m.head_dim().is_multiple_of(2), "model.d_model / model.n_heads must be even (RoPE rotates pairs)")?;
         ensure(
-            m.n_heads % m.kv_heads() == 0,
+            m.n_heads.is_multiple_of(m.kv_heads()),
             &format!("model.n_heads ({}) must be divisible by model.n_kv_heads ({})", m.n_heads, m.kv_heads()),
         )?;
         ensure(m.max_seq_len > 0, "model.max_seq_len must be > 0")?;

@@ -29,13 +29,13 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 200)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Sample only from the K most likely tokens.
     #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
     /// Nucleus sampling: the smallest set of tokens with probability mass >= P, in (0, 1].
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Seed of the sampler: the same seed gives the same text.
     #[arg(long, default_value_t = 42)]

@@ -341,20 +341,20 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens_seen, "ms": ms, "tokens_per_sec": tok_s})
         )?;
         console.progress(step, loss, tok_s);
-        if step % tc.log_interval == 0 || step == tc.max_steps || step == start_step + 1 {
+        if step.is_multiple_of(tc.log_interval) || step == tc.max_steps || step == start_step + 1 {
             console.line(&format!(
                 "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad {grad_norm:.3} | {tok_s:>8.0} tok/s | {ms:>7.1} ms",
                 tc.max_steps
             ));
         }
-        if step % tc.eval_interval == 0 || step == tc.max_steps {
+        if step.is_multiple_of(tc.eval_interval) || step == tc.max_steps {
             let vl = evaluate(&model, &val_batches)?;
             last_val = Some(vl);
             writeln!(metrics, "{}", serde_json::json!({"step": step, "val_loss": vl, "val_ppl": vl.exp(), "tokens": state.tokens_seen}))?;
             console.line(&format!("eval  {step:>6} | val loss {vl:.4} | val ppl {:.2}", vl.exp()));
         }
         let stop_here = args.stop_at == Some(step);
-        if (tc.ckpt_interval > 0 && step % tc.ckpt_interval == 0) || step == tc.max_steps || stop_here {
+        if (tc.ckpt_interval > 0 && step.is_multiple_of(tc.ckpt_interval)) || step == tc.max_steps || stop_here {
             state.step = step;
             state.data_rng = data_rng.state;
             state.opt_t = opt.t;

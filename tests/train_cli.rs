@@ -173,3 +173,33 @@ fn train_refuses_bad_input_clearly() {
     let e = run_err(bin().args(["generate", "--checkpoint", "999", "--prompt", "x", "--run"]).arg(tmp.path().join("r")));
     assert!(e.contains("999"), "{e}");
 }
+
+/// prepare → train (overfit a short text) → generate through the real binary: greedy decoding
+/// reproduces the training text, and seeded sampling is reproducible.
+#[test]
+fn generate_after_overfitting_reproduces_the_text_and_seeds_repeat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = "It is a way I have of driving off the spleen and regulating the circulation. ";
+    let corpus = tmp.path().join("corpus.txt");
+    std::fs::write(&corpus, text.repeat(40)).unwrap();
+    let data = tmp.path().join("data");
+    run_ok(bin().args(["prepare", "--vocab-size", "300", "--val-fraction", "0.2", "--input"]).arg(&corpus).arg("--out").arg(&data));
+    let run = tmp.path().join("run");
+    run_ok(
+        bin().args(["train", "--quiet", "--config"]).arg(repo("configs/tiny.toml")).arg("--data").arg(&data).arg("--out").arg(&run)
+            .args(["--set", "train.max_steps=150", "--set", "train.lr=1e-2", "--set", "train.weight_decay=0"]),
+    );
+    let gen = |extra: &[&str]| {
+        let out = run_ok(bin().args(["generate", "--run"]).arg(&run).args(["--prompt", "It is a way", "--max-new-tokens", "20"]).args(extra));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let greedy = gen(&["--temperature", "0"]);
+    assert!(greedy.starts_with("It is a way I have of driving off the spleen"), "greedy output: {greedy:?}");
+    let a = gen(&["--temperature", "1.5", "--seed", "3"]);
+    assert_eq!(a, gen(&["--temperature", "1.5", "--seed", "3"]));
+    // Bad sampling flags are refused.
+    let e = run_err(bin().args(["generate", "--top-p", "1.5", "--prompt", "x", "--run"]).arg(&run));
+    assert!(e.contains("--top-p"), "{e}");
+    let e = run_err(bin().args(["generate", "--temperature", "-1", "--prompt", "x", "--run"]).arg(&run));
+    assert!(e.contains("--temperature"), "{e}");
+}
