@@ -13,4 +13,5 @@ pub mod params;
 pub mod params_cmd;
 pub mod rng;
 pub mod store;
+pub mod tb;
 pub mod train;

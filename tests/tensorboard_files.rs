@@ -1,0 +1,357 @@
+//! TensorBoard event files written through `lors_lm::tb`: framing and content checked by our
+//! own reader, and by TensorBoard's own `EventAccumulator` (through scripts/tb_read.py) when a
+//! Python with the `tensorboard` package is available (`LORS_LM_TB_PYTHON`, else `.venv-tb`
+//! from scripts/setup_tb_venv.sh; required when `CI` is set).
+
+use lors_lm::tb::{read_event_file, Board, EventFileContents};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Set in the child process of `sigkill_mid_write` to the directory it writes to.
+const CHILD_DIR_ENV: &str = "LORS_LM_TB_CHILD_DIR";
+
+fn event_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .contains("tfevents")
+        })
+        .collect();
+    files.sort(); // TensorBoard's order
+    files
+}
+
+/// Every file in `dir` read and validated, in TensorBoard's order.
+fn read_all(dir: &Path) -> Vec<EventFileContents> {
+    event_files(dir)
+        .iter()
+        .map(|f| read_event_file(f).unwrap_or_else(|e| panic!("{e:#}")))
+        .collect()
+}
+
+/// A Python interpreter with the `tensorboard` package, or `None` (test skipped) outside CI.
+fn tb_python() -> Option<PathBuf> {
+    if let Some(python) = std::env::var_os("LORS_LM_TB_PYTHON") {
+        return Some(python.into());
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-tb/bin/python");
+    if venv.exists() {
+        return Some(venv);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "no python with tensorboard: CI must run scripts/setup_tb_venv.sh \
+             (or set LORS_LM_TB_PYTHON)"
+        );
+    }
+    println!("skipped: no python with tensorboard (run scripts/setup_tb_venv.sh)");
+    None
+}
+
+/// TensorBoard's view of `dir` (scripts/tb_read.py output): through the classic
+/// `EventAccumulator`, or with `plugin` through the `plugin_event_accumulator` that
+/// `tensorboard --load_fast=false` serves from.
+fn tensorboard_view(python: &Path, dir: &Path, plugin: bool) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tb_read.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .arg(dir)
+        .args(plugin.then_some("--plugin"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        out.status.success(),
+        "{} {} failed: {}",
+        python.display(),
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// TensorBoard's (step, value) points of scalar `tag`.
+fn tb_scalars(view: &Value, tag: &str) -> Vec<(i64, f64)> {
+    view["scalars"][tag]
+        .as_array()
+        .unwrap_or_else(|| panic!("no scalar tag {tag} in {view}"))
+        .iter()
+        .map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap()))
+        .collect()
+}
+
+/// Loss-like values that f32 stores exactly, so comparisons can be exact.
+fn value(run: u32, step: usize) -> f64 {
+    f64::from(run) * 100.0 + step as f64 + 0.25
+}
+
+/// A run's worth of events: `loss` and `lr` at steps 1..=30, one text at step 0.
+fn write_run(dir: &Path) {
+    let mut board = Board::open(dir, None).unwrap();
+    board.text(
+        "config",
+        "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓",
+        0,
+    );
+    for step in 1..=30 {
+        board.scalar("train/loss", value(1, step), step);
+        board.scalar("train/lr", 3e-4 * step as f64, step);
+    }
+    // No flush: dropping the Board must write what is queued.
+}
+
+#[test]
+fn events_are_framed_and_decoded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run/tb"); // created by open
+    write_run(&dir);
+    let files = read_all(&dir);
+    assert_eq!(files.len(), 1);
+    let got = &files[0];
+    assert!(!got.truncated_tail);
+    assert_eq!(got.records, 1 + 1 + 1 + 60); // file_version, START, text, scalars
+    assert_eq!(got.file_version.as_deref(), Some("brain.Event:2"));
+    assert_eq!(got.session_starts, vec![0]);
+    let loss: Vec<(i64, f32)> = got
+        .scalars
+        .iter()
+        .filter(|s| s.0 == "train/loss")
+        .map(|s| (s.1, s.2))
+        .collect();
+    let want: Vec<(i64, f32)> = (1..=30).map(|s| (s as i64, value(1, s) as f32)).collect();
+    assert_eq!(loss, want);
+    let lr: Vec<(i64, f32)> = got
+        .scalars
+        .iter()
+        .filter(|s| s.0 == "train/lr")
+        .map(|s| (s.1, s.2))
+        .collect();
+    assert_eq!(lr.len(), 30);
+    assert!(lr.iter().all(|&(s, v)| v == (3e-4 * s as f64) as f32));
+    assert_eq!(
+        got.texts,
+        vec![(
+            "config".to_string(),
+            0,
+            "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓".to_string()
+        )]
+    );
+}
+
+#[test]
+fn tensorboard_reads_scalars_and_text() {
+    let Some(python) = tb_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    write_run(tmp.path());
+    let want_text =
+        serde_json::json!([[0, "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓"]]);
+    let want_loss: Vec<(i64, f64)> = (1..=30).map(|s| (s as i64, value(1, s))).collect();
+    for plugin in [false, true] {
+        let view = tensorboard_view(&python, tmp.path(), plugin);
+        assert_eq!(
+            tb_scalars(&view, "train/loss"),
+            want_loss,
+            "plugin: {plugin}"
+        );
+        let lr = tb_scalars(&view, "train/lr");
+        assert_eq!(lr.len(), 30);
+        for (s, v) in lr {
+            assert_eq!(v as f32, (3e-4 * s as f64) as f32);
+        }
+        assert_eq!(view["text_plugin_tags"], serde_json::json!(["config"]));
+        assert_eq!(view["texts"]["config"], want_text, "plugin: {plugin}");
+        if !plugin {
+            // The classic accumulator keeps text summaries as tensors.
+            assert_eq!(view["tensor_tags"], serde_json::json!(["config"]));
+        }
+    }
+}
+
+/// Steps 1..=10 in a first process, then a second process: resumed from the checkpoint at
+/// step 6 (`resume`) writing 7..=12, or a fresh run in the same directory writing 7..=12.
+fn write_two_processes(dir: &Path, resume: bool) {
+    let mut first = Board::open(dir, None).unwrap();
+    for step in 1..=10 {
+        first.scalar("loss", value(1, step), step);
+    }
+    first.text("note", "first process", 10);
+    drop(first);
+    let mut second = Board::open(dir, resume.then_some(6)).unwrap();
+    for step in 7..=12 {
+        second.scalar("loss", value(2, step), step);
+    }
+    second.text("note", "second process", 12);
+}
+
+#[test]
+fn resume_purges_the_earlier_process_after_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_two_processes(tmp.path(), true);
+
+    // Our reader: two files, each starting with a START event (the second at step 7).
+    let files = read_all(tmp.path());
+    assert_eq!(
+        files.len(),
+        2,
+        "the second writer must not overwrite the first file"
+    );
+    assert_eq!(files[0].session_starts, vec![0]);
+    assert_eq!(files[1].session_starts, vec![7]);
+    assert_eq!(files[0].scalars.len(), 10);
+    assert_eq!(files[1].scalars.len(), 6);
+
+    let Some(python) = tb_python() else { return };
+    let want: Vec<(i64, f64)> = (1..=12)
+        .map(|s| (s as i64, value(if s <= 6 { 1 } else { 2 }, s)))
+        .collect();
+    let classic = tensorboard_view(&python, tmp.path(), false);
+    assert_eq!(tb_scalars(&classic, "loss"), want);
+    // The classic EventAccumulator purges scalars, histograms, images and audio only, not
+    // tensors: the first process's text at step 10 stays there.
+    assert_eq!(
+        classic["texts"]["note"],
+        serde_json::json!([[10, "first process"], [12, "second process"]])
+    );
+    let plugin = tensorboard_view(&python, tmp.path(), true);
+    assert_eq!(tb_scalars(&plugin, "loss"), want);
+    assert_eq!(
+        plugin["texts"]["note"],
+        serde_json::json!([[12, "second process"]])
+    );
+}
+
+#[test]
+fn fresh_run_in_a_used_directory_supersedes_the_old_events() {
+    let Some(python) = tb_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    write_two_processes(tmp.path(), false);
+    let want: Vec<(i64, f64)> = (7..=12).map(|s| (s as i64, value(2, s))).collect();
+    for plugin in [false, true] {
+        let view = tensorboard_view(&python, tmp.path(), plugin);
+        assert_eq!(tb_scalars(&view, "loss"), want, "plugin: {plugin}");
+    }
+}
+
+/// Control: without START events (tensorboard-rs alone) TensorBoard keeps both processes'
+/// steps 7..=10, out of order. This is what `Board::open`'s START event prevents.
+#[test]
+fn without_start_events_tensorboard_duplicates_steps() {
+    let Some(python) = tb_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut first = tensorboard_rs::summary_writer::SummaryWriter::new(tmp.path());
+    for step in 1..=10 {
+        first.add_scalar("loss", value(1, step) as f32, step);
+    }
+    drop(first);
+    std::thread::sleep(Duration::from_millis(1100)); // file names have 1 s resolution
+    let mut second = tensorboard_rs::summary_writer::SummaryWriter::new(tmp.path());
+    for step in 7..=12 {
+        second.add_scalar("loss", value(2, step) as f32, step);
+    }
+    drop(second);
+    assert_eq!(event_files(tmp.path()).len(), 2);
+    let mut duplicated: Vec<i64> = (1..=10).collect();
+    duplicated.extend(7..=12);
+    for plugin in [false, true] {
+        let view = tensorboard_view(&python, tmp.path(), plugin);
+        let steps: Vec<i64> = tb_scalars(&view, "loss").iter().map(|p| p.0).collect();
+        assert_eq!(steps, duplicated, "plugin: {plugin}");
+    }
+}
+
+/// Child side of `sigkill_mid_write` (this test binary re-run as a separate process):
+/// writes `x` at steps 1..=1000, flushing every 10 steps and printing "flushed <step>".
+#[test]
+#[ignore = "helper: run as a child process by sigkill_mid_write"]
+fn sigkill_child_writer() {
+    let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
+        return;
+    };
+    let mut board = Board::open(Path::new(&dir), None).unwrap();
+    for step in 1..=1000 {
+        board.scalar("x", value(1, step), step);
+        if step % 10 == 0 {
+            board.flush();
+            println!("\nflushed {step}");
+            std::io::Write::flush(&mut std::io::stdout()).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A writer killed with SIGKILL: every complete record is valid, and everything flushed
+/// (steps 1..=20) is there, for our reader and for TensorBoard.
+#[test]
+fn sigkill_mid_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sigkill_child_writer",
+            "--ignored",
+            "--nocapture",
+        ])
+        .args(["--test-threads", "1"])
+        .env(CHILD_DIR_ENV, tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.trim() == "flushed 20" {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    let flushed = rx.recv_timeout(Duration::from_secs(120));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    if flushed.is_err() {
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        panic!("the child never reported 'flushed 20'; its stderr:\n{stderr}");
+    }
+
+    let files = read_all(tmp.path());
+    assert_eq!(files.len(), 1);
+    let got = &files[0];
+    let steps: Vec<i64> = got.scalars.iter().map(|s| s.1).collect();
+    assert!(steps.len() >= 20, "only {} scalars survived", steps.len());
+    assert_eq!(steps, (1..=steps.len() as i64).collect::<Vec<_>>());
+    assert!(got
+        .scalars
+        .iter()
+        .all(|s| s.2 == value(1, s.1 as usize) as f32));
+    assert_eq!(got.records, 2 + steps.len()); // file_version, START, scalars
+    assert_eq!(got.session_starts, vec![0]);
+    println!(
+        "killed after step {} (truncated tail: {})",
+        steps.len(),
+        got.truncated_tail
+    );
+
+    let Some(python) = tb_python() else { return };
+    for plugin in [false, true] {
+        let view = tensorboard_view(&python, tmp.path(), plugin);
+        let tb_steps: Vec<i64> = tb_scalars(&view, "x").iter().map(|p| p.0).collect();
+        assert_eq!(tb_steps, steps, "plugin: {plugin}");
+    }
+}
