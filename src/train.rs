@@ -15,12 +15,46 @@ use crate::optim::AdamW;
 use crate::params::ParamCounts;
 use crate::rng::Rng;
 use crate::store::ParamStore;
+use crate::tb::Board;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+/// Set by the Ctrl-C handler: the loop checkpoints, flushes its logs and stops.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn install_ctrlc_handler() {
+    // A second Ctrl-C exits at once; set_handler fails only if a handler exists already.
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted twice: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to exit at once)");
+    });
+}
+
+/// Resident memory of this process in MiB (Linux; None elsewhere).
+fn rss_mb() -> Option<f64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A short sample from the current weights, for the console and TensorBoard.
+fn sample_text(model: &Model, tok: &tokenizers::Tokenizer, prompt: &[u32], seed: u64) -> Result<String> {
+    let merged = model.merged()?;
+    let mut sampler = crate::generate::Sampler::new(0.8, Some(50), None, seed)?;
+    let n = 64.min(model.cfg.max_seq_len.saturating_sub(prompt.len())).max(1);
+    let out = crate::generate::generate_tokens(&merged, prompt, n, &mut sampler, None, |_| Ok(()), || {})?;
+    let all: Vec<u32> = prompt.iter().chain(&out).copied().collect();
+    tok.decode(&all, true).map_err(|e| anyhow::anyhow!("cannot decode a sample: {e}"))
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -267,6 +301,21 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         .collect::<Result<Vec<_>>>()?;
 
     let counts = ParamCounts::from_config(&cfg);
+    let mut board = Board::open(&out.join("tb"), resume_ckpt.as_ref().map(|(s, _)| *s))?;
+    if resume_ckpt.is_none() {
+        board.scalar("model/params_unique", counts.total() as f64, 0);
+        board.scalar("model/params_vanilla_equivalent", counts.vanilla_total as f64, 0);
+    }
+    let tokenizer = match out.join("tokenizer.json") {
+        p if p.is_file() => Some(crate::data::load_tokenizer(&p)?),
+        _ => None,
+    };
+    // Samples start from BOS when the tokenizer has one, else from the first val tokens.
+    let sample_prompt: Vec<u32> = match meta.bos_id {
+        Some(b) => vec![b],
+        None => val_data.window(0, 4.min(t))?,
+    };
+    install_ctrlc_handler();
     let mut console = Console::new(args.quiet);
     console.line(&format!("# resolved config (saved to {})", out.join("config.toml").display()));
     console.line(cfg.to_toml()?.trim_end());
@@ -299,6 +348,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let mut last_val = state.val_loss;
     let mut last_ckpt: Option<PathBuf> = None;
     let start_step = state.step;
+    let mut end_step = tc.max_steps.max(start_step);
     console.start_progress(start_step, tc.max_steps);
     for step in start_step + 1..=tc.max_steps {
         let t0 = Instant::now();
@@ -340,8 +390,16 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             "{}",
             serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens_seen, "ms": ms, "tokens_per_sec": tok_s})
         )?;
+        board.scalar("train/loss", loss, step);
+        board.scalar("train/lr", lr, step);
+        board.scalar("train/grad_norm", grad_norm, step);
+        board.scalar("train/tokens_per_sec", tok_s, step);
+        board.scalar("train/step_ms", ms, step);
         console.progress(step, loss, tok_s);
         if step.is_multiple_of(tc.log_interval) || step == tc.max_steps || step == start_step + 1 {
+            if let Some(rss) = rss_mb() {
+                board.scalar("sys/rss_mb", rss, step);
+            }
             console.line(&format!(
                 "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad {grad_norm:.3} | {tok_s:>8.0} tok/s | {ms:>7.1} ms",
                 tc.max_steps
@@ -352,8 +410,23 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             last_val = Some(vl);
             writeln!(metrics, "{}", serde_json::json!({"step": step, "val_loss": vl, "val_ppl": vl.exp(), "tokens": state.tokens_seen}))?;
             console.line(&format!("eval  {step:>6} | val loss {vl:.4} | val ppl {:.2}", vl.exp()));
+            board.scalar("val/loss", vl, step);
+            board.scalar("val/ppl", vl.exp(), step);
+            for (layer, proj, ratio) in model.residual_ratios()? {
+                board.scalar(&format!("lors/{proj}/layer_{layer:02}"), ratio as f64, step);
+            }
+            if let Some(tok) = &tokenizer {
+                let text = sample_text(&model, tok, &sample_prompt, tc.seed ^ step as u64)?;
+                board.text("samples", &text, step);
+                let mut f = fs::OpenOptions::new().create(true).append(true).open(out.join("samples.txt"))?;
+                writeln!(f, "--- step {step}\n{text}")?;
+                let first_line: String = text.chars().take(100).map(|c| if c == '\n' { ' ' } else { c }).collect();
+                console.line(&format!("sample    {first_line}"));
+            }
+            board.flush();
         }
-        let stop_here = args.stop_at == Some(step);
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        let stop_here = args.stop_at == Some(step) || interrupted;
         if (tc.ckpt_interval > 0 && step.is_multiple_of(tc.ckpt_interval)) || step == tc.max_steps || stop_here {
             state.step = step;
             state.data_rng = data_rng.state;
@@ -365,23 +438,26 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             console.line(&format!("saved {}", dir.display()));
         }
         if stop_here {
-            console.line(&format!("stopping at step {step} (--stop-at); continue with --resume"));
+            let why = if interrupted { "interrupted" } else { "--stop-at" };
+            console.summary(&format!("stopped at step {step} ({why}); continue with --resume --out {}", out.display()));
+            end_step = step;
             break;
         }
     }
     metrics.flush()?;
+    board.flush();
     console.finish();
     let wall = run_start.elapsed().as_secs_f64();
-    let end_step = args.stop_at.map_or(tc.max_steps, |s| s.min(tc.max_steps));
     let done = end_step.saturating_sub(start_step);
     console.summary(&format!(
-        "done: {done} steps in {wall:.1}s, mean {:.0} tok/s | final val loss {} | checkpoint {} | metrics {}",
+        "done: {done} steps in {wall:.1}s, mean {:.0} tok/s | final val loss {} | checkpoint {} | metrics {} | tensorboard --logdir {}",
         (done * tokens_per_step) as f64 / wall.max(1e-9),
         last_val.map_or("n/a".into(), |v| format!("{v:.4} (ppl {:.2})", v.exp())),
         last_ckpt.as_deref().unwrap_or(&checkpoint::checkpoints_dir(&out)).display(),
-        metrics_path.display()
+        metrics_path.display(),
+        board.dir().display()
     ));
-    Ok(TrainSummary { run_dir: out, final_step: end_step.max(start_step), val_loss: last_val })
+    Ok(TrainSummary { run_dir: out, final_step: end_step, val_loss: last_val })
 }
 
 fn device_name(device: &Device) -> String {

@@ -355,3 +355,157 @@ fn sigkill_mid_write() {
         assert_eq!(tb_steps, steps, "plugin: {plugin}");
     }
 }
+
+// ------------------------------------------------------------ a real `lors-lm train` run
+
+fn lors_lm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lors-lm"))
+}
+
+/// A tiny prepared corpus with a tokenizer (so eval writes text samples too).
+fn prepared_corpus(dir: &Path) -> PathBuf {
+    let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little money. ";
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, text.repeat(60)).unwrap();
+    let data = dir.join("data");
+    let out = lors_lm()
+        .args(["prepare", "--vocab-size", "300", "--input"])
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    data
+}
+
+fn train_cmd(data: &Path, run: &Path, extra: &[&str]) -> Command {
+    let mut c = lors_lm();
+    c.args(["train", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml"))
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(run)
+        .args(extra);
+    c
+}
+
+const TRAIN_TAGS: [&str; 5] = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/step_ms"];
+
+#[test]
+fn a_training_run_logs_every_tag_at_its_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared_corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let out = train_cmd(&data, &run, &["--quiet", "--set", "train.max_steps=30", "--set", "train.eval_interval=10", "--set", "train.log_interval=5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tb = run.join("tb");
+    // Our reader: every record framed correctly.
+    let files = read_all(&tb);
+    assert_eq!(files.len(), 1);
+    assert!(!files[0].truncated_tail);
+    let steps_of = |tag: &str| -> Vec<i64> {
+        files[0].scalars.iter().filter(|(t, _, _)| t == tag).map(|(_, s, _)| *s).collect()
+    };
+    let every: Vec<i64> = (1..=30).collect();
+    for tag in TRAIN_TAGS {
+        assert_eq!(steps_of(tag), every, "{tag}");
+    }
+    assert_eq!(steps_of("val/loss"), vec![10, 20, 30]);
+    assert_eq!(steps_of("sys/rss_mb"), vec![1, 5, 10, 15, 20, 25, 30]);
+    // TensorBoard itself.
+    let Some(python) = tb_python() else { return };
+    let view = tensorboard_view(&python, &tb, false);
+    for tag in TRAIN_TAGS {
+        let pts = tb_scalars(&view, tag);
+        assert_eq!(pts.iter().map(|p| p.0).collect::<Vec<_>>(), every, "{tag}");
+    }
+    for tag in ["val/loss", "val/ppl"] {
+        assert_eq!(tb_scalars(&view, tag).iter().map(|p| p.0).collect::<Vec<_>>(), vec![10, 20, 30], "{tag}");
+    }
+    let val = tb_scalars(&view, "val/loss");
+    let ppl = tb_scalars(&view, "val/ppl");
+    assert!((ppl[2].1 - val[2].1.exp()).abs() < 1e-3 * ppl[2].1);
+    for tag in ["model/params_unique", "model/params_vanilla_equivalent"] {
+        assert_eq!(tb_scalars(&view, tag).len(), 1, "{tag}");
+    }
+    assert!(tb_scalars(&view, "model/params_unique")[0].1 < tb_scalars(&view, "model/params_vanilla_equivalent")[0].1);
+    assert_eq!(tb_scalars(&view, "sys/rss_mb").len(), 7);
+    // LORS diagnostics: every projection type of every layer, at every eval.
+    for layer in 0..3 {
+        for p in ["q", "k", "v", "o", "gate", "up", "down"] {
+            let pts = tb_scalars(&view, &format!("lors/{p}/layer_{layer:02}"));
+            assert_eq!(pts.iter().map(|p| p.0).collect::<Vec<_>>(), vec![10, 20, 30]);
+            assert!(pts[2].1 > 0.0, "B A should have moved off zero");
+        }
+    }
+    let samples = view["texts"]["samples"].as_array().unwrap_or_else(|| panic!("no samples text in {view}"));
+    assert_eq!(samples.len(), 3);
+}
+
+#[test]
+fn a_resumed_training_run_does_not_repeat_steps_in_tensorboard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared_corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let args = ["--quiet", "--set", "train.max_steps=20", "--set", "train.eval_interval=5", "--set", "train.ckpt_interval=8"];
+    // Stop at 12: the last checkpoint is 12 but events exist up to 12; then a second process
+    // resumes from 12 and continues to 20.
+    let out = train_cmd(&data, &run, &args).args(["--stop-at", "12"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Simulate a crash after the checkpoint: remove checkpoint 12 so resume starts at 8 and
+    // steps 9..=12 are logged twice (once per process).
+    std::fs::remove_dir_all(run.join("checkpoints/12")).unwrap();
+    std::fs::write(run.join("checkpoints/latest"), "8").unwrap();
+    let out = lors_lm().args(["train", "--quiet", "--resume", "--out"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(read_all(&run.join("tb")).len(), 2);
+    let Some(python) = tb_python() else { return };
+    for plugin in [false, true] {
+        let view = tensorboard_view(&python, &run.join("tb"), plugin);
+        let steps: Vec<i64> = tb_scalars(&view, "train/loss").iter().map(|p| p.0).collect();
+        assert_eq!(steps, (1..=20).collect::<Vec<_>>(), "plugin={plugin}");
+        let val: Vec<i64> = tb_scalars(&view, "val/loss").iter().map(|p| p.0).collect();
+        assert_eq!(val, vec![5, 10, 15, 20], "plugin={plugin}");
+    }
+}
+
+#[test]
+fn sigkill_mid_training_leaves_a_readable_event_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared_corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let mut child = train_cmd(&data, &run, &["--set", "train.max_steps=100000", "--set", "train.warmup_steps=0", "--set", "train.eval_interval=10", "--set", "train.log_interval=1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // The events are flushed right after the eval line's sample is printed.
+            if line.starts_with("sample") && tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = 0;
+    while seen < 2 {
+        rx.recv_timeout(Duration::from_secs(120)).expect("no eval within 120 s");
+        seen += 1;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let files = read_all(&run.join("tb"));
+    let val: Vec<i64> = files[0].scalars.iter().filter(|(t, _, _)| t == "val/loss").map(|(_, s, _)| *s).collect();
+    assert!(val.len() >= 2 && val[..2] == [10, 20], "val/loss steps after kill: {val:?}");
+    let loss_steps = files[0].scalars.iter().filter(|(t, _, _)| t == "train/loss").count();
+    assert!(loss_steps >= 20);
+    let Some(python) = tb_python() else { return };
+    let view = tensorboard_view(&python, &run.join("tb"), false);
+    assert!(tb_scalars(&view, "train/loss").len() >= 20);
+}
