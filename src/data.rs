@@ -618,13 +618,14 @@ fn hub_offline() -> bool {
     })
 }
 
-/// Resolves `tokenizer.json` of a Hub model repo through the standard cache; returns its path
-/// and a source string naming the commit.
+/// Resolves `filename` (e.g. `tokenizer.json`) of a Hub model repo through the standard cache;
+/// returns its path and a source string naming the commit.
 #[cfg(feature = "hub")]
-fn fetch_hub_tokenizer(
+pub fn fetch_hub_file(
     owner: &str,
     name: &str,
     revision: Option<&str>,
+    filename: &str,
 ) -> Result<(PathBuf, String)> {
     let repo_id = format!("{owner}/{name}");
     let offline = hub_offline();
@@ -637,21 +638,21 @@ fn fetch_hub_tokenizer(
     })?;
     let rev_text = revision.unwrap_or("main");
     progress(&format!(
-        "resolving hf:{repo_id}@{rev_text} tokenizer.json (cache {}{})",
+        "resolving hf:{repo_id}@{rev_text} {filename} (cache {}{})",
         cache.display(),
         if offline { ", offline" } else { "" }
     ));
     let result = client
         .model(owner, name)
         .download_file()
-        .filename("tokenizer.json")
+        .filename(filename)
         .maybe_revision(revision.map(str::to_string))
         .local_files_only(offline)
         .send();
     let path = match result {
         Ok(path) => path,
         Err(hf_hub::HFError::LocalEntryNotFound { .. }) => bail!(
-            "hf:{repo_id}@{rev_text}: tokenizer.json is not in the Hugging Face cache at {} and \
+            "hf:{repo_id}@{rev_text}: {filename} is not in the Hugging Face cache at {} and \
              HF_HUB_OFFLINE is set, so it cannot be downloaded; unset HF_HUB_OFFLINE to download it, \
              or point HF_HUB_CACHE/HF_HOME at a cache that holds it",
             cache.display()
@@ -659,7 +660,7 @@ fn fetch_hub_tokenizer(
         Err(err) => {
             return Err(err).with_context(|| {
                 format!(
-                    "could not get tokenizer.json of hf:{repo_id}@{rev_text} (cache {}); check the repo name, \
+                    "could not get {filename} of hf:{repo_id}@{rev_text} (cache {}); check the repo name, \
                      your network and HF_TOKEN, or set HF_HUB_OFFLINE=1 to use the cache only",
                     cache.display()
                 )
@@ -680,15 +681,16 @@ fn fetch_hub_tokenizer(
 }
 
 #[cfg(not(feature = "hub"))]
-fn fetch_hub_tokenizer(
+pub fn fetch_hub_file(
     owner: &str,
     name: &str,
     _revision: Option<&str>,
+    filename: &str,
 ) -> Result<(PathBuf, String)> {
     let _ = hub_offline;
     bail!(
-        "--tokenizer hf:{owner}/{name}: this lors-lm was built without the `hub` feature; \
-         rebuild with default features, or download tokenizer.json yourself and pass its path"
+        "hf:{owner}/{name} ({filename}): this lors-lm was built without the `hub` feature; \
+         rebuild with default features, or download the files yourself and pass a local path"
     )
 }
 
@@ -954,7 +956,7 @@ pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
             name,
             revision,
         } => {
-            let (path, source) = fetch_hub_tokenizer(owner, name, revision.as_deref())?;
+            let (path, source) = fetch_hub_file(owner, name, revision.as_deref(), "tokenizer.json")?;
             let tok =
                 load_tokenizer(&path).with_context(|| format!("--tokenizer hf:{owner}/{name}"))?;
             (Some(tok), source)

@@ -13,8 +13,12 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
     /// Run directory written by `lors-lm train`.
-    #[arg(long, value_name = "RUN_DIR")]
-    pub run: PathBuf,
+    #[arg(long, value_name = "RUN_DIR", required_unless_present = "hf", conflicts_with = "hf")]
+    pub run: Option<PathBuf>,
+    /// Instead of a run: a Hugging Face Llama directory (e.g. from `lors-lm export`), or
+    /// hf:OWNER/NAME through the Hugging Face cache.
+    #[arg(long, value_name = "DIR|hf:OWNER/NAME")]
+    pub hf: Option<String>,
     /// Checkpoint step to load [default: the latest].
     #[arg(long, value_name = "STEP")]
     pub checkpoint: Option<usize>,
@@ -198,17 +202,27 @@ fn read_prompt(args: &GenerateArgs) -> Result<String> {
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let sampler = Sampler::new(args.temperature, args.top_k, args.top_p, args.seed)?;
     let device = crate::device::parse_device(&args.device)?;
-    let loaded = checkpoint::load_run(&args.run, args.checkpoint, &device)?;
-    let model = loaded.model.merged()?;
-    let tok = &loaded.tokenizer;
+    let (model, tok, bos, eos) = match (&args.run, &args.hf) {
+        (Some(run), _) => {
+            let loaded = checkpoint::load_run(run, args.checkpoint, &device)?;
+            let (bos, eos) = (loaded.meta.as_ref().and_then(|m| m.bos_id), loaded.meta.as_ref().and_then(|m| m.eos_id));
+            (loaded.model.merged()?, loaded.tokenizer, bos, eos)
+        }
+        (None, Some(spec)) => {
+            let dir = crate::hf::resolve_hf(spec)?;
+            let (_, model, tok, hf) = crate::hf::load_hf_dir(&dir, &device)?;
+            let id = |k: &str| hf.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+            (model.merged()?, tok, id("bos_token_id"), id("eos_token_id"))
+        }
+        (None, None) => bail!("pass --run RUN_DIR or --hf DIR"),
+    };
+    let tok = &tok;
     let prompt = read_prompt(args)?;
     let mut ids = tok
         .encode(prompt.as_str(), false)
         .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
         .get_ids()
         .to_vec();
-    let bos = loaded.meta.as_ref().and_then(|m| m.bos_id);
-    let eos = loaded.meta.as_ref().and_then(|m| m.eos_id);
     if ids.is_empty() {
         match bos {
             Some(b) => ids.push(b),

@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use lors_lm::{data, generate, params_cmd, train};
+use lors_lm::{data, eval, generate, hf, params_cmd, train};
 
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
 /// every layer l uses W_l = W_shared + B_l·A_l.
@@ -18,7 +18,11 @@ enum Command {
     Train(train::TrainArgs),
     /// Generate text from a trained run.
     Generate(generate::GenerateArgs),
-    /// Print the parameter table of a config: unique vs vanilla.
+    /// Mean next-token loss and perplexity of a run on prepared data or a text file.
+    Eval(eval::EvalArgs),
+    /// Export a run as a plain Hugging Face Llama checkpoint (LORS weights merged).
+    Export(hf::ExportArgs),
+    /// Print the parameter table of a config or a run: unique vs vanilla.
     Params(params_cmd::ParamsArgs),
 }
 
@@ -28,6 +32,8 @@ fn main() {
         Command::Prepare(args) => data::run_prepare(&args),
         Command::Train(args) => train::run(&args).map(|_| ()),
         Command::Generate(args) => generate::run(&args),
+        Command::Eval(args) => eval::run(&args),
+        Command::Export(args) => hf::run_export(&args),
         Command::Params(args) => params_cmd::run(&args),
     };
     if let Err(err) = result {

@@ -305,6 +305,26 @@ impl Model {
         Ok(out)
     }
 
+    /// Every weight under its Hugging Face `LlamaForCausalLM` name, LORS terms merged
+    /// (`W_l = W_shared + B_l A_l`), detached: what `lors-lm export` writes.
+    pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.detach())];
+        for (l, block) in self.layers.iter().enumerate() {
+            let pre = format!("model.layers.{l}");
+            out.push((format!("{pre}.input_layernorm.weight"), block.attn_norm.detach()));
+            out.push((format!("{pre}.post_attention_layernorm.weight"), block.ffn_norm.detach()));
+            for (p, lin) in block.projections() {
+                let module = if crate::config::is_attn(p) { "self_attn" } else { "mlp" };
+                out.push((format!("{pre}.{module}.{p}_proj.weight"), lin.weight()?.detach()));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.detach()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.detach()));
+        }
+        Ok(out)
+    }
+
     /// The effective (merged) weight of projection `proj` in `layer`.
     pub fn effective_weight(&self, layer: usize, proj: &str) -> Result<Tensor> {
         let block = &self.layers[layer];
@@ -316,6 +336,35 @@ impl Model {
             .ok_or_else(|| anyhow::anyhow!("unknown projection {proj}"))?;
         lin.weight()
     }
+}
+
+/// Our parameter name of a vanilla model for a Hugging Face Llama tensor name (None for
+/// tensors we do not use, such as old `rotary_emb.inv_freq` buffers).
+pub fn name_from_hf(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("embed.weight".into()),
+        "model.norm.weight" => return Some("norm.weight".into()),
+        "lm_head.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let ours = match rest {
+        "input_layernorm.weight" => "attn_norm.weight".to_string(),
+        "post_attention_layernorm.weight" => "ffn_norm.weight".to_string(),
+        _ => {
+            let proj = rest
+                .strip_prefix("self_attn.")
+                .or_else(|| rest.strip_prefix("mlp."))?
+                .strip_suffix("_proj.weight")?;
+            if !crate::config::PROJ_TYPES.contains(&proj) {
+                return None;
+            }
+            format!("{proj}.weight")
+        }
+    };
+    Some(format!("layers.{layer}.{ours}"))
 }
 
 /// Additive causal mask (T, offset+T): 0 where key j <= offset + i, -inf after. None for T=1.

@@ -8,8 +8,12 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ParamsArgs {
     /// TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "run", conflicts_with = "run")]
+    pub config: Option<PathBuf>,
+    /// A trained run instead of a config: also reports the size on disk of its LORS
+    /// checkpoint vs the merged export.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub run: Option<PathBuf>,
     /// Override a config key, e.g. --set lors.rank=32 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub sets: Vec<String>,
@@ -22,7 +26,11 @@ pub struct ParamsArgs {
 }
 
 pub fn run(args: &ParamsArgs) -> Result<()> {
-    let mut cfg = Config::load(&args.config, &args.sets)?;
+    if let Some(run) = &args.run {
+        return run_for_run_dir(run, args.json);
+    }
+    let config = args.config.as_ref().expect("clap requires --config or --run");
+    let mut cfg = Config::load(config, &args.sets)?;
     if cfg.model.vocab_size == 0 {
         let dir = match (&args.data, cfg.data.dir.is_empty()) {
             (Some(d), _) => d.clone(),
@@ -32,18 +40,39 @@ pub fn run(args: &ParamsArgs) -> Result<()> {
         cfg.model.vocab_size = crate::data::Meta::load(&dir)?.vocab_size;
     }
     let c = ParamCounts::from_config(&cfg);
-    if args.json {
+    print_counts(&c, &cfg, &config.display().to_string(), args.json, None);
+    Ok(())
+}
+
+/// Parameter table of a trained run plus checkpoint vs merged-export sizes.
+fn run_for_run_dir(run: &std::path::Path, json: bool) -> Result<()> {
+    let loaded = crate::checkpoint::load_run(run, None, &candle_core::Device::Cpu)?;
+    let (_, ckpt) = crate::checkpoint::resolve(run, Some(loaded.step))?;
+    let lors_bytes = std::fs::metadata(ckpt.join("model.safetensors"))?.len() as usize;
+    let merged_bytes = crate::hf::merged_size_bytes(&loaded.model)?;
+    let c = ParamCounts::from_config(&loaded.cfg);
+    print_counts(&c, &loaded.cfg, &run.display().to_string(), json, Some((lors_bytes, merged_bytes)));
+    Ok(())
+}
+
+fn print_counts(c: &ParamCounts, cfg: &Config, origin: &str, json: bool, sizes: Option<(usize, usize)>) {
+    if json {
         println!(
             "{}",
             serde_json::json!({
                 "embedding": c.embedding, "shared": c.shared, "private": c.private, "norm": c.norm,
                 "head": c.head, "total_unique": c.total(), "vanilla_total": c.vanilla_total,
                 "reduction_pct": c.reduction_pct(),
+                "checkpoint_bytes": sizes.map(|s| s.0), "merged_export_bytes": sizes.map(|s| s.1),
             })
         );
     } else {
-        println!("config: {} (mode {:?}, vocab {})", args.config.display(), cfg.lors.mode, cfg.model.vocab_size);
+        println!("{origin} (mode {:?}, vocab {})", cfg.lors.mode, cfg.model.vocab_size);
         print!("{}", c.table());
+        if let Some((lors, merged)) = sizes {
+            println!("{:<28} {:>11.2} MB", "checkpoint (unique, f32)", lors as f64 / 1e6);
+            println!("{:<28} {:>11.2} MB", "merged export (f32)", merged as f64 / 1e6);
+            println!("{:<28} {:>12.2}x", "export / checkpoint", merged as f64 / lors.max(1) as f64);
+        }
     }
-    Ok(())
 }

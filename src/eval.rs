@@ -1,0 +1,137 @@
+//! `lors-lm eval`: perplexity measured the same way everywhere.
+//!
+//! Definition: the token sequence is cut into consecutive windows of `seq_len + 1` tokens
+//! with stride `seq_len` (window k = tokens[k·T .. k·T + T + 1]; the last partial window is
+//! dropped); every position of every window is predicted (inputs window[..T], targets
+//! window[1..]); the loss is the mean cross-entropy over all predicted tokens and the
+//! perplexity is exp(loss). `seq_len` is the run's `train.seq_len` unless `--seq-len` is given.
+//! `tests/reference/llama_ref.py eval` implements the same definition independently.
+
+use crate::checkpoint;
+use crate::data::{Meta, TokenFile};
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Run directory written by `lors-lm train`.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub run: PathBuf,
+    /// Checkpoint step to evaluate [default: the latest].
+    #[arg(long, value_name = "STEP")]
+    pub checkpoint: Option<usize>,
+    /// Prepared data directory to evaluate on.
+    #[arg(long, value_name = "DIR", conflicts_with = "text", required_unless_present = "text")]
+    pub data: Option<PathBuf>,
+    /// Split of --data: val or train.
+    #[arg(long, default_value = "val", value_parser = ["val", "train"])]
+    pub split: String,
+    /// A UTF-8 text file, tokenized with the run's tokenizer.
+    #[arg(long, value_name = "FILE")]
+    pub text: Option<PathBuf>,
+    /// Window length T [default: the run's train.seq_len].
+    #[arg(long, value_name = "T")]
+    pub seq_len: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Print {"loss", "ppl", "tokens", "windows"} as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub tokens: usize,
+    pub windows: usize,
+}
+
+impl EvalResult {
+    pub fn ppl(&self) -> f64 {
+        self.loss.exp()
+    }
+}
+
+/// Mean next-token loss over consecutive windows of `tokens` (see the module docs).
+/// `model` should be merged (`Model::merged`) so no graph is built.
+pub fn eval_tokens(model: &Model, tokens: &[u32], seq_len: usize, batch_size: usize, device: &Device) -> Result<EvalResult> {
+    let t = seq_len;
+    if t == 0 || batch_size == 0 {
+        bail!("seq_len and batch size must be > 0");
+    }
+    let windows = tokens.len().saturating_sub(1) / t;
+    if windows == 0 {
+        bail!("{} tokens are fewer than one window of seq_len + 1 = {} tokens: use more text or a smaller --seq-len", tokens.len(), t + 1);
+    }
+    let mut total = 0.0;
+    for first in (0..windows).step_by(batch_size) {
+        let n = batch_size.min(windows - first);
+        let (mut x, mut y) = (Vec::with_capacity(n * t), Vec::with_capacity(n * t));
+        for k in first..first + n {
+            let w = &tokens[k * t..k * t + t + 1];
+            x.extend_from_slice(&w[..t]);
+            y.extend_from_slice(&w[1..]);
+        }
+        let x = Tensor::from_vec(x, (n, t), device)?;
+        let y = Tensor::from_vec(y, (n, t), device)?;
+        let mean = Model::loss(&model.forward(&x)?, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        total += mean * (n * t) as f64;
+    }
+    let n_tokens = windows * t;
+    Ok(EvalResult { loss: total / n_tokens as f64, tokens: n_tokens, windows })
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let device = crate::device::parse_device(&args.device)?;
+    let loaded = checkpoint::load_run(&args.run, args.checkpoint, &device)?;
+    let seq_len = args.seq_len.unwrap_or(loaded.cfg.train.seq_len);
+    if seq_len > loaded.cfg.model.max_seq_len {
+        bail!("--seq-len {seq_len} exceeds the model's max_seq_len {}", loaded.cfg.model.max_seq_len);
+    }
+    let (tokens, source) = match (&args.data, &args.text) {
+        (Some(dir), _) => {
+            let meta = Meta::load(dir)?;
+            if meta.vocab_size != loaded.cfg.model.vocab_size {
+                bail!("--data {} has a vocabulary of {} but the model's is {}: prepare it with the run's tokenizer (--tokenizer {}/tokenizer.json)", dir.display(), meta.vocab_size, loaded.cfg.model.vocab_size, args.run.display());
+            }
+            let f = TokenFile::open(dir, &args.split, &meta)?;
+            (f.window(0, f.len())?, format!("{} ({} split)", dir.display(), args.split))
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --text {} (is it UTF-8 text?)", path.display()))?;
+            let ids = loaded
+                .tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", path.display()))?
+                .get_ids()
+                .to_vec();
+            (ids, path.display().to_string())
+        }
+        (None, None) => bail!("pass --data DIR or --text FILE"),
+    };
+    if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= loaded.cfg.model.vocab_size) {
+        bail!("{source} holds token id {bad} >= the model's vocabulary {}", loaded.cfg.model.vocab_size);
+    }
+    let model = loaded.model.merged()?;
+    let r = eval_tokens(&model, &tokens, seq_len, args.batch_size, &device).with_context(|| format!("cannot evaluate {source}"))?;
+    if args.json {
+        println!("{}", serde_json::json!({"loss": r.loss, "ppl": r.ppl(), "tokens": r.tokens, "windows": r.windows}));
+    } else {
+        println!(
+            "{source}: loss {:.4}, perplexity {:.2} over {} predicted tokens ({} windows of {seq_len}+1), step {} of {}",
+            r.loss,
+            r.ppl(),
+            r.tokens,
+            r.windows,
+            loaded.step,
+            args.run.display()
+        );
+    }
+    Ok(())
+}
