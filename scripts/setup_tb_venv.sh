@@ -11,5 +11,5 @@ if [ ! -x .venv-tb/bin/python ]; then
     "$PYTHON" -m venv .venv-tb
 fi
 .venv-tb/bin/python -m pip install --quiet --upgrade pip
-.venv-tb/bin/python -m pip install --quiet "tensorboard==${TENSORBOARD_VERSION}"
+.venv-tb/bin/python -m pip install --quiet "tensorboard==${TENSORBOARD_VERSION}" -r tests/reference/requirements.txt
 .venv-tb/bin/python -c 'import tensorboard as tb; print("tensorboard", tb.__version__)'

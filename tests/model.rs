@@ -100,7 +100,8 @@ fn lors_layer_computes_x_times_w_plus_ba_transposed() -> Result<()> {
     let x = rand_tensor(&mut rng, &[2, 3, inp], 1.0, DType::F64)?;
     let layer = LorsLinear::from_parts(w.clone(), Some((a.clone(), b.clone())));
     // Reference by explicit loops: y[n, o] = sum_i x[n, i] (W[o, i] + sum_k B[o, k] A[k, i]).
-    let (wv, av, bv): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) = (w.to_vec2()?, a.to_vec2()?, b.to_vec2()?);
+    type Mat = Vec<Vec<f64>>;
+    let (wv, av, bv): (Mat, Mat, Mat) = (w.to_vec2()?, a.to_vec2()?, b.to_vec2()?);
     let xv: Vec<Vec<f64>> = x.reshape((6, inp))?.to_vec2()?;
     let mut want = vec![];
     for row in &xv {
