@@ -20,8 +20,13 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
-    println!("{:>6} {:>6} {:>6} {:>4} | {:>10} {:>10} {:>8}", "tokens", "out", "in", "r", "merged ms", "factored ms", "ratio");
-    for (n, out, inp, r) in [(2048, 128, 128, 16), (2048, 344, 128, 16), (4096, 384, 384, 32), (4096, 1024, 384, 64), (64, 384, 384, 32)] {
+    println!(
+        "{:>6} {:>6} {:>6} {:>4} | {:>10} {:>10} {:>8}",
+        "tokens", "out", "in", "r", "merged ms", "factored ms", "ratio"
+    );
+    for (n, out, inp, r) in
+        [(2048, 128, 128, 16), (2048, 344, 128, 16), (4096, 384, 384, 32), (4096, 1024, 384, 64), (64, 384, 384, 32)]
+    {
         let w = Var::randn(0f32, 0.02, (out, inp), &dev)?;
         let a = Var::randn(0f32, 0.1, (r, inp), &dev)?;
         let b = Var::randn(0f32, 0.1, (out, r), &dev)?;

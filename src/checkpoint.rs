@@ -178,8 +178,8 @@ pub fn load_optimizer(ckpt: &Path, device: &Device) -> Result<HashMap<String, Te
 pub fn load_model(cfg: &Config, ckpt: &Path, device: &Device) -> Result<(Model, ParamStore)> {
     let tensors = load_params(ckpt, device)?;
     let mut store = ParamStore::from_tensors(tensors, DType::F32, device);
-    let model = Model::new(cfg, &mut store)
-        .with_context(|| format!("cannot load {} into the run's config", ckpt.display()))?;
+    let model =
+        Model::new(cfg, &mut store).with_context(|| format!("cannot load {} into the run's config", ckpt.display()))?;
     Ok((model, store))
 }
 
@@ -200,7 +200,10 @@ pub fn load_run(run: &Path, step: Option<usize>, device: &Device) -> Result<Load
     let tokenizer = crate::data::load_tokenizer(&run.join("tokenizer.json"))?;
     let meta_path = run.join("data_meta.json");
     let meta = if meta_path.is_file() {
-        Some(serde_json::from_str(&fs::read_to_string(&meta_path)?).with_context(|| format!("{} is corrupt", meta_path.display()))?)
+        Some(
+            serde_json::from_str(&fs::read_to_string(&meta_path)?)
+                .with_context(|| format!("{} is corrupt", meta_path.display()))?,
+        )
     } else {
         None
     };

@@ -285,8 +285,7 @@ impl Config {
 
     /// Parse a TOML text with `--set section.key=value` overrides applied, then validate.
     pub fn from_toml_str(text: &str, sets: &[String], origin: &str) -> Result<Self> {
-        let mut value: toml::Table =
-            toml::from_str(text).with_context(|| format!("{origin} is not valid TOML"))?;
+        let mut value: toml::Table = toml::from_str(text).with_context(|| format!("{origin} is not valid TOML"))?;
         for set in sets {
             apply_set(&mut value, set)?;
         }
@@ -298,9 +297,8 @@ impl Config {
 
     /// Read a config file (with overrides).
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read config file {} (pass --config FILE)", path.display())
-        })?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {} (pass --config FILE)", path.display()))?;
         Self::from_toml_str(&text, sets, &path.display().to_string())
     }
 
@@ -341,7 +339,9 @@ impl Config {
                 &format!("lors.targets: unknown projection type {tgt:?} (use {PROJ_TYPES:?})"),
             )?;
         }
-        for (key, sched) in [("lors.attn_rank_schedule", &l.attn_rank_schedule), ("lors.ffn_rank_schedule", &l.ffn_rank_schedule)] {
+        for (key, sched) in
+            [("lors.attn_rank_schedule", &l.attn_rank_schedule), ("lors.ffn_rank_schedule", &l.ffn_rank_schedule)]
+        {
             if let Some(s) = sched {
                 ensure(
                     s.len() == m.n_layers,
@@ -390,10 +390,7 @@ impl Config {
         ensure(t.eval_interval > 0, "train.eval_interval must be > 0")?;
         ensure(t.eval_batches > 0, "train.eval_batches must be > 0")?;
         ensure(t.log_interval > 0, "train.log_interval must be > 0")?;
-        ensure(
-            t.dtype == "f32",
-            &format!("train.dtype {:?} is not supported by this build (use \"f32\")", t.dtype),
-        )?;
+        ensure(t.dtype == "f32", &format!("train.dtype {:?} is not supported by this build (use \"f32\")", t.dtype))?;
         Ok(())
     }
 }
@@ -408,24 +405,16 @@ fn ensure(cond: bool, msg: &str) -> Result<()> {
 /// Apply one `section.key=value` override. The value is parsed as a TOML value (so numbers,
 /// booleans and arrays keep their types); a bare word is taken as a string.
 fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
-    let (key, raw) = set
-        .split_once('=')
-        .with_context(|| format!("--set {set:?}: expected section.key=value"))?;
-    let (section, field) = key
-        .trim()
-        .split_once('.')
-        .with_context(|| format!("--set {set:?}: key must be section.key, e.g. train.lr"))?;
+    let (key, raw) = set.split_once('=').with_context(|| format!("--set {set:?}: expected section.key=value"))?;
+    let (section, field) =
+        key.trim().split_once('.').with_context(|| format!("--set {set:?}: key must be section.key, e.g. train.lr"))?;
     let raw = raw.trim();
     let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").expect("parsed key"),
         Err(_) => toml::Value::String(raw.to_string()),
     };
-    let sec = table
-        .entry(section.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let sec = sec
-        .as_table_mut()
-        .with_context(|| format!("--set {set:?}: {section} is not a section"))?;
+    let sec = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let sec = sec.as_table_mut().with_context(|| format!("--set {set:?}: {section} is not a section"))?;
     sec.insert(field.to_string(), value);
     Ok(())
 }
@@ -458,12 +447,7 @@ mod tests {
 
     #[test]
     fn schedules_override_ranks() {
-        let l = LorsConfig {
-            rank: 8,
-            ffn_rank: Some(4),
-            attn_rank_schedule: Some(vec![2, 6]),
-            ..Default::default()
-        };
+        let l = LorsConfig { rank: 8, ffn_rank: Some(4), attn_rank_schedule: Some(vec![2, 6]), ..Default::default() };
         assert_eq!(l.rank_for("q", 0), 2);
         assert_eq!(l.rank_for("o", 1), 6);
         assert_eq!(l.rank_for("up", 1), 4);

@@ -42,8 +42,8 @@ use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-    Tokenizer, TokenizerBuilder,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
+    TokenizerBuilder,
 };
 
 /// The special token of trained tokenizers (id 0): end of text, also used as beginning of text.
@@ -152,28 +152,15 @@ impl Meta {
     pub fn load(dir: &Path) -> Result<Meta> {
         let path = dir.join("meta.json");
         if !path.is_file() {
-            bail!(
-                "no meta.json in {}: run `lors-lm prepare` first",
-                dir.display()
-            );
+            bail!("no meta.json in {}: run `lors-lm prepare` first", dir.display());
         }
-        let text = fs::read_to_string(&path)
-            .with_context(|| format!("could not read {}", path.display()))?;
+        let text = fs::read_to_string(&path).with_context(|| format!("could not read {}", path.display()))?;
         let meta: Meta = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{} is not valid prepared-data metadata; re-run `lors-lm prepare --force`",
-                path.display()
-            )
+            format!("{} is not valid prepared-data metadata; re-run `lors-lm prepare --force`", path.display())
         })?;
-        let dtype = Dtype::parse(&meta.dtype)
-            .with_context(|| format!("invalid dtype in {}", path.display()))?;
+        let dtype = Dtype::parse(&meta.dtype).with_context(|| format!("invalid dtype in {}", path.display()))?;
         if meta.vocab_size == 0 || meta.vocab_size > dtype.max_vocab() {
-            bail!(
-                "{}: vocab_size {} does not fit dtype {}",
-                path.display(),
-                meta.vocab_size,
-                meta.dtype
-            );
+            bail!("{}: vocab_size {} does not fit dtype {}", path.display(), meta.vocab_size, meta.dtype);
         }
         Ok(meta)
     }
@@ -267,16 +254,9 @@ impl TokenFile {
         };
         let dtype = Dtype::parse(&meta.dtype)?;
         let path = dir.join(format!("{split}.bin"));
-        let file = fs::File::open(&path).with_context(|| {
-            format!(
-                "could not open {}; re-run `lors-lm prepare --force`",
-                path.display()
-            )
-        })?;
-        let byte_len = file
-            .metadata()
-            .with_context(|| format!("could not stat {}", path.display()))?
-            .len();
+        let file = fs::File::open(&path)
+            .with_context(|| format!("could not open {}; re-run `lors-lm prepare --force`", path.display()))?;
+        let byte_len = file.metadata().with_context(|| format!("could not stat {}", path.display()))?.len();
         let expected_bytes = expected * dtype.bytes() as u64;
         if byte_len != expected_bytes {
             bail!(
@@ -286,8 +266,8 @@ impl TokenFile {
                 dtype.name()
             );
         }
-        let len = usize::try_from(expected)
-            .with_context(|| format!("{} is too large for this platform", path.display()))?;
+        let len =
+            usize::try_from(expected).with_context(|| format!("{} is too large for this platform", path.display()))?;
         let mmap = if byte_len == 0 {
             None
         } else {
@@ -297,12 +277,7 @@ impl TokenFile {
                 .with_context(|| format!("could not memory-map {}", path.display()))?;
             Some(mmap)
         };
-        Ok(TokenFile {
-            path,
-            mmap,
-            dtype,
-            len,
-        })
+        Ok(TokenFile { path, mmap, dtype, len })
     }
 
     /// Number of tokens in the file.
@@ -326,16 +301,13 @@ impl TokenFile {
 
     /// tokens [start, start+len) as u32; caller guarantees bounds (return Result anyway on out of range).
     pub fn window(&self, start: usize, len: usize) -> Result<Vec<u32>> {
-        let end = start
-            .checked_add(len)
-            .filter(|&end| end <= self.len)
-            .with_context(|| {
-                format!(
-                    "token window [{start}, {start}+{len}) is out of range for {} ({} tokens)",
-                    self.path.display(),
-                    self.len
-                )
-            })?;
+        let end = start.checked_add(len).filter(|&end| end <= self.len).with_context(|| {
+            format!(
+                "token window [{start}, {start}+{len}) is out of range for {} ({} tokens)",
+                self.path.display(),
+                self.len
+            )
+        })?;
         let b = self.dtype.bytes();
         let bytes = &self.bytes()[start * b..end * b];
         Ok(decode_le(bytes, self.dtype).collect())
@@ -349,16 +321,8 @@ impl TokenFile {
 
 fn decode_le(bytes: &[u8], dtype: Dtype) -> Box<dyn Iterator<Item = u32> + '_> {
     match dtype {
-        Dtype::U16 => Box::new(
-            bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32),
-        ),
-        Dtype::U32 => Box::new(
-            bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
+        Dtype::U16 => Box::new(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)),
+        Dtype::U32 => Box::new(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
     }
 }
 
@@ -369,15 +333,8 @@ fn decode_le(bytes: &[u8], dtype: Dtype) -> Box<dyn Iterator<Item = u32> + '_> {
 pub fn write_tokens(path: &Path, tokens: &[u32], dtype: &str) -> Result<()> {
     let dtype = Dtype::parse(dtype)?;
     if dtype == Dtype::U16 {
-        if let Some((i, &t)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t > u16::MAX as u32)
-        {
-            bail!(
-                "token id {t} at position {i} does not fit in u16 (writing {})",
-                path.display()
-            );
+        if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t > u16::MAX as u32) {
+            bail!("token id {t} at position {i} does not fit in u16 (writing {})", path.display());
         }
     }
     write_atomic(path, |w| {
@@ -414,8 +371,7 @@ pub fn write_prepared_dir(
         let tok = load_tokenizer(src)?;
         (bos_id, eos_id) = find_bos_eos(&tok);
         let dest = dir.join("tokenizer.json");
-        fs::copy(src, &dest)
-            .with_context(|| format!("could not copy {} to {}", src.display(), dest.display()))?;
+        fs::copy(src, &dest).with_context(|| format!("could not copy {} to {}", src.display(), dest.display()))?;
         tokenizer_file = Some("tokenizer.json".to_string());
         tokenizer_source = format!("synthetic, tokenizer {}", src.display());
     }
@@ -440,13 +396,8 @@ pub fn write_prepared_dir(
 }
 
 /// Writes `path` through a temp file in the same directory, renamed into place on success.
-fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&mut BufWriter<fs::File>) -> std::io::Result<()>,
-) -> Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
+fn write_atomic(path: &Path, write: impl FnOnce(&mut BufWriter<fs::File>) -> std::io::Result<()>) -> Result<()> {
+    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
     let result = (|| {
         let file = fs::File::create(&tmp)?;
@@ -494,28 +445,19 @@ fn train_bpe(chunks: &[&str], vocab_size: usize) -> Result<Tokenizer> {
         .special_tokens(vec![eot.clone()])
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect::<HashSet<char>>())
         .build();
-    let mut tok = TokenizerBuilder::<
-        BPE,
-        NormalizerWrapper,
-        PreTokenizerWrapper,
-        PostProcessorWrapper,
-        DecoderWrapper,
-    >::new()
-    .with_model(BPE::default())
-    .with_normalizer(None)
-    .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
-    .with_post_processor(Some(ByteLevel::default().add_prefix_space(false).into()))
-    .with_decoder(Some(
-        ByteLevelDecoder::default().add_prefix_space(false).into(),
-    ))
-    .build()
-    .map_err(|e| anyhow::anyhow!("could not build the tokenizer: {e}"))?;
+    let mut tok =
+        TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
+            .with_post_processor(Some(ByteLevel::default().add_prefix_space(false).into()))
+            .with_decoder(Some(ByteLevelDecoder::default().add_prefix_space(false).into()))
+            .build()
+            .map_err(|e| anyhow::anyhow!("could not build the tokenizer: {e}"))?;
     // Registering the special token before training makes a literal `<|endoftext|>` in the
     // text count as the special token rather than as BPE training text.
-    tok.add_special_tokens([eot])
-        .map_err(|e| anyhow::anyhow!("could not add {EOT}: {e}"))?;
-    tok.train(&mut trainer, chunks.iter())
-        .map_err(|e| anyhow::anyhow!("BPE training failed: {e}"))?;
+    tok.add_special_tokens([eot]).map_err(|e| anyhow::anyhow!("could not add {EOT}: {e}"))?;
+    tok.train(&mut trainer, chunks.iter()).map_err(|e| anyhow::anyhow!("BPE training failed: {e}"))?;
     let tok = Tokenizer::from(tok);
     if tok.token_to_id(EOT) != Some(0) {
         bail!("internal error: {EOT} did not get id 0 in the trained tokenizer");
@@ -549,22 +491,17 @@ fn chunking_is_exact(tok: &Tokenizer) -> bool {
         tok.get_pre_tokenizer(),
         Some(PreTokenizerWrapper::ByteLevel(b)) if b.use_regex && !b.add_prefix_space
     );
-    let added_ok = tok.get_added_tokens_decoder().values().all(|t| {
-        !t.lstrip && !t.rstrip && !t.single_word && !t.content.chars().any(char::is_whitespace)
-    });
+    let added_ok = tok
+        .get_added_tokens_decoder()
+        .values()
+        .all(|t| !t.lstrip && !t.rstrip && !t.single_word && !t.content.chars().any(char::is_whitespace));
     tok.get_normalizer().is_none() && pre_ok && added_ok
 }
 
 enum TokenizerSpec {
-    Train {
-        vocab_size: usize,
-    },
+    Train { vocab_size: usize },
     File(PathBuf),
-    Hub {
-        owner: String,
-        name: String,
-        revision: Option<String>,
-    },
+    Hub { owner: String, name: String, revision: Option<String> },
 }
 
 impl TokenizerSpec {
@@ -577,9 +514,7 @@ impl TokenizerSpec {
                     args.vocab_size
                 );
             }
-            return Ok(TokenizerSpec::Train {
-                vocab_size: args.vocab_size,
-            });
+            return Ok(TokenizerSpec::Train { vocab_size: args.vocab_size });
         };
         let Some(repo) = spec.strip_prefix("hf:") else {
             return Ok(TokenizerSpec::File(PathBuf::from(spec)));
@@ -591,15 +526,9 @@ impl TokenizerSpec {
         let parts: Vec<&str> = repo.split('/').collect();
         match parts.as_slice() {
             [owner, name]
-                if !owner.is_empty()
-                    && !name.is_empty()
-                    && revision.as_deref().is_none_or(|r| !r.is_empty()) =>
+                if !owner.is_empty() && !name.is_empty() && revision.as_deref().is_none_or(|r| !r.is_empty()) =>
             {
-                Ok(TokenizerSpec::Hub {
-                    owner: owner.to_string(),
-                    name: name.to_string(),
-                    revision,
-                })
+                Ok(TokenizerSpec::Hub { owner: owner.to_string(), name: name.to_string(), revision })
             }
             _ => bail!(
                 "--tokenizer {spec}: expected hf:OWNER/NAME or hf:OWNER/NAME@REVISION, e.g. hf:openai-community/gpt2"
@@ -610,32 +539,21 @@ impl TokenizerSpec {
 
 /// Whether `HF_HUB_OFFLINE` asks for cache-only Hub access (as in Python: 1/true/yes/on).
 fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "1" | "true" | "yes" | "on"
-        )
-    })
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 /// Resolves `filename` (e.g. `tokenizer.json`) of a Hub model repo through the standard cache;
 /// returns its path and a source string naming the commit.
 #[cfg(feature = "hub")]
-pub fn fetch_hub_file(
-    owner: &str,
-    name: &str,
-    revision: Option<&str>,
-    filename: &str,
-) -> Result<(PathBuf, String)> {
+pub fn fetch_hub_file(owner: &str, name: &str, revision: Option<&str>, filename: &str) -> Result<(PathBuf, String)> {
     let repo_id = format!("{owner}/{name}");
     let offline = hub_offline();
-    let client = hf_hub::HFClient::new().with_context(|| {
-        format!("could not set up the Hugging Face Hub client for hf:{repo_id}")
-    })?;
+    let client = hf_hub::HFClient::new()
+        .with_context(|| format!("could not set up the Hugging Face Hub client for hf:{repo_id}"))?;
     let cache = client.cache_dir().to_path_buf();
-    let client = hf_hub::HFClientSync::from_inner(client).with_context(|| {
-        format!("could not set up the Hugging Face Hub client for hf:{repo_id}")
-    })?;
+    let client = hf_hub::HFClientSync::from_inner(client)
+        .with_context(|| format!("could not set up the Hugging Face Hub client for hf:{repo_id}"))?;
     let rev_text = revision.unwrap_or("main");
     progress(&format!(
         "resolving hf:{repo_id}@{rev_text} {filename} (cache {}{})",
@@ -681,12 +599,7 @@ pub fn fetch_hub_file(
 }
 
 #[cfg(not(feature = "hub"))]
-pub fn fetch_hub_file(
-    owner: &str,
-    name: &str,
-    _revision: Option<&str>,
-    filename: &str,
-) -> Result<(PathBuf, String)> {
+pub fn fetch_hub_file(owner: &str, name: &str, _revision: Option<&str>, filename: &str) -> Result<(PathBuf, String)> {
     let _ = hub_offline;
     bail!(
         "hf:{owner}/{name} ({filename}): this lors-lm was built without the `hub` feature; \
@@ -702,12 +615,8 @@ pub fn fetch_hub_file(
 fn collect_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for input in inputs {
-        let meta = fs::metadata(input).with_context(|| {
-            format!(
-                "input path {} does not exist or cannot be read (--input)",
-                input.display()
-            )
-        })?;
+        let meta = fs::metadata(input)
+            .with_context(|| format!("input path {} does not exist or cannot be read (--input)", input.display()))?;
         if meta.is_dir() {
             let mut found = Vec::new();
             walk_txt(input, &mut found)?;
@@ -730,20 +639,15 @@ fn collect_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// Recursively collects `*.txt` files (case-insensitive extension). Symlinks to files are
 /// followed; symlinked directories are not (no cycles).
 fn walk_txt(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let entries =
-        fs::read_dir(dir).with_context(|| format!("could not list directory {}", dir.display()))?;
+    let entries = fs::read_dir(dir).with_context(|| format!("could not list directory {}", dir.display()))?;
     for entry in entries {
         let entry = entry.with_context(|| format!("could not list directory {}", dir.display()))?;
         let path = entry.path();
-        let ft = entry
-            .file_type()
-            .with_context(|| format!("could not stat {}", path.display()))?;
+        let ft = entry.file_type().with_context(|| format!("could not stat {}", path.display()))?;
         if ft.is_dir() {
             walk_txt(&path, out)?;
         } else if (ft.is_file() || (ft.is_symlink() && path.is_file()))
-            && path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("txt"))
+            && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt"))
         {
             out.push(path);
         }
@@ -767,11 +671,7 @@ fn read_corpus(paths: &[PathBuf], lossy: bool) -> Result<Corpus> {
     for path in paths {
         let bytes = fs::read(path).with_context(|| format!("could not read {}", path.display()))?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
-        files.push(InputFile {
-            path: path.to_string_lossy().into_owned(),
-            bytes: bytes.len() as u64,
-            sha256,
-        });
+        files.push(InputFile { path: path.to_string_lossy().into_owned(), bytes: bytes.len() as u64, sha256 });
         let doc = match std::str::from_utf8(&bytes) {
             Ok(s) => std::borrow::Cow::Borrowed(s),
             Err(err) => {
@@ -805,11 +705,7 @@ fn read_corpus(paths: &[PathBuf], lossy: bool) -> Result<Corpus> {
         text.push_str(&doc);
         doc_ends.push(text.len());
     }
-    Ok(Corpus {
-        text,
-        files,
-        doc_ends,
-    })
+    Ok(Corpus { text, files, doc_ends })
 }
 
 /// Cuts `text` into pieces of about `target` bytes for parallel encoding.
@@ -818,12 +714,7 @@ fn read_corpus(paths: &[PathBuf], lossy: bool) -> Result<Corpus> {
 /// `target` bytes: after `X\n` when followed by `Y`, or before ` Y`, with X and Y printable
 /// ASCII. Otherwise pieces are whole documents (`doc_ends`), the natural unit of tokenizers
 /// that add something at the start of each input (e.g. a Metaspace prefix).
-fn split_into_chunks<'a>(
-    text: &'a str,
-    target: usize,
-    exact: bool,
-    doc_ends: &[usize],
-) -> Vec<&'a str> {
+fn split_into_chunks<'a>(text: &'a str, target: usize, exact: bool, doc_ends: &[usize]) -> Vec<&'a str> {
     let mut chunks = Vec::new();
     if !exact {
         let mut start = 0;
@@ -839,11 +730,7 @@ fn split_into_chunks<'a>(
     let b = text.as_bytes();
     let safe = |i: usize| {
         (i >= 2 && b[i - 1] == b'\n' && b[i - 2].is_ascii_graphic() && b[i].is_ascii_graphic())
-            || (i >= 1
-                && i + 1 < b.len()
-                && b[i] == b' '
-                && b[i - 1].is_ascii_graphic()
-                && b[i + 1].is_ascii_graphic())
+            || (i >= 1 && i + 1 < b.len() && b[i] == b' ' && b[i - 1].is_ascii_graphic() && b[i + 1].is_ascii_graphic())
     };
     let mut start = 0;
     while start < b.len() {
@@ -870,9 +757,8 @@ fn encode_chunks(tok: &Tokenizer, chunks: &[&str], total_bytes: usize) -> Result
     let mut done_bytes = 0usize;
     let batch = 4 * std::thread::available_parallelism().map_or(2, |n| n.get());
     for group in chunks.chunks(batch) {
-        let encodings = tok
-            .encode_batch_fast(group.to_vec(), false)
-            .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+        let encodings =
+            tok.encode_batch_fast(group.to_vec(), false).map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
         for enc in &encodings {
             ids.extend_from_slice(enc.get_ids());
         }
@@ -924,10 +810,7 @@ fn val_count(total: usize, val_fraction: f64) -> usize {
 pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
     let t0 = Instant::now();
     if !(args.val_fraction > 0.0 && args.val_fraction < 1.0) {
-        bail!(
-            "--val-fraction {} must be between 0 and 1 (exclusive), e.g. 0.1",
-            args.val_fraction
-        );
+        bail!("--val-fraction {} must be between 0 and 1 (exclusive), e.g. 0.1", args.val_fraction);
     }
     let spec = TokenizerSpec::from_args(args)?;
 
@@ -951,14 +834,9 @@ pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
             let tok = load_tokenizer(path).context("--tokenizer")?;
             (Some(tok), format!("file:{}", path.display()))
         }
-        TokenizerSpec::Hub {
-            owner,
-            name,
-            revision,
-        } => {
+        TokenizerSpec::Hub { owner, name, revision } => {
             let (path, source) = fetch_hub_file(owner, name, revision.as_deref(), "tokenizer.json")?;
-            let tok =
-                load_tokenizer(&path).with_context(|| format!("--tokenizer hf:{owner}/{name}"))?;
+            let tok = load_tokenizer(&path).with_context(|| format!("--tokenizer hf:{owner}/{name}"))?;
             (Some(tok), source)
         }
     };
@@ -974,26 +852,18 @@ pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     ));
     if corpus.text.is_empty() {
-        bail!(
-            "no text found: the {} input file(s) are all empty (--input)",
-            corpus.files.len()
-        );
+        bail!("no text found: the {} input file(s) are all empty (--input)", corpus.files.len());
     }
 
     let (mut tok, source) = match (loaded, spec) {
         (Some(tok), _) => (tok, source),
         (None, TokenizerSpec::Train { vocab_size }) => {
             let t = Instant::now();
-            progress(&format!(
-                "training byte-level BPE tokenizer (vocab size {vocab_size})"
-            ));
+            progress(&format!("training byte-level BPE tokenizer (vocab size {vocab_size})"));
             let chunks = split_into_chunks(&corpus.text, CHUNK_BYTES, true, &corpus.doc_ends);
             let tok = train_bpe(&chunks, vocab_size)?;
             let got = tok.get_vocab_size(true);
-            progress(&format!(
-                "trained tokenizer: {got} tokens in {:.2}s",
-                t.elapsed().as_secs_f64()
-            ));
+            progress(&format!("trained tokenizer: {got} tokens in {:.2}s", t.elapsed().as_secs_f64()));
             let source = format!(
                 "trained: byte-level BPE, vocab_size {got} (requested {vocab_size}), min_frequency 2, {EOT} = 0"
             );
@@ -1002,8 +872,7 @@ pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
         (None, _) => bail!("internal error: the given tokenizer was not loaded"),
     };
     // Settings from a loaded tokenizer.json that would alter the token stream.
-    tok.with_truncation(None)
-        .map_err(|e| anyhow::anyhow!("could not disable truncation: {e}"))?;
+    tok.with_truncation(None).map_err(|e| anyhow::anyhow!("could not disable truncation: {e}"))?;
     tok.with_padding(None);
 
     let vocab_size = tokenizer_vocab_size(&tok);
@@ -1038,15 +907,10 @@ pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
     // Outputs: drop any old meta.json first, write the data, then meta.json last.
     fs::create_dir_all(out).with_context(|| format!("could not create --out {}", out.display()))?;
     if meta_path.exists() {
-        fs::remove_file(&meta_path)
-            .with_context(|| format!("could not remove old {}", meta_path.display()))?;
+        fs::remove_file(&meta_path).with_context(|| format!("could not remove old {}", meta_path.display()))?;
     }
-    let tok_json = tok
-        .to_string(false)
-        .map_err(|e| anyhow::anyhow!("could not serialize the tokenizer: {e}"))?;
-    write_atomic(&out.join("tokenizer.json"), |w| {
-        w.write_all(tok_json.as_bytes())
-    })?;
+    let tok_json = tok.to_string(false).map_err(|e| anyhow::anyhow!("could not serialize the tokenizer: {e}"))?;
+    write_atomic(&out.join("tokenizer.json"), |w| w.write_all(tok_json.as_bytes()))?;
     let (train, val) = ids.split_at(n_train);
     write_tokens(&out.join("train.bin"), train, dtype.name())?;
     write_tokens(&out.join("val.bin"), val, dtype.name())?;
@@ -1086,10 +950,7 @@ mod tests {
         Café naïve, 東京タワー, 🐳🐋 and  double  spaces\t\ttabs\r\nCRLF line, Ā ÿ þ ĉ.\n";
 
     fn sample_text(copies: usize) -> String {
-        (0..copies)
-            .map(|i| format!("{SAMPLE}{i}: "))
-            .collect::<Vec<_>>()
-            .join("")
+        (0..copies).map(|i| format!("{SAMPLE}{i}: ")).collect::<Vec<_>>().join("")
     }
 
     #[test]
@@ -1098,11 +959,7 @@ mod tests {
         let chunks = split_into_chunks(&text, 4096, true, &[]);
         let tok = train_bpe(&chunks, 400).unwrap();
         assert!(chunking_is_exact(&tok));
-        let whole = tok
-            .encode_fast(text.as_str(), false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
+        let whole = tok.encode_fast(text.as_str(), false).unwrap().get_ids().to_vec();
         for target in [1, 7, 64, 1000] {
             let chunks = split_into_chunks(&text, target, true, &[]);
             assert!(chunks.len() > 1);

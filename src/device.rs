@@ -10,13 +10,15 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
     let ordinal = match spec.as_str() {
         "cuda" => 0,
-        s if s.starts_with("cuda:") => s[5..]
-            .parse::<usize>()
-            .with_context(|| format!("--device {spec}: expected cuda:N with N a GPU index"))?,
+        s if s.starts_with("cuda:") => {
+            s[5..].parse::<usize>().with_context(|| format!("--device {spec}: expected cuda:N with N a GPU index"))?
+        }
         _ => bail!("--device {spec}: expected cpu, cuda or cuda:N"),
     };
     if !cfg!(feature = "cuda") {
         bail!("--device {spec}: this lors-lm was built without CUDA; rebuild with `cargo build --release --features cuda` (see scripts/build_cuda.sh), or use --device cpu");
     }
-    Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: cannot open CUDA device {ordinal} (is a GPU present and the driver loaded?)"))
+    Device::new_cuda(ordinal).with_context(|| {
+        format!("--device {spec}: cannot open CUDA device {ordinal} (is a GPU present and the driver loaded?)")
+    })
 }

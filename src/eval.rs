@@ -60,14 +60,24 @@ impl EvalResult {
 
 /// Mean next-token loss over consecutive windows of `tokens` (see the module docs).
 /// `model` should be merged (`Model::merged`) so no graph is built.
-pub fn eval_tokens(model: &Model, tokens: &[u32], seq_len: usize, batch_size: usize, device: &Device) -> Result<EvalResult> {
+pub fn eval_tokens(
+    model: &Model,
+    tokens: &[u32],
+    seq_len: usize,
+    batch_size: usize,
+    device: &Device,
+) -> Result<EvalResult> {
     let t = seq_len;
     if t == 0 || batch_size == 0 {
         bail!("seq_len and batch size must be > 0");
     }
     let windows = tokens.len().saturating_sub(1) / t;
     if windows == 0 {
-        bail!("{} tokens are fewer than one window of seq_len + 1 = {} tokens: use more text or a smaller --seq-len", tokens.len(), t + 1);
+        bail!(
+            "{} tokens are fewer than one window of seq_len + 1 = {} tokens: use more text or a smaller --seq-len",
+            tokens.len(),
+            t + 1
+        );
     }
     let mut total = 0.0;
     for first in (0..windows).step_by(batch_size) {
@@ -104,7 +114,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             (f.window(0, f.len())?, format!("{} ({} split)", dir.display(), args.split))
         }
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --text {} (is it UTF-8 text?)", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --text {} (is it UTF-8 text?)", path.display()))?;
             let ids = loaded
                 .tokenizer
                 .encode(text.as_str(), false)
@@ -119,7 +130,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         bail!("{source} holds token id {bad} >= the model's vocabulary {}", loaded.cfg.model.vocab_size);
     }
     let model = loaded.model.merged()?;
-    let r = eval_tokens(&model, &tokens, seq_len, args.batch_size, &device).with_context(|| format!("cannot evaluate {source}"))?;
+    let r = eval_tokens(&model, &tokens, seq_len, args.batch_size, &device)
+        .with_context(|| format!("cannot evaluate {source}"))?;
     if args.json {
         println!("{}", serde_json::json!({"loss": r.loss, "ppl": r.ppl(), "tokens": r.tokens, "windows": r.windows}));
     } else {

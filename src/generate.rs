@@ -188,7 +188,8 @@ fn read_prompt(args: &GenerateArgs) -> Result<String> {
         return Ok(p.clone());
     }
     if let Some(f) = &args.prompt_file {
-        return std::fs::read_to_string(f).with_context(|| format!("cannot read --prompt-file {} (is it UTF-8 text?)", f.display()));
+        return std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read --prompt-file {} (is it UTF-8 text?)", f.display()));
     }
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
@@ -255,7 +256,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         },
         || {
             if !slid {
-                eprintln!("\n[note: the context exceeds model.max_seq_len ({}); the window slides]", model.cfg.max_seq_len);
+                eprintln!(
+                    "\n[note: the context exceeds model.max_seq_len ({}); the window slides]",
+                    model.cfg.max_seq_len
+                );
                 slid = true;
             }
         },

@@ -98,7 +98,10 @@ pub fn run_export(args: &ExportArgs) -> Result<()> {
             .next()
             .is_some();
         if non_empty && !args.force {
-            bail!("--out {} is not empty: pass --force to write into it, or choose another directory", args.out.display());
+            bail!(
+                "--out {} is not empty: pass --force to write into it, or choose another directory",
+                args.out.display()
+            );
         }
     }
     let loaded = checkpoint::load_run(&args.run, args.checkpoint, &Device::Cpu)?;
@@ -111,7 +114,10 @@ pub fn run_export(args: &ExportArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", args.out.join(name).display()))
     };
     write_json("config.json", &hf_config(m, torch_dtype, bos, eos))?;
-    write_json("generation_config.json", &json!({"bos_token_id": bos, "eos_token_id": eos, "do_sample": true, "temperature": 0.8, "top_k": 50}))?;
+    write_json(
+        "generation_config.json",
+        &json!({"bos_token_id": bos, "eos_token_id": eos, "do_sample": true, "temperature": 0.8, "top_k": 50}),
+    )?;
     fs::copy(args.run.join("tokenizer.json"), args.out.join("tokenizer.json"))
         .with_context(|| format!("cannot copy {}", args.run.join("tokenizer.json").display()))?;
     println!(
@@ -170,7 +176,8 @@ pub fn config_from_hf(v: &Value, origin: &Path) -> Result<Config> {
         norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
         tie_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
     };
-    let mut cfg = Config { model, lors: LorsConfig { mode: Mode::Vanilla, ..LorsConfig::default() }, ..Config::default() };
+    let mut cfg =
+        Config { model, lors: LorsConfig { mode: Mode::Vanilla, ..LorsConfig::default() }, ..Config::default() };
     cfg.train.seq_len = cfg.train.seq_len.min(cfg.model.max_seq_len);
     cfg.validate().with_context(|| format!("{}: unsupported model config", origin.display()))?;
     Ok(cfg)
@@ -184,8 +191,9 @@ fn load_hf_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor
         vec![single]
     } else {
         let index = dir.join("model.safetensors.index.json");
-        let text = fs::read_to_string(&index)
-            .with_context(|| format!("{} has neither model.safetensors nor model.safetensors.index.json", dir.display()))?;
+        let text = fs::read_to_string(&index).with_context(|| {
+            format!("{} has neither model.safetensors nor model.safetensors.index.json", dir.display())
+        })?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", index.display()))?;
         let mut shards: Vec<String> = v["weight_map"]
             .as_object()
@@ -223,7 +231,8 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<(Config, Model, tokeni
         }
     }
     let mut store = ParamStore::from_tensors(tensors, DType::F32, device);
-    let model = Model::new(&cfg, &mut store).with_context(|| format!("cannot load the weights in {}", dir.display()))?;
+    let model =
+        Model::new(&cfg, &mut store).with_context(|| format!("cannot load the weights in {}", dir.display()))?;
     let tok = crate::data::load_tokenizer(&dir.join("tokenizer.json"))?;
     Ok((cfg, model, tok, hf))
 }
@@ -247,7 +256,8 @@ pub fn resolve_hf(spec: &str) -> Result<PathBuf> {
     if crate::data::fetch_hub_file(owner, name, None, "model.safetensors").is_err() {
         let index = crate::data::fetch_hub_file(owner, name, None, "model.safetensors.index.json")?.0;
         let v: Value = serde_json::from_str(&fs::read_to_string(&index)?)?;
-        let mut shards: Vec<&str> = v["weight_map"].as_object().into_iter().flat_map(|m| m.values()).filter_map(Value::as_str).collect();
+        let mut shards: Vec<&str> =
+            v["weight_map"].as_object().into_iter().flat_map(|m| m.values()).filter_map(Value::as_str).collect();
         shards.sort_unstable();
         shards.dedup();
         for s in shards {

@@ -49,8 +49,7 @@ impl Rope {
     fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let hd = cfg.head_dim();
         let half = hd / 2;
-        let inv_freq: Vec<f64> =
-            (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
         let n = cfg.max_seq_len;
         let (mut cos, mut sin) = (Vec::with_capacity(n * hd), Vec::with_capacity(n * hd));
         for pos in 0..n {
@@ -227,11 +226,8 @@ impl Model {
         let embed = store.get("embed.weight", &[v, d], Init::Normal(0.02))?;
         let layers = (0..m.n_layers).map(|l| Block::new(cfg, store, l)).collect::<Result<Vec<_>>>()?;
         let norm = store.get("norm.weight", &[d], Init::Ones)?;
-        let lm_head = if m.tie_embeddings {
-            None
-        } else {
-            Some(store.get("lm_head.weight", &[v, d], Init::Normal(0.02))?)
-        };
+        let lm_head =
+            if m.tie_embeddings { None } else { Some(store.get("lm_head.weight", &[v, d], Init::Normal(0.02))?) };
         store.finish()?;
         let rope = Rope::new(m, store.dtype, &store.device)?;
         Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope })
@@ -267,11 +263,7 @@ impl Model {
     pub fn forward_at(&self, ids: &Tensor, offset: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if offset + t > self.cfg.max_seq_len {
-            bail!(
-                "sequence of {} tokens exceeds model.max_seq_len ({})",
-                offset + t,
-                self.cfg.max_seq_len
-            );
+            bail!("sequence of {} tokens exceeds model.max_seq_len ({})", offset + t, self.cfg.max_seq_len);
         }
         let mask = causal_mask(t, offset, self.embed.dtype(), self.embed.device())?;
         let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.d_model))?;
@@ -354,10 +346,8 @@ pub fn name_from_hf(hf: &str) -> Option<String> {
         "input_layernorm.weight" => "attn_norm.weight".to_string(),
         "post_attention_layernorm.weight" => "ffn_norm.weight".to_string(),
         _ => {
-            let proj = rest
-                .strip_prefix("self_attn.")
-                .or_else(|| rest.strip_prefix("mlp."))?
-                .strip_suffix("_proj.weight")?;
+            let proj =
+                rest.strip_prefix("self_attn.").or_else(|| rest.strip_prefix("mlp."))?.strip_suffix("_proj.weight")?;
             if !crate::config::PROJ_TYPES.contains(&proj) {
                 return None;
             }
@@ -373,8 +363,7 @@ fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result
         return Ok(None);
     }
     let s = offset + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Some(Tensor::from_vec(mask, (t, s), device)?.to_dtype(dtype)?))
 }

@@ -42,14 +42,7 @@ impl ParamCounts {
         }
         let norm = 2 * d * n + d;
         let head = if m.tie_embeddings { 0 } else { v * d };
-        Self {
-            embedding: v * d,
-            shared,
-            private,
-            norm,
-            head,
-            vanilla_total: v * d + n * block_vanilla + norm + head,
-        }
+        Self { embedding: v * d, shared, private, norm, head, vanilla_total: v * d + n * block_vanilla + norm + head }
     }
 
     pub fn total(&self) -> usize {

@@ -35,7 +35,9 @@ pub fn run(args: &ParamsArgs) -> Result<()> {
         let dir = match (&args.data, cfg.data.dir.is_empty()) {
             (Some(d), _) => d.clone(),
             (None, false) => PathBuf::from(&cfg.data.dir),
-            (None, true) => bail!("model.vocab_size is 0 (taken from the data): pass --data DIR or --set model.vocab_size=N"),
+            (None, true) => {
+                bail!("model.vocab_size is 0 (taken from the data): pass --data DIR or --set model.vocab_size=N")
+            }
         };
         cfg.model.vocab_size = crate::data::Meta::load(&dir)?.vocab_size;
     }

@@ -65,9 +65,7 @@ impl ParamStore {
                     Init::Zeros => vec![0.0; n],
                     Init::Ones => vec![1.0; n],
                 };
-                Tensor::from_vec(data, shape, &Device::Cpu)?
-                    .to_dtype(self.dtype)?
-                    .to_device(&self.device)?
+                Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?
             }
             Source::Tensors(map) => {
                 let Some(t) = map.remove(name) else {

@@ -37,9 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tensorboard_proto::event::{Event, SessionLog, SessionLog_SessionStatus};
-use tensorboard_proto::summary::{
-    Summary, SummaryMetadata, SummaryMetadata_PluginData, Summary_Value,
-};
+use tensorboard_proto::summary::{Summary, SummaryMetadata, SummaryMetadata_PluginData, Summary_Value};
 use tensorboard_proto::tensor::TensorProto;
 use tensorboard_proto::tensor_shape::TensorShapeProto;
 use tensorboard_proto::types::DataType;
@@ -84,9 +82,8 @@ impl Board {
         let probe = dir.join(format!(".lors-lm-write-probe.{}", std::process::id()));
         std::fs::write(&probe, b"probe")
             .with_context(|| format!("cannot write in TensorBoard directory {}", dir.display()))?;
-        std::fs::remove_file(&probe).with_context(|| {
-            format!("cannot remove {} (TensorBoard directory)", probe.display())
-        })?;
+        std::fs::remove_file(&probe)
+            .with_context(|| format!("cannot remove {} (TensorBoard directory)", probe.display()))?;
 
         let key = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
         let (writer, name_secs) = loop {
@@ -184,11 +181,7 @@ impl Board {
             if self.file.is_none() {
                 self.file = self.find_own_file();
             }
-            let written = self
-                .file
-                .as_ref()
-                .and_then(|f| std::fs::metadata(f).ok())
-                .map_or(0, |m| m.len());
+            let written = self.file.as_ref().and_then(|f| std::fs::metadata(f).ok()).map_or(0, |m| m.len());
             if written >= self.queued_bytes {
                 return;
             }
@@ -241,8 +234,7 @@ impl Board {
                 return false;
             };
             name.ends_with(&suffix)
-                && event_file_secs(name)
-                    .is_some_and(|s| s >= self.name_secs.0 && s <= self.name_secs.1)
+                && event_file_secs(name).is_some_and(|s| s >= self.name_secs.0 && s <= self.name_secs.1)
         })
     }
 }
@@ -267,16 +259,12 @@ fn record_len(event: &Event) -> u64 {
 }
 
 fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// How long until the unix clock reaches second `secs` (plus a little margin).
 fn until_second(secs: u64) -> Duration {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     Duration::from_secs(secs).saturating_sub(now) + Duration::from_millis(5)
 }
 
@@ -288,11 +276,7 @@ fn event_file_secs(name: &str) -> Option<u64> {
 
 /// The newest unix second among the event files already in `dir`.
 fn newest_event_file_secs(dir: &Path) -> Option<u64> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| event_file_secs(e.file_name().to_str()?))
-        .max()
+    std::fs::read_dir(dir).ok()?.flatten().filter_map(|e| event_file_secs(e.file_name().to_str()?)).max()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -321,19 +305,13 @@ pub struct EventFileContents {
 /// event. An error names the file, the record index and its byte offset. A last record cut
 /// short is not an error: `truncated_tail` is set and the records before it are returned.
 pub fn read_event_file(path: &Path) -> Result<EventFileContents> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read event file {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read event file {}", path.display()))?;
     let mut out = EventFileContents::default();
     let mut offset = 0usize;
     while offset < bytes.len() {
         let index = out.records;
         let rest = &bytes[offset..];
-        let fail = |what: String| {
-            anyhow!(
-                "{}: record {index} at byte offset {offset}: {what}",
-                path.display()
-            )
-        };
+        let fail = |what: String| anyhow!("{}: record {index} at byte offset {offset}: {what}", path.display());
         if rest.len() < 12 {
             out.truncated_tail = true;
             break;
@@ -342,9 +320,7 @@ pub fn read_event_file(path: &Path) -> Result<EventFileContents> {
         let stored = u32::from_le_bytes(rest[8..12].try_into().unwrap());
         let computed = masked_crc32c(len_bytes);
         if stored != computed {
-            return Err(fail(format!(
-                "length CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"
-            )));
+            return Err(fail(format!("length CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")));
         }
         let len = u64::from_le_bytes(len_bytes.try_into().unwrap());
         let total = usize::try_from(len)
@@ -359,9 +335,7 @@ pub fn read_event_file(path: &Path) -> Result<EventFileContents> {
         let stored = u32::from_le_bytes(rest[total - 4..total].try_into().unwrap());
         let computed = masked_crc32c(data);
         if stored != computed {
-            return Err(fail(format!(
-                "data CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"
-            )));
+            return Err(fail(format!("data CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")));
         }
         decode_event(data, &mut out).map_err(|e| fail(format!("bad Event protobuf: {e:#}")))?;
         out.records += 1;
@@ -539,11 +513,7 @@ const fn crc32c_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
             k += 1;
         }
         table[i] = c;
@@ -575,13 +545,7 @@ mod tests {
             .unwrap()
             .flatten()
             .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .contains("tfevents")
-            })
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().contains("tfevents"))
             .collect();
         files.sort();
         files
@@ -593,10 +557,7 @@ mod tests {
         assert_eq!(crc32c(b""), 0);
         // Against tensorboard-rs's own table, which is what writes the files.
         for data in [&b""[..], b"a", b"123456789", &[0u8; 8], &[0xffu8; 37]] {
-            assert_eq!(
-                masked_crc32c(data),
-                tensorboard_rs::masked_crc32c::masked_crc32c(data)
-            );
+            assert_eq!(masked_crc32c(data), tensorboard_rs::masked_crc32c::masked_crc32c(data));
         }
     }
 
@@ -622,19 +583,11 @@ mod tests {
         assert!(!got.truncated_tail);
         assert_eq!(got.file_version.as_deref(), Some(FILE_VERSION));
         assert_eq!(got.session_starts, vec![0]);
-        let mut want: Vec<(String, i64, f32)> = (1..=5)
-            .map(|s| ("train/loss".to_string(), s, (1.0 / s as f64) as f32))
-            .collect();
+        let mut want: Vec<(String, i64, f32)> =
+            (1..=5).map(|s| ("train/loss".to_string(), s, (1.0 / s as f64) as f32)).collect();
         want.push(("train/lr".to_string(), 5, 3e-4f64 as f32));
         assert_eq!(got.scalars, want);
-        assert_eq!(
-            got.texts,
-            vec![(
-                "config".to_string(),
-                0,
-                "# run\nlr = 3e-4 — ünïcode".to_string()
-            )]
-        );
+        assert_eq!(got.texts, vec![("config".to_string(), 0, "# run\nlr = 3e-4 — ünïcode".to_string())]);
     }
 
     #[test]
@@ -645,11 +598,7 @@ mod tests {
         board.scalar("loss", 2.0, 41);
         drop(board);
         let files = event_files(tmp.path());
-        assert_eq!(
-            files.len(),
-            2,
-            "the second writer must not overwrite the first file"
-        );
+        assert_eq!(files.len(), 2, "the second writer must not overwrite the first file");
         let second = read_event_file(&files[1]).unwrap();
         assert_eq!(second.session_starts, vec![41]);
         assert_eq!(second.scalars, vec![("loss".to_string(), 41, 2.0)]);
@@ -691,10 +640,7 @@ mod tests {
         bad[first_len + 14] ^= 0x40;
         std::fs::write(&file, &bad).unwrap();
         let err = format!("{:#}", read_event_file(&file).unwrap_err());
-        assert!(
-            err.contains(&format!("record 1 at byte offset {first_len}")),
-            "{err}"
-        );
+        assert!(err.contains(&format!("record 1 at byte offset {first_len}")), "{err}");
         assert!(err.contains("data CRC mismatch"), "{err}");
         assert!(err.contains(&file.display().to_string()), "{err}");
 

@@ -258,7 +258,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             );
         }
         if f.max_id() as usize >= cfg.model.vocab_size {
-            bail!("{name} split holds token id {} >= vocabulary {}: the data is corrupt or from another tokenizer", f.max_id(), cfg.model.vocab_size);
+            bail!(
+                "{name} split holds token id {} >= vocabulary {}: the data is corrupt or from another tokenizer",
+                f.max_id(),
+                cfg.model.vocab_size
+            );
         }
     }
 
@@ -285,7 +289,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     };
     let tc = cfg.train.clone();
     let mut opt = AdamW::new(store.vars(), tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
-    let mut state = TrainState { step: 0, data_rng: Rng::new(tc.seed).fork(1).state, opt_t: 0, tokens_seen: 0, val_loss: None };
+    let mut state =
+        TrainState { step: 0, data_rng: Rng::new(tc.seed).fork(1).state, opt_t: 0, tokens_seen: 0, val_loss: None };
     if let Some((_, dir)) = &resume_ckpt {
         state = checkpoint::load_state(dir)?;
         opt.load_state(checkpoint::load_optimizer(dir, &device)?, state.opt_t)?;
@@ -362,9 +367,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             let loss = if tc.grad_accum > 1 { (loss / tc.grad_accum as f64)? } else { loss };
             let grads = loss.backward()?;
             for (slot, (name, var)) in acc.iter_mut().zip(&params) {
-                let g = grads
-                    .get(var.as_tensor())
-                    .with_context(|| format!("parameter {name} received no gradient"))?;
+                let g = grads.get(var.as_tensor()).with_context(|| format!("parameter {name} received no gradient"))?;
                 *slot = Some(match slot.take() {
                     Some(a) => (a + g)?,
                     None => g.clone(),
@@ -408,7 +411,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         if step.is_multiple_of(tc.eval_interval) || step == tc.max_steps {
             let vl = evaluate(&model, &val_batches)?;
             last_val = Some(vl);
-            writeln!(metrics, "{}", serde_json::json!({"step": step, "val_loss": vl, "val_ppl": vl.exp(), "tokens": state.tokens_seen}))?;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({"step": step, "val_loss": vl, "val_ppl": vl.exp(), "tokens": state.tokens_seen})
+            )?;
             console.line(&format!("eval  {step:>6} | val loss {vl:.4} | val ppl {:.2}", vl.exp()));
             board.scalar("val/loss", vl, step);
             board.scalar("val/ppl", vl.exp(), step);
@@ -433,7 +440,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             state.opt_t = opt.t;
             state.val_loss = last_val;
             metrics.flush()?;
-            let dir = checkpoint::save(&out, &cfg, &store.tensors(), &opt.state_tensors(), &state, tc.keep_checkpoints)?;
+            let dir =
+                checkpoint::save(&out, &cfg, &store.tensors(), &opt.state_tensors(), &state, tc.keep_checkpoints)?;
             last_ckpt = Some(dir.clone());
             console.line(&format!("saved {}", dir.display()));
         }

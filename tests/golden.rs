@@ -61,10 +61,7 @@ fn config(lors: bool) -> Config {
         c.lors.rank = 3;
         c.lors.groups = 2;
         // Layers 0-1 share group 0, layer 2 is group 1 (as group_of in the script).
-        assert_eq!(
-            (0..3).map(|l| c.lors.group_of(l, 3)).collect::<Vec<_>>(),
-            [0, 0, 1]
-        );
+        assert_eq!((0..3).map(|l| c.lors.group_of(l, 3)).collect::<Vec<_>>(), [0, 0, 1]);
     } else {
         m.n_kv_heads = 0; // = n_heads
         m.tie_embeddings = false;
@@ -159,27 +156,13 @@ fn check(what: &str, got: &[f64], want: &[f64]) -> f64 {
         }
     }
     let (err, i) = worst;
-    assert!(
-        err <= TOL,
-        "{what}[{i}]: got {} want {} (rel err {err:.3e})",
-        got[i],
-        want[i]
-    );
+    assert!(err <= TOL, "{what}[{i}]: got {} want {} (rel err {err:.3e})", got[i], want[i]);
     err
 }
 
 /// Compare logits (B, T, V) with the golden selection, sums and sums of squares.
-fn check_logits(
-    what: &str,
-    logits: &Tensor,
-    first: &[f64],
-    sum: &[f64],
-    sumsq: &[f64],
-) -> Result<f64> {
-    let got_first = logits
-        .narrow(2, 0, N_LOGITS)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
+fn check_logits(what: &str, logits: &Tensor, first: &[f64], sum: &[f64], sumsq: &[f64]) -> Result<f64> {
+    let got_first = logits.narrow(2, 0, N_LOGITS)?.flatten_all()?.to_vec1::<f64>()?;
     let got_sum = logits.sum(2)?.flatten_all()?.to_vec1::<f64>()?;
     let got_sumsq = logits.sqr()?.sum(2)?.flatten_all()?.to_vec1::<f64>()?;
     let e1 = check(&format!("{what} first logits"), &got_first, first);
@@ -207,25 +190,13 @@ fn golden_case(lors: bool, first: &[f64], sum: &[f64], sumsq: &[f64], loss: f64)
 
     // The generation paths: merged weights, and token-by-token decoding with a KV cache.
     let merged = model.merged()?;
-    let e_merged = check_logits(
-        &format!("{tag} merged"),
-        &merged.forward(&ids)?,
-        first,
-        sum,
-        sumsq,
-    )?;
+    let e_merged = check_logits(&format!("{tag} merged"), &merged.forward(&ids)?, first, sum, sumsq)?;
     let mut cache = merged.new_cache();
     let mut steps = vec![];
     for pos in 0..t {
         steps.push(merged.forward_at(&ids.i((.., pos..pos + 1))?, pos, Some(&mut cache))?);
     }
-    let e_cache = check_logits(
-        &format!("{tag} kv-cache"),
-        &Tensor::cat(&steps, 1)?,
-        first,
-        sum,
-        sumsq,
-    )?;
+    let e_cache = check_logits(&format!("{tag} kv-cache"), &Tensor::cat(&steps, 1)?, first, sum, sumsq)?;
 
     eprintln!(
         "{tag}: max rel err forward {e_fwd:.2e}, loss {e_loss:.2e}, merged {e_merged:.2e}, kv-cache {e_cache:.2e}"
@@ -240,13 +211,7 @@ fn lors_gqa_tied_matches_transformers() -> Result<()> {
 
 #[test]
 fn vanilla_untied_matches_transformers() -> Result<()> {
-    golden_case(
-        false,
-        &VANILLA_FIRST,
-        &VANILLA_SUM,
-        &VANILLA_SUMSQ,
-        VANILLA_LOSS,
-    )
+    golden_case(false, &VANILLA_FIRST, &VANILLA_SUM, &VANILLA_SUMSQ, VANILLA_LOSS)
 }
 
 // ------------------------------------------------ output of scripts/golden_reference.py

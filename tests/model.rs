@@ -178,7 +178,8 @@ fn check_grads(vars: &[(String, Var)], loss_fn: &dyn Fn() -> Result<Tensor>, per
 #[test]
 fn lors_layer_gradients_match_finite_differences() -> Result<()> {
     let mut rng = Rng::new(5);
-    let mk = |rng: &mut Rng, s: &[usize]| -> Result<Var> { Ok(Var::from_tensor(&rand_tensor(rng, s, 1.0, DType::F64)?)?) };
+    let mk =
+        |rng: &mut Rng, s: &[usize]| -> Result<Var> { Ok(Var::from_tensor(&rand_tensor(rng, s, 1.0, DType::F64)?)?) };
     let (w, a, b) = (mk(&mut rng, &[4, 3])?, mk(&mut rng, &[2, 3])?, mk(&mut rng, &[4, 2])?);
     let x = rand_tensor(&mut rng, &[5, 3], 1.0, DType::F64)?;
     let layer = LorsLinear::from_parts(w.as_tensor().clone(), Some((a.as_tensor().clone(), b.as_tensor().clone())));

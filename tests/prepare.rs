@@ -18,10 +18,7 @@ const DOCS: &[(&str, &str)] = &[
          Café, naïve, façade, Ångström, Œuvre, straße.\n",
     ),
     // No trailing newline: prepare inserts one before the next file.
-    (
-        "sub/b.txt",
-        "東京タワーと富士山。你好，世界！ 🐳🐋 emoji 👩‍👩‍👧 and a flag 🇫🇷",
-    ),
+    ("sub/b.txt", "東京タワーと富士山。你好，世界！ 🐳🐋 emoji 👩‍👩‍👧 and a flag 🇫🇷"),
     (
         "c.txt",
         // Raw unusual characters: NUL, DEL, BOM, the byte-level stand-ins for space and
@@ -34,10 +31,7 @@ const DOCS: &[(&str, &str)] = &[
 /// The text prepare must tokenize: files in path order, joined by a `\n` where a file does
 /// not end in one, empty files skipped.
 fn expected_text(copies: usize) -> String {
-    let mut docs: Vec<(PathBuf, String)> = DOCS
-        .iter()
-        .map(|(p, t)| (PathBuf::from(p), t.repeat(copies)))
-        .collect();
+    let mut docs: Vec<(PathBuf, String)> = DOCS.iter().map(|(p, t)| (PathBuf::from(p), t.repeat(copies))).collect();
     docs.sort();
     let mut text = String::new();
     for (_, doc) in docs {
@@ -65,13 +59,7 @@ fn write_corpus(dir: &Path, copies: usize) {
 fn bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lors-lm"));
     // Keep the child away from any real Hugging Face setup.
-    for var in [
-        "HF_HUB_CACHE",
-        "HUGGINGFACE_HUB_CACHE",
-        "HF_HOME",
-        "HF_TOKEN",
-        "HF_HUB_OFFLINE",
-    ] {
+    for var in ["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE"] {
         cmd.env_remove(var);
     }
     cmd
@@ -79,11 +67,7 @@ fn bin() -> Command {
 
 /// Runs a command, killing it after `limit` (a hang is a failure, not a stuck test run).
 fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let t0 = Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -92,10 +76,7 @@ fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
         if t0.elapsed() > limit {
             child.kill().unwrap();
             let out = child.wait_with_output().unwrap();
-            panic!(
-                "command hung for {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            panic!("command hung for {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -113,11 +94,7 @@ fn p(path: &Path) -> &str {
 
 #[track_caller]
 fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "prepare failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "prepare failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Asserts a clean failure (exit code 1, an `error:` line, no panic) and returns stderr.
@@ -148,16 +125,7 @@ fn round_trip_is_exact_and_meta_is_right() {
     let corpus = tmp.path().join("corpus");
     let out = tmp.path().join("out");
     write_corpus(&corpus, 3);
-    assert_ok(&prepare(&[
-        "--input",
-        p(&corpus),
-        "--out",
-        p(&out),
-        "--vocab-size",
-        "320",
-        "--val-fraction",
-        "0.25",
-    ]));
+    assert_ok(&prepare(&["--input", p(&corpus), "--out", p(&out), "--vocab-size", "320", "--val-fraction", "0.25"]));
 
     let (meta, train, val) = all_tokens(&out);
     let tok = load_tokenizer(&out.join("tokenizer.json")).unwrap();
@@ -172,21 +140,11 @@ fn round_trip_is_exact_and_meta_is_right() {
     // meta.json
     assert_eq!(meta.dtype, "u16");
     assert_eq!(meta.vocab_size, tok.get_vocab_size(true));
-    assert!(
-        meta.vocab_size > 257 && meta.vocab_size <= 320,
-        "{}",
-        meta.vocab_size
-    );
+    assert!(meta.vocab_size > 257 && meta.vocab_size <= 320, "{}", meta.vocab_size);
     assert_eq!(meta.train_tokens as usize, train.len());
     assert_eq!(meta.val_tokens as usize, val.len());
-    assert_eq!(
-        fs::metadata(out.join("train.bin")).unwrap().len(),
-        2 * meta.train_tokens
-    );
-    assert_eq!(
-        fs::metadata(out.join("val.bin")).unwrap().len(),
-        2 * meta.val_tokens
-    );
+    assert_eq!(fs::metadata(out.join("train.bin")).unwrap().len(), 2 * meta.train_tokens);
+    assert_eq!(fs::metadata(out.join("val.bin")).unwrap().len(), 2 * meta.val_tokens);
     let total = ids.len() as f64;
     assert_eq!(meta.val_tokens, (total * 0.25).round() as u64);
     assert_eq!(meta.bos_id, Some(0));
@@ -197,13 +155,7 @@ fn round_trip_is_exact_and_meta_is_right() {
     let names: Vec<String> = meta
         .files
         .iter()
-        .map(|f| {
-            Path::new(&f.path)
-                .strip_prefix(&corpus)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|f| Path::new(&f.path).strip_prefix(&corpus).unwrap().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, ["a.txt", "c.txt", "empty.txt", "sub/b.txt"]);
     for f in &meta.files {
@@ -214,15 +166,10 @@ fn round_trip_is_exact_and_meta_is_right() {
     let max_id = TokenFile::open(&out, "train", &meta).unwrap().max_id();
     assert!((max_id as usize) < meta.vocab_size);
     // No temp files left behind.
-    let mut left: Vec<String> = fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut left: Vec<String> =
+        fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     left.sort();
-    assert_eq!(
-        left,
-        ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
-    );
+    assert_eq!(left, ["meta.json", "tokenizer.json", "train.bin", "val.bin"]);
 }
 
 #[test]
@@ -230,32 +177,16 @@ fn prepare_is_deterministic_and_reuses_a_tokenizer_file() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");
     write_corpus(&corpus, 2);
-    let (one, two, three) = (
-        tmp.path().join("one"),
-        tmp.path().join("two"),
-        tmp.path().join("three"),
-    );
+    let (one, two, three) = (tmp.path().join("one"), tmp.path().join("two"), tmp.path().join("three"));
     for out in [&one, &two] {
-        assert_ok(&prepare(&[
-            "-i",
-            p(&corpus),
-            "-o",
-            p(out),
-            "--vocab-size",
-            "300",
-        ]));
+        assert_ok(&prepare(&["-i", p(&corpus), "-o", p(out), "--vocab-size", "300"]));
     }
     for f in ["tokenizer.json", "train.bin", "val.bin"] {
-        assert_eq!(
-            fs::read(one.join(f)).unwrap(),
-            fs::read(two.join(f)).unwrap(),
-            "{f} differs between two runs"
-        );
+        assert_eq!(fs::read(one.join(f)).unwrap(), fs::read(two.join(f)).unwrap(), "{f} differs between two runs");
     }
     // An explicit tokenizer.json gives the same tokens, and the files can be listed one by one.
     // Truncation and padding settings in a loaded tokenizer.json must not cut the stream.
-    let mut json: serde_json::Value =
-        serde_json::from_slice(&fs::read(one.join("tokenizer.json")).unwrap()).unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&fs::read(one.join("tokenizer.json")).unwrap()).unwrap();
     json["truncation"] = serde_json::json!({
         "direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0
     });
@@ -266,10 +197,7 @@ fn prepare_is_deterministic_and_reuses_a_tokenizer_file() {
     let tok = tmp.path().join("truncating-tokenizer.json");
     fs::write(&tok, serde_json::to_vec(&json).unwrap()).unwrap();
     assert!(load_tokenizer(&tok).unwrap().get_truncation().is_some());
-    let files: Vec<PathBuf> = ["a.txt", "c.txt", "empty.txt", "sub/b.txt"]
-        .iter()
-        .map(|f| corpus.join(f))
-        .collect();
+    let files: Vec<PathBuf> = ["a.txt", "c.txt", "empty.txt", "sub/b.txt"].iter().map(|f| corpus.join(f)).collect();
     let mut args = vec!["--input"];
     args.extend(files.iter().map(|f| p(f)));
     args.extend(["--out", p(&three), "--tokenizer", p(&tok)]);
@@ -277,11 +205,7 @@ fn prepare_is_deterministic_and_reuses_a_tokenizer_file() {
     assert_eq!(all_tokens(&one).1, all_tokens(&three).1);
     assert_eq!(all_tokens(&one).2, all_tokens(&three).2);
     let meta = Meta::load(&three).unwrap();
-    assert!(
-        meta.tokenizer_source.starts_with("file:"),
-        "{}",
-        meta.tokenizer_source
-    );
+    assert!(meta.tokenizer_source.starts_with("file:"), "{}", meta.tokenizer_source);
 }
 
 #[test]
@@ -293,27 +217,18 @@ fn refuses_bad_input_with_clear_messages() {
 
     // Missing input path.
     let missing = tmp.path().join("nope");
-    assert_refused(
-        &prepare(&["--input", p(&missing), "--out", p(&out)]),
-        &["nope", "does not exist"],
-    );
+    assert_refused(&prepare(&["--input", p(&missing), "--out", p(&out)]), &["nope", "does not exist"]);
 
     // Directory without *.txt files.
     let empty = tmp.path().join("empty-dir");
     fs::create_dir_all(empty.join("sub")).unwrap();
     fs::write(empty.join("sub/readme.md"), "not text").unwrap();
-    assert_refused(
-        &prepare(&["--input", p(&empty), "--out", p(&out)]),
-        &["no *.txt files", "empty-dir"],
-    );
+    assert_refused(&prepare(&["--input", p(&empty), "--out", p(&out)]), &["no *.txt files", "empty-dir"]);
 
     // Only empty files.
     let blank = tmp.path().join("blank.txt");
     fs::write(&blank, "").unwrap();
-    assert_refused(
-        &prepare(&["--input", p(&blank), "--out", p(&out)]),
-        &["no text found"],
-    );
+    assert_refused(&prepare(&["--input", p(&blank), "--out", p(&out)]), &["no text found"]);
 
     // Invalid UTF-8: names the file and the byte offset; --lossy accepts it.
     let bad = tmp.path().join("bad.txt");
@@ -322,128 +237,52 @@ fn refuses_bad_input_with_clear_messages() {
     fs::write(&bad, &bytes).unwrap();
     assert_refused(
         &prepare(&["--input", p(&corpus), p(&bad), "--out", p(&out)]),
-        &[
-            "bad.txt",
-            "not valid UTF-8",
-            "byte offset 7",
-            "line 2",
-            "--lossy",
-        ],
+        &["bad.txt", "not valid UTF-8", "byte offset 7", "line 2", "--lossy"],
     );
     let lossy_out = tmp.path().join("lossy");
-    assert_ok(&prepare(&[
-        "--input",
-        p(&bad),
-        "--out",
-        p(&lossy_out),
-        "--vocab-size",
-        "260",
-        "--lossy",
-    ]));
+    assert_ok(&prepare(&["--input", p(&bad), "--out", p(&lossy_out), "--vocab-size", "260", "--lossy"]));
     let (_, t, v) = all_tokens(&lossy_out);
     let tok = load_tokenizer(&lossy_out.join("tokenizer.json")).unwrap();
     let ids: Vec<u32> = t.into_iter().chain(v).collect();
-    assert_eq!(
-        tok.decode(&ids, false).unwrap(),
-        String::from_utf8_lossy(&bytes)
-    );
+    assert_eq!(tok.decode(&ids, false).unwrap(), String::from_utf8_lossy(&bytes));
 
     // Vocabulary smaller than the byte alphabet + <|endoftext|>.
     assert_refused(
-        &prepare(&[
-            "--input",
-            p(&corpus),
-            "--out",
-            p(&out),
-            "--vocab-size",
-            "256",
-        ]),
+        &prepare(&["--input", p(&corpus), "--out", p(&out), "--vocab-size", "256"]),
         &["--vocab-size 256", "257"],
     );
 
     // Bad --val-fraction.
-    assert_refused(
-        &prepare(&[
-            "--input",
-            p(&corpus),
-            "--out",
-            p(&out),
-            "--val-fraction",
-            "1.5",
-        ]),
-        &["--val-fraction"],
-    );
+    assert_refused(&prepare(&["--input", p(&corpus), "--out", p(&out), "--val-fraction", "1.5"]), &["--val-fraction"]);
 
     // Too little text for two non-trivial splits; nothing is left half-written.
     let tiny = tmp.path().join("tiny.txt");
     fs::write(&tiny, "hi").unwrap();
-    assert_refused(
-        &prepare(&["--input", p(&tiny), "--out", p(&out), "--vocab-size", "260"]),
-        &["too small"],
-    );
+    assert_refused(&prepare(&["--input", p(&tiny), "--out", p(&out), "--vocab-size", "260"]), &["too small"]);
     assert!(!out.join("meta.json").exists());
 
     // Tokenizer file missing, or not a tokenizer.
     assert_refused(
-        &prepare(&[
-            "--input",
-            p(&corpus),
-            "--out",
-            p(&out),
-            "--tokenizer",
-            p(&tmp.path().join("missing.json")),
-        ]),
+        &prepare(&["--input", p(&corpus), "--out", p(&out), "--tokenizer", p(&tmp.path().join("missing.json"))]),
         &["missing.json", "does not exist"],
     );
     let junk = tmp.path().join("junk.json");
     fs::write(&junk, r#"{"hello": "world"}"#).unwrap();
     assert_refused(
-        &prepare(&[
-            "--input",
-            p(&corpus),
-            "--out",
-            p(&out),
-            "--tokenizer",
-            p(&junk),
-        ]),
+        &prepare(&["--input", p(&corpus), "--out", p(&out), "--tokenizer", p(&junk)]),
         &["junk.json", "is not a tokenizer.json"],
     );
     assert_refused(
-        &prepare(&[
-            "--input",
-            p(&corpus),
-            "--out",
-            p(&out),
-            "--tokenizer",
-            "hf:no-slash",
-        ]),
+        &prepare(&["--input", p(&corpus), "--out", p(&out), "--tokenizer", "hf:no-slash"]),
         &["hf:OWNER/NAME"],
     );
 
     // --out already holding prepared data: refused without --force, replaced with it.
-    assert_ok(&prepare(&[
-        "--input",
-        p(&corpus),
-        "--out",
-        p(&out),
-        "--vocab-size",
-        "300",
-    ]));
+    assert_ok(&prepare(&["--input", p(&corpus), "--out", p(&out), "--vocab-size", "300"]));
     let before = fs::read(out.join("meta.json")).unwrap();
-    assert_refused(
-        &prepare(&["--input", p(&corpus), "--out", p(&out)]),
-        &["already holds prepared data", "--force"],
-    );
+    assert_refused(&prepare(&["--input", p(&corpus), "--out", p(&out)]), &["already holds prepared data", "--force"]);
     assert_eq!(fs::read(out.join("meta.json")).unwrap(), before);
-    assert_ok(&prepare(&[
-        "--input",
-        p(&corpus),
-        "--out",
-        p(&out),
-        "--vocab-size",
-        "280",
-        "--force",
-    ]));
+    assert_ok(&prepare(&["--input", p(&corpus), "--out", p(&out), "--vocab-size", "280", "--force"]));
     assert!(Meta::load(&out).unwrap().vocab_size <= 280);
 }
 
@@ -457,25 +296,11 @@ fn library_helpers_for_synthetic_data() {
     let corpus = tmp.path().join("corpus");
     write_corpus(&corpus, 1);
     let real = tmp.path().join("real");
-    assert_ok(&prepare(&[
-        "-i",
-        p(&corpus),
-        "-o",
-        p(&real),
-        "--vocab-size",
-        "260",
-    ]));
+    assert_ok(&prepare(&["-i", p(&corpus), "-o", p(&real), "--vocab-size", "260"]));
 
     let dir = tmp.path().join("synthetic");
     let train: Vec<u32> = (0..100).map(|i| i % 259).collect();
-    let meta = write_prepared_dir(
-        &dir,
-        &train,
-        &[1, 2, 3],
-        259,
-        Some(&real.join("tokenizer.json")),
-    )
-    .unwrap();
+    let meta = write_prepared_dir(&dir, &train, &[1, 2, 3], 259, Some(&real.join("tokenizer.json"))).unwrap();
     assert_eq!((meta.train_tokens, meta.val_tokens), (100, 3));
     assert_eq!(meta.eos_id, Some(0));
     let loaded = Meta::load(&dir).unwrap();
@@ -518,33 +343,19 @@ fn hub_tokenizer_from_offline_cache() {
     let corpus = tmp.path().join("corpus");
     write_corpus(&corpus, 2);
     let trained = tmp.path().join("trained");
-    assert_ok(&prepare(&[
-        "-i",
-        p(&corpus),
-        "-o",
-        p(&trained),
-        "--vocab-size",
-        "300",
-    ]));
+    assert_ok(&prepare(&["-i", p(&corpus), "-o", p(&trained), "--vocab-size", "300"]));
     let cache = tmp.path().join("hf-cache");
     let commit = fake_hub_cache(&cache, "owner", "name", &trained.join("tokenizer.json"));
 
-    let offline = |spec: &str, out: &Path| {
-        let mut cmd = bin();
-        cmd.env("HF_HUB_CACHE", &cache)
-            .env("HF_HOME", tmp.path().join("hf-home"))
-            .env("HF_HUB_OFFLINE", "1")
-            .args([
-                "prepare",
-                "-i",
-                p(&corpus),
-                "-o",
-                p(out),
-                "--tokenizer",
-                spec,
-            ]);
-        run_with_timeout(cmd, Duration::from_secs(60))
-    };
+    let offline =
+        |spec: &str, out: &Path| {
+            let mut cmd = bin();
+            cmd.env("HF_HUB_CACHE", &cache)
+                .env("HF_HOME", tmp.path().join("hf-home"))
+                .env("HF_HUB_OFFLINE", "1")
+                .args(["prepare", "-i", p(&corpus), "-o", p(out), "--tokenizer", spec]);
+            run_with_timeout(cmd, Duration::from_secs(60))
+        };
 
     let out = tmp.path().join("hub");
     assert_ok(&offline("hf:owner/name", &out));
@@ -562,11 +373,7 @@ fn hub_tokenizer_from_offline_cache() {
     let missing = tmp.path().join("missing");
     assert_refused(
         &offline("hf:owner/absent", &missing),
-        &[
-            "hf:owner/absent",
-            "not in the Hugging Face cache",
-            "HF_HUB_OFFLINE",
-        ],
+        &["hf:owner/absent", "not in the Hugging Face cache", "HF_HUB_OFFLINE"],
     );
     assert!(t0.elapsed() < Duration::from_secs(30));
     assert!(!missing.join("meta.json").exists());
@@ -579,17 +386,7 @@ fn hub_tokenizer_needs_the_feature() {
     let corpus = tmp.path().join("corpus");
     write_corpus(&corpus, 1);
     let out = tmp.path().join("out");
-    assert_refused(
-        &prepare(&[
-            "-i",
-            p(&corpus),
-            "-o",
-            p(&out),
-            "--tokenizer",
-            "hf:owner/name",
-        ]),
-        &["`hub` feature"],
-    );
+    assert_refused(&prepare(&["-i", p(&corpus), "-o", p(&out), "--tokenizer", "hf:owner/name"]), &["`hub` feature"]);
 }
 
 /// Full-size check on Moby Dick (run `scripts/fetch_corpus.sh` first):
@@ -604,19 +401,8 @@ fn moby_dick_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let t0 = Instant::now();
-    assert_ok(&prepare(&[
-        "-i",
-        p(&corpus),
-        "-o",
-        p(&out),
-        "--vocab-size",
-        "4096",
-    ]));
-    eprintln!(
-        "prepared {} in {:.2}s",
-        corpus.display(),
-        t0.elapsed().as_secs_f64()
-    );
+    assert_ok(&prepare(&["-i", p(&corpus), "-o", p(&out), "--vocab-size", "4096"]));
+    eprintln!("prepared {} in {:.2}s", corpus.display(), t0.elapsed().as_secs_f64());
     let (meta, t, v) = all_tokens(&out);
     let tok = load_tokenizer(&out.join("tokenizer.json")).unwrap();
     let ids: Vec<u32> = t.into_iter().chain(v).collect();
@@ -636,8 +422,5 @@ fn moby_dick_round_trip() {
     }
     assert_eq!(tok.decode(&ids, false).unwrap(), text);
     assert_eq!(tok.encode(text.as_str(), false).unwrap().get_ids(), ids);
-    eprintln!(
-        "{} train + {} val tokens, vocab {}",
-        meta.train_tokens, meta.val_tokens, meta.vocab_size
-    );
+    eprintln!("{} train + {} val tokens, vocab {}", meta.train_tokens, meta.val_tokens, meta.vocab_size);
 }

@@ -19,13 +19,7 @@ fn event_files(dir: &Path) -> Vec<PathBuf> {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .contains("tfevents")
-        })
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().contains("tfevents"))
         .collect();
     files.sort(); // TensorBoard's order
     files
@@ -33,10 +27,7 @@ fn event_files(dir: &Path) -> Vec<PathBuf> {
 
 /// Every file in `dir` read and validated, in TensorBoard's order.
 fn read_all(dir: &Path) -> Vec<EventFileContents> {
-    event_files(dir)
-        .iter()
-        .map(|f| read_event_file(f).unwrap_or_else(|e| panic!("{e:#}")))
-        .collect()
+    event_files(dir).iter().map(|f| read_event_file(f).unwrap_or_else(|e| panic!("{e:#}"))).collect()
 }
 
 /// A Python interpreter with the `tensorboard` package, or `None` (test skipped) outside CI.
@@ -97,11 +88,7 @@ fn value(run: u32, step: usize) -> f64 {
 /// A run's worth of events: `loss` and `lr` at steps 1..=30, one text at step 0.
 fn write_run(dir: &Path) {
     let mut board = Board::open(dir, None).unwrap();
-    board.text(
-        "config",
-        "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓",
-        0,
-    );
+    board.text("config", "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓", 0);
     for step in 1..=30 {
         board.scalar("train/loss", value(1, step), step);
         board.scalar("train/lr", 3e-4 * step as f64, step);
@@ -121,29 +108,15 @@ fn events_are_framed_and_decoded() {
     assert_eq!(got.records, 1 + 1 + 1 + 60); // file_version, START, text, scalars
     assert_eq!(got.file_version.as_deref(), Some("brain.Event:2"));
     assert_eq!(got.session_starts, vec![0]);
-    let loss: Vec<(i64, f32)> = got
-        .scalars
-        .iter()
-        .filter(|s| s.0 == "train/loss")
-        .map(|s| (s.1, s.2))
-        .collect();
+    let loss: Vec<(i64, f32)> = got.scalars.iter().filter(|s| s.0 == "train/loss").map(|s| (s.1, s.2)).collect();
     let want: Vec<(i64, f32)> = (1..=30).map(|s| (s as i64, value(1, s) as f32)).collect();
     assert_eq!(loss, want);
-    let lr: Vec<(i64, f32)> = got
-        .scalars
-        .iter()
-        .filter(|s| s.0 == "train/lr")
-        .map(|s| (s.1, s.2))
-        .collect();
+    let lr: Vec<(i64, f32)> = got.scalars.iter().filter(|s| s.0 == "train/lr").map(|s| (s.1, s.2)).collect();
     assert_eq!(lr.len(), 30);
     assert!(lr.iter().all(|&(s, v)| v == (3e-4 * s as f64) as f32));
     assert_eq!(
         got.texts,
-        vec![(
-            "config".to_string(),
-            0,
-            "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓".to_string()
-        )]
+        vec![("config".to_string(), 0, "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓".to_string())]
     );
 }
 
@@ -152,16 +125,11 @@ fn tensorboard_reads_scalars_and_text() {
     let Some(python) = tb_python() else { return };
     let tmp = tempfile::tempdir().unwrap();
     write_run(tmp.path());
-    let want_text =
-        serde_json::json!([[0, "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓"]]);
+    let want_text = serde_json::json!([[0, "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓"]]);
     let want_loss: Vec<(i64, f64)> = (1..=30).map(|s| (s as i64, value(1, s))).collect();
     for plugin in [false, true] {
         let view = tensorboard_view(&python, tmp.path(), plugin);
-        assert_eq!(
-            tb_scalars(&view, "train/loss"),
-            want_loss,
-            "plugin: {plugin}"
-        );
+        assert_eq!(tb_scalars(&view, "train/loss"), want_loss, "plugin: {plugin}");
         let lr = tb_scalars(&view, "train/lr");
         assert_eq!(lr.len(), 30);
         for (s, v) in lr {
@@ -199,34 +167,22 @@ fn resume_purges_the_earlier_process_after_its_checkpoint() {
 
     // Our reader: two files, each starting with a START event (the second at step 7).
     let files = read_all(tmp.path());
-    assert_eq!(
-        files.len(),
-        2,
-        "the second writer must not overwrite the first file"
-    );
+    assert_eq!(files.len(), 2, "the second writer must not overwrite the first file");
     assert_eq!(files[0].session_starts, vec![0]);
     assert_eq!(files[1].session_starts, vec![7]);
     assert_eq!(files[0].scalars.len(), 10);
     assert_eq!(files[1].scalars.len(), 6);
 
     let Some(python) = tb_python() else { return };
-    let want: Vec<(i64, f64)> = (1..=12)
-        .map(|s| (s as i64, value(if s <= 6 { 1 } else { 2 }, s)))
-        .collect();
+    let want: Vec<(i64, f64)> = (1..=12).map(|s| (s as i64, value(if s <= 6 { 1 } else { 2 }, s))).collect();
     let classic = tensorboard_view(&python, tmp.path(), false);
     assert_eq!(tb_scalars(&classic, "loss"), want);
     // The classic EventAccumulator purges scalars, histograms, images and audio only, not
     // tensors: the first process's text at step 10 stays there.
-    assert_eq!(
-        classic["texts"]["note"],
-        serde_json::json!([[10, "first process"], [12, "second process"]])
-    );
+    assert_eq!(classic["texts"]["note"], serde_json::json!([[10, "first process"], [12, "second process"]]));
     let plugin = tensorboard_view(&python, tmp.path(), true);
     assert_eq!(tb_scalars(&plugin, "loss"), want);
-    assert_eq!(
-        plugin["texts"]["note"],
-        serde_json::json!([[12, "second process"]])
-    );
+    assert_eq!(plugin["texts"]["note"], serde_json::json!([[12, "second process"]]));
 }
 
 #[test]
@@ -294,12 +250,7 @@ fn sigkill_child_writer() {
 fn sigkill_mid_write() {
     let tmp = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "sigkill_child_writer",
-            "--ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", "sigkill_child_writer", "--ignored", "--nocapture"])
         .args(["--test-threads", "1"])
         .env(CHILD_DIR_ENV, tmp.path())
         .stdout(Stdio::piped())
@@ -321,12 +272,7 @@ fn sigkill_mid_write() {
     child.wait().unwrap();
     if flushed.is_err() {
         let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
         panic!("the child never reported 'flushed 20'; its stderr:\n{stderr}");
     }
 
@@ -336,17 +282,10 @@ fn sigkill_mid_write() {
     let steps: Vec<i64> = got.scalars.iter().map(|s| s.1).collect();
     assert!(steps.len() >= 20, "only {} scalars survived", steps.len());
     assert_eq!(steps, (1..=steps.len() as i64).collect::<Vec<_>>());
-    assert!(got
-        .scalars
-        .iter()
-        .all(|s| s.2 == value(1, s.1 as usize) as f32));
+    assert!(got.scalars.iter().all(|s| s.2 == value(1, s.1 as usize) as f32));
     assert_eq!(got.records, 2 + steps.len()); // file_version, START, scalars
     assert_eq!(got.session_starts, vec![0]);
-    println!(
-        "killed after step {} (truncated tail: {})",
-        steps.len(),
-        got.truncated_tail
-    );
+    println!("killed after step {} (truncated tail: {})", steps.len(), got.truncated_tail);
 
     let Some(python) = tb_python() else { return };
     for plugin in [false, true] {
@@ -398,18 +337,21 @@ fn a_training_run_logs_every_tag_at_its_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepared_corpus(tmp.path());
     let run = tmp.path().join("run");
-    let out = train_cmd(&data, &run, &["--quiet", "--set", "train.max_steps=30", "--set", "train.eval_interval=10", "--set", "train.log_interval=5"])
-        .output()
-        .unwrap();
+    let out = train_cmd(
+        &data,
+        &run,
+        &["--quiet", "--set", "train.max_steps=30", "--set", "train.eval_interval=10", "--set", "train.log_interval=5"],
+    )
+    .output()
+    .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tb = run.join("tb");
     // Our reader: every record framed correctly.
     let files = read_all(&tb);
     assert_eq!(files.len(), 1);
     assert!(!files[0].truncated_tail);
-    let steps_of = |tag: &str| -> Vec<i64> {
-        files[0].scalars.iter().filter(|(t, _, _)| t == tag).map(|(_, s, _)| *s).collect()
-    };
+    let steps_of =
+        |tag: &str| -> Vec<i64> { files[0].scalars.iter().filter(|(t, _, _)| t == tag).map(|(_, s, _)| *s).collect() };
     let every: Vec<i64> = (1..=30).collect();
     for tag in TRAIN_TAGS {
         assert_eq!(steps_of(tag), every, "{tag}");
@@ -451,7 +393,8 @@ fn a_resumed_training_run_does_not_repeat_steps_in_tensorboard() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepared_corpus(tmp.path());
     let run = tmp.path().join("run");
-    let args = ["--quiet", "--set", "train.max_steps=20", "--set", "train.eval_interval=5", "--set", "train.ckpt_interval=8"];
+    let args =
+        ["--quiet", "--set", "train.max_steps=20", "--set", "train.eval_interval=5", "--set", "train.ckpt_interval=8"];
     // Stop at 12: the last checkpoint is 12 but events exist up to 12; then a second process
     // resumes from 12 and continues to 20.
     let out = train_cmd(&data, &run, &args).args(["--stop-at", "12"]).output().unwrap();
@@ -478,11 +421,24 @@ fn sigkill_mid_training_leaves_a_readable_event_file() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepared_corpus(tmp.path());
     let run = tmp.path().join("run");
-    let mut child = train_cmd(&data, &run, &["--set", "train.max_steps=100000", "--set", "train.warmup_steps=0", "--set", "train.eval_interval=10", "--set", "train.log_interval=1000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = train_cmd(
+        &data,
+        &run,
+        &[
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.warmup_steps=0",
+            "--set",
+            "train.eval_interval=10",
+            "--set",
+            "train.log_interval=1000",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -38,7 +38,7 @@ fn synthetic_data(dir: &Path, n_train: usize, n_val: usize) {
     let mut t = 1u32;
     for _ in 0..n_train + n_val {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        t = if (x >> 33) % 50 == 0 { ((x >> 40) % 50) as u32 } else { (7 * t + 3) % 50 };
+        t = if (x >> 33).is_multiple_of(50) { ((x >> 40) % 50) as u32 } else { (7 * t + 3) % 50 };
         seq.push(t);
     }
     lors_lm::data::write_prepared_dir(dir, &seq[..n_train], &seq[n_train..], 50, None).unwrap();
@@ -53,10 +53,7 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
 }
 
 fn train_losses(run: &Path) -> Vec<(u64, f64)> {
-    metrics(run)
-        .iter()
-        .filter_map(|m| Some((m.get("step")?.as_u64()?, m.get("loss")?.as_f64()?)))
-        .collect()
+    metrics(run).iter().filter_map(|m| Some((m.get("step")?.as_u64()?, m.get("loss")?.as_f64()?))).collect()
 }
 
 #[test]
@@ -66,7 +63,13 @@ fn loss_falls_on_a_learnable_sequence() {
     synthetic_data(&data, 20_000, 2_000);
     let run = tmp.path().join("run");
     let out = run_ok(
-        bin().args(["train", "--config"]).arg(repo("configs/tiny.toml")).arg("--data").arg(&data).arg("--out").arg(&run)
+        bin()
+            .args(["train", "--config"])
+            .arg(repo("configs/tiny.toml"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&run)
             .args(["--set", "train.max_steps=200", "--set", "train.eval_interval=50"]),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -89,7 +92,12 @@ fn interrupted_and_resumed_run_matches_an_uninterrupted_one_step_for_step() {
     synthetic_data(&data, 5_000, 1_000);
     let common = |run: &Path| {
         let mut c = bin();
-        c.args(["train", "--quiet", "--config"]).arg(repo("configs/tiny.toml")).arg("--data").arg(&data).arg("--out").arg(run)
+        c.args(["train", "--quiet", "--config"])
+            .arg(repo("configs/tiny.toml"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(run)
             .args(["--set", "train.max_steps=24", "--set", "train.grad_accum=2", "--set", "train.eval_interval=8"]);
         c
     };
@@ -116,19 +124,38 @@ fn the_three_modes_differ_only_by_config_and_params_reports_them() {
     let mut totals = vec![];
     for mode in ["vanilla", "shared", "lors"] {
         let out = run_ok(
-            bin().args(["params", "--json", "--config"]).arg(repo("configs/tiny.toml")).arg("--data").arg(&data)
+            bin()
+                .args(["params", "--json", "--config"])
+                .arg(repo("configs/tiny.toml"))
+                .arg("--data")
+                .arg(&data)
                 .args(["--set", &format!("lors.mode={mode}")]),
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         totals.push(v["total_unique"].as_u64().unwrap());
         let run = tmp.path().join(mode);
         run_ok(
-            bin().args(["train", "--quiet", "--config"]).arg(repo("configs/tiny.toml")).arg("--data").arg(&data).arg("--out").arg(&run)
-                .args(["--set", &format!("lors.mode={mode}"), "--set", "train.max_steps=3", "--set", "train.warmup_steps=0"]),
+            bin()
+                .args(["train", "--quiet", "--config"])
+                .arg(repo("configs/tiny.toml"))
+                .arg("--data")
+                .arg(&data)
+                .arg("--out")
+                .arg(&run)
+                .args([
+                    "--set",
+                    &format!("lors.mode={mode}"),
+                    "--set",
+                    "train.max_steps=3",
+                    "--set",
+                    "train.warmup_steps=0",
+                ]),
         );
     }
     assert!(totals[1] < totals[2] && totals[2] < totals[0], "shared < lors < vanilla: {totals:?}");
-    let out = run_ok(bin().args(["params", "--config"]).arg(repo("configs/tiny.toml")).args(["--set", "model.vocab_size=50"]));
+    let out = run_ok(
+        bin().args(["params", "--config"]).arg(repo("configs/tiny.toml")).args(["--set", "model.vocab_size=50"]),
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     for row in ["embedding", "shared", "private", "norm", "total unique", "vanilla", "reduction"] {
         assert!(table.contains(row), "missing {row} in\n{table}");
@@ -143,7 +170,12 @@ fn train_refuses_bad_input_clearly() {
     let cfg = repo("configs/tiny.toml");
     let base = |extra: &[&str]| {
         let mut c = bin();
-        c.args(["train", "--quiet", "--config"]).arg(&cfg).arg("--data").arg(&data).arg("--out").arg(tmp.path().join("r"));
+        c.args(["train", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(tmp.path().join("r"));
         c.args(extra);
         c
     };
@@ -170,7 +202,8 @@ fn train_refuses_bad_input_clearly() {
     // generate on a missing run / checkpoint.
     let e = run_err(bin().args(["generate", "--run"]).arg(tmp.path().join("nope")));
     assert!(e.contains("does not exist"), "{e}");
-    let e = run_err(bin().args(["generate", "--checkpoint", "999", "--prompt", "x", "--run"]).arg(tmp.path().join("r")));
+    let e =
+        run_err(bin().args(["generate", "--checkpoint", "999", "--prompt", "x", "--run"]).arg(tmp.path().join("r")));
     assert!(e.contains("999"), "{e}");
 }
 
@@ -183,14 +216,32 @@ fn generate_after_overfitting_reproduces_the_text_and_seeds_repeat() {
     let corpus = tmp.path().join("corpus.txt");
     std::fs::write(&corpus, text.repeat(40)).unwrap();
     let data = tmp.path().join("data");
-    run_ok(bin().args(["prepare", "--vocab-size", "300", "--val-fraction", "0.2", "--input"]).arg(&corpus).arg("--out").arg(&data));
+    run_ok(
+        bin()
+            .args(["prepare", "--vocab-size", "300", "--val-fraction", "0.2", "--input"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&data),
+    );
     let run = tmp.path().join("run");
     run_ok(
-        bin().args(["train", "--quiet", "--config"]).arg(repo("configs/tiny.toml")).arg("--data").arg(&data).arg("--out").arg(&run)
+        bin()
+            .args(["train", "--quiet", "--config"])
+            .arg(repo("configs/tiny.toml"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&run)
             .args(["--set", "train.max_steps=150", "--set", "train.lr=1e-2", "--set", "train.weight_decay=0"]),
     );
     let gen = |extra: &[&str]| {
-        let out = run_ok(bin().args(["generate", "--run"]).arg(&run).args(["--prompt", "It is a way", "--max-new-tokens", "20"]).args(extra));
+        let out = run_ok(
+            bin()
+                .args(["generate", "--run"])
+                .arg(&run)
+                .args(["--prompt", "It is a way", "--max-new-tokens", "20"])
+                .args(extra),
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let greedy = gen(&["--temperature", "0"]);
