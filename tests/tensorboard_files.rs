@@ -3,6 +3,9 @@
 //! Python with the `tensorboard` package is available (`LORS_LM_TB_PYTHON`, else `.venv-tb`
 //! from scripts/setup_tb_venv.sh; required when `CI` is set).
 
+mod common;
+
+use common::tb_python;
 use lors_lm::tb::{read_event_file, Board, EventFileContents};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
@@ -28,25 +31,6 @@ fn event_files(dir: &Path) -> Vec<PathBuf> {
 /// Every file in `dir` read and validated, in TensorBoard's order.
 fn read_all(dir: &Path) -> Vec<EventFileContents> {
     event_files(dir).iter().map(|f| read_event_file(f).unwrap_or_else(|e| panic!("{e:#}"))).collect()
-}
-
-/// A Python interpreter with the `tensorboard` package, or `None` (test skipped) outside CI.
-fn tb_python() -> Option<PathBuf> {
-    if let Some(python) = std::env::var_os("LORS_LM_TB_PYTHON") {
-        return Some(python.into());
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-tb/bin/python");
-    if venv.exists() {
-        return Some(venv);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "no python with tensorboard: CI must run scripts/setup_tb_venv.sh \
-             (or set LORS_LM_TB_PYTHON)"
-        );
-    }
-    println!("skipped: no python with tensorboard (run scripts/setup_tb_venv.sh)");
-    None
 }
 
 /// TensorBoard's view of `dir` (scripts/tb_read.py output): through the classic

@@ -1,0 +1,177 @@
+//! `lors-lm export` and `eval` checked against an independent reference
+//! (tests/reference/llama_ref.py: numpy + safetensors only) for LORS, vanilla, shared and
+//! untied-head models; and the round trip export → `generate --hf`.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use lors_lm::checkpoint;
+use lors_lm::generate::{generate_tokens, Sampler};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lors-lm"))
+}
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn prepared(dir: &Path) -> PathBuf {
+    let text = "Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; \
+                whenever I find myself involuntarily pausing before coffin warehouses, then, I account it high time to get to sea. ";
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, text.repeat(30)).unwrap();
+    let data = dir.join("data");
+    ok(bin().args(["prepare", "--vocab-size", "400", "--input"]).arg(&corpus).arg("--out").arg(&data));
+    data
+}
+
+/// Train a tiny model of `mode` (30 steps, so the private factors are non-zero).
+fn train(data: &Path, run: &Path, sets: &[&str]) {
+    let mut c = bin();
+    c.args(["train", "--quiet", "--config"])
+        .arg(repo("configs/tiny.toml"))
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(run);
+    c.args(["--set", "train.max_steps=30", "--set", "model.max_seq_len=64"]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    ok(&mut c);
+}
+
+fn reference(python: &Path, args: &[&str]) -> Value {
+    json(&ok(Command::new(python).arg(repo("tests/reference/llama_ref.py")).args(args)))
+}
+
+fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn exports_match_the_independent_reference_for_every_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let python = common::tb_python();
+    let prompt: Vec<u32> = vec![5, 17, 42, 9];
+    for (name, sets) in [
+        ("lors", vec!["lors.mode=lors"]),
+        ("vanilla", vec!["lors.mode=vanilla"]),
+        ("shared", vec!["lors.mode=shared"]),
+        ("lors-untied-groups", vec!["lors.mode=lors", "model.tie_embeddings=false", "lors.groups=2"]),
+    ] {
+        let run = tmp.path().join(name);
+        train(&data, &run, &sets);
+        let hf = tmp.path().join(format!("{name}-hf"));
+        ok(bin().args(["export", "--run"]).arg(&run).arg("--out").arg(&hf));
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json"] {
+            assert!(hf.join(f).is_file(), "{name}: {f} missing");
+        }
+        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+        assert_eq!(cfg["num_key_value_heads"], 2);
+        assert_eq!(cfg["tie_word_embeddings"], name != "lors-untied-groups");
+
+        // lors-lm's own view: logits of the unmerged model and greedy ids of the merged one.
+        let loaded = checkpoint::load_run(&run, None, &Device::Cpu).unwrap();
+        let x = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let ours: Vec<Vec<f32>> = loaded.model.forward(&x).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let merged = loaded.model.merged().unwrap();
+        let mut greedy = Sampler::new(0.0, None, None, 0).unwrap();
+        let our_ids = generate_tokens(&merged, &prompt, 32, &mut greedy, None, |_| Ok(()), || {}).unwrap();
+        let our_eval = json(&ok(bin().args(["eval", "--json", "--run"]).arg(&run).arg("--data").arg(&data)));
+
+        // Round trip: generate --hf on the export gives generate --run's greedy text.
+        let gen = |src: &[&str]| -> String {
+            let out = ok(bin()
+                .args(["generate", "--temperature", "0", "--max-new-tokens", "24", "--prompt", "whenever I"])
+                .args(src));
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let (from_run, from_hf) = (gen(&["--run", run.to_str().unwrap()]), gen(&["--hf", hf.to_str().unwrap()]));
+        assert_eq!(from_run, from_hf, "{name}: generate --run and --hf differ");
+
+        let Some(python) = &python else { continue };
+        let hf_s = hf.to_str().unwrap();
+        let theirs = reference(python, &["logits", hf_s, "--ids", &ids_arg(&prompt)]);
+        let theirs: Vec<Vec<f64>> = serde_json::from_value(theirs["logits"].clone()).unwrap();
+        let scale = theirs.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
+        let diff =
+            ours.iter().flatten().zip(theirs.iter().flatten()).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+        assert!(diff / scale <= 1e-4, "{name}: logits differ by {diff} (scale {scale})");
+
+        let seq_len = loaded.cfg.train.seq_len.to_string();
+        let val = data.join("val.bin");
+        let ref_eval = reference(
+            python,
+            &["eval", hf_s, "--tokens", val.to_str().unwrap(), "--dtype", "u16", "--seq-len", &seq_len],
+        );
+        let (a, b) = (our_eval["loss"].as_f64().unwrap(), ref_eval["loss"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{name}: eval loss {a} vs reference {b}");
+        assert_eq!(our_eval["tokens"], ref_eval["tokens"]);
+        assert_eq!(our_eval["windows"], ref_eval["windows"]);
+
+        let ref_ids: Vec<u32> = serde_json::from_value(
+            reference(python, &["greedy", hf_s, "--ids", &ids_arg(&prompt), "--n", "32"])["ids"].clone(),
+        )
+        .unwrap();
+        assert_eq!(our_ids, ref_ids, "{name}: greedy continuations differ");
+    }
+}
+
+#[test]
+fn export_refuses_to_overwrite_and_bf16_exports_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let run = tmp.path().join("run");
+    train(&data, &run, &[]);
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "user file").unwrap();
+    let o = bin().args(["export", "--run"]).arg(&run).arg("--out").arg(&out).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert!(!out.join("model.safetensors").exists(), "nothing may be written on refusal");
+    ok(bin().args(["export", "--force", "--dtype", "bf16", "--run"]).arg(&run).arg("--out").arg(&out));
+    assert!(out.join("keep.txt").is_file());
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    // The bf16 export is half the size of an f32 one and still evaluates close to the run.
+    let f32_dir = tmp.path().join("f32");
+    ok(bin().args(["export", "--run"]).arg(&run).arg("--out").arg(&f32_dir));
+    let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len() as f64;
+    assert!((size(&out) / size(&f32_dir) - 0.5).abs() < 0.05);
+    ok(bin().args(["generate", "--max-new-tokens", "8", "--prompt", "whenever", "--hf"]).arg(&out));
+    // eval: --text uses the run's tokenizer; too short a text is refused.
+    let short = tmp.path().join("short.txt");
+    std::fs::write(&short, "a few words").unwrap();
+    let o = bin().args(["eval", "--run"]).arg(&run).arg("--text").arg(&short).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("fewer than one window"));
+    let long = tmp.path().join("long.txt");
+    std::fs::write(&long, "whenever I find myself growing grim about the mouth; ".repeat(20)).unwrap();
+    let e = json(&ok(bin().args(["eval", "--json", "--run"]).arg(&run).arg("--text").arg(&long)));
+    assert!(e["ppl"].as_f64().unwrap() > 1.0 && e["windows"].as_u64().unwrap() >= 1);
+    // params --run reports the checkpoint vs merged export sizes.
+    let p = json(&ok(bin().args(["params", "--json", "--run"]).arg(&run)));
+    assert!(p["merged_export_bytes"].as_u64().unwrap() > p["checkpoint_bytes"].as_u64().unwrap());
+}
