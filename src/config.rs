@@ -219,6 +219,9 @@ pub struct TrainConfig {
     pub log_interval: usize,
     /// Checkpoints to keep (older ones are deleted); 0 = keep all.
     pub keep_checkpoints: usize,
+    /// Consecutive steps with a non-finite loss or gradient norm (each skipped) before
+    /// training stops with an error.
+    pub max_bad_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -243,6 +246,7 @@ impl Default for TrainConfig {
             dtype: "f32".into(),
             log_interval: 10,
             keep_checkpoints: 3,
+            max_bad_steps: 5,
         }
     }
 }

@@ -351,7 +351,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let params = opt.params().to_vec();
     let run_start = Instant::now();
     let mut last_val = state.val_loss;
-    let mut last_ckpt: Option<PathBuf> = None;
+    let mut last_ckpt: Option<PathBuf> = checkpoint::latest_step(&out)?.map(|s| checkpoint::checkpoints_dir(&out).join(s.to_string()));
+    let mut bad_steps = 0usize;
     let start_step = state.step;
     let mut end_step = tc.max_steps.max(start_step);
     console.start_progress(start_step, tc.max_steps);
@@ -375,16 +376,29 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
             }
         }
         let loss = loss_sum / tc.grad_accum as f64;
-        if !loss.is_finite() {
-            bail!("loss became {loss} at step {step}: lower train.lr or raise train.warmup_steps (the last checkpoint is intact)");
-        }
         let mut grads: Vec<Tensor> = acc.into_iter().map(|g| g.expect("filled above")).collect();
         let grad_norm = global_norm(&grads)?;
-        if tc.grad_clip > 0.0 && grad_norm > tc.grad_clip {
-            let scale = tc.grad_clip / (grad_norm + 1e-6);
-            grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<Vec<_>>>()?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            // Skip the update; stop after too many bad steps in a row.
+            bad_steps += 1;
+            console.summary(&format!(
+                "step {step}: non-finite loss {loss} / grad norm {grad_norm}: update skipped ({bad_steps} in a row, limit train.max_bad_steps = {})",
+                tc.max_bad_steps
+            ));
+            if bad_steps > tc.max_bad_steps {
+                bail!(
+                    "{bad_steps} consecutive steps with a non-finite loss or gradient (last at step {step}): lower train.lr or raise train.warmup_steps; the last checkpoint ({}) is intact",
+                    last_ckpt.as_deref().map_or("none yet".into(), |p| p.display().to_string())
+                );
+            }
+        } else {
+            bad_steps = 0;
+            if tc.grad_clip > 0.0 && grad_norm > tc.grad_clip {
+                let scale = tc.grad_clip / (grad_norm + 1e-6);
+                grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<Vec<_>>>()?;
+            }
+            opt.step(&grads, lr)?;
         }
-        opt.step(&grads, lr)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         state.tokens_seen += tokens_per_step as u64;
         let tok_s = tokens_per_step as f64 / (ms / 1e3);

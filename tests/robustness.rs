@@ -1,0 +1,231 @@
+//! Robustness through the real binary: bad input is refused with a clear one-line error (one
+//! table for every command), SIGKILL at random moments loses nothing and resumes bit-exactly,
+//! and a diverging run stops cleanly with its last checkpoint intact.
+
+use candle_core::Device;
+use lors_lm::checkpoint;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lors-lm"))
+}
+
+fn repo(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p).to_string_lossy().into_owned()
+}
+
+fn run_ok(args: &[&str]) {
+    let out = bin().args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn prepared(dir: &Path) -> PathBuf {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, "Call me Ishmael. Some years ago, never mind how long precisely. ".repeat(50)).unwrap();
+    let data = dir.join("data");
+    run_ok(&["prepare", "--vocab-size", "300", "--input", corpus.to_str().unwrap(), "--out", data.to_str().unwrap()]);
+    data
+}
+
+/// Every row: arguments, and text the error must contain. Each must exit non-zero with one
+/// `error:` line and no panic or backtrace, and must not touch the files it was given.
+#[test]
+fn bad_input_is_refused_clearly_by_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Paths live for the whole test; leaking them keeps the table below plain `&str`s.
+    let t = |p: &str| -> &'static str { Box::leak(tmp.path().join(p).to_string_lossy().into_owned().into_boxed_str()) };
+    let data = prepared(tmp.path());
+    let data = data.to_str().unwrap();
+    let tiny: &str = Box::leak(repo("configs/tiny.toml").into_boxed_str());
+    let run = t("run");
+    run_ok(&["train", "--quiet", "--config", tiny, "--data", data, "--out", run, "--set", "train.max_steps=6"]);
+
+    // Files for the table.
+    std::fs::write(t("bad.toml"), "[model\nd_model = 3").unwrap();
+    std::fs::write(t("notok.bin"), [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    std::fs::write(t("empty.txt"), "").unwrap();
+    std::fs::create_dir_all(t("other-run")).unwrap();
+    std::fs::write(t("other-run/config.toml"), "").unwrap();
+    // A run whose checkpoint file is truncated.
+    let broken = t("broken");
+    run_ok(&["train", "--quiet", "--config", tiny, "--data", data, "--out", broken, "--set", "train.max_steps=6"]);
+    let ckpt = format!("{broken}/checkpoints/6/model.safetensors");
+    let bytes = std::fs::read(&ckpt).unwrap();
+    std::fs::write(&ckpt, &bytes[..bytes.len() / 2]).unwrap();
+    // Token data whose length does not match meta.json, and one with ids beyond the vocabulary.
+    let short = t("short-data");
+    copy_dir(Path::new(data), Path::new(short));
+    std::fs::write(format!("{short}/train.bin"), [1u8, 0, 2, 0, 3]).unwrap();
+
+    let rows: Vec<(Vec<&str>, &[&str])> = vec![
+        // prepare
+        (vec!["prepare", "--input", "/no/such/file.txt", "--out", t("p1")], &["/no/such/file.txt"]),
+        (vec!["prepare", "--input", t("empty.txt"), "--out", t("p2")], &["empty", "--input"]),
+        (vec!["prepare", "--input", t("notok.bin"), "--out", t("p3")], &["notok.bin", "--lossy"]),
+        (vec!["prepare", "--input", t("corpus.txt"), "--out", t("p4"), "--vocab-size", "10"], &["--vocab-size"]),
+        (vec!["prepare", "--input", t("corpus.txt"), "--out", t("p5"), "--tokenizer", t("bad.toml")], &["bad.toml"]),
+        (vec!["prepare", "--input", t("corpus.txt"), "--out", data], &["--force"]),
+        // train: config
+        (vec!["train", "--config", "/no/such.toml", "--data", data], &["/no/such.toml"]),
+        (vec!["train", "--config", t("bad.toml"), "--data", data], &["bad.toml", "TOML"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("r1"), "--set", "model.widht=3"], &["widht"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("r2"), "--set", "train.lr=\"x\""], &["lr"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("r3"), "--set", "model.n_kv_heads=3"], &["n_kv_heads"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("r4"), "--set", "lors.rank=0"], &["rank"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("r5"), "--set", "lors.rank=32"], &["min(out, in)"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("r6"), "--set", "train.min_lr=1"], &["min_lr"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("r7"), "--set", "train.batch_size=0"], &["batch_size"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("r8"), "--set", "model.vocab_size=7"], &["vocab"]),
+        // train: data, run directory, device
+        (vec!["train", "--config", tiny, "--data", t("nodata"), "--out", t("r9")], &["meta.json"]),
+        (vec!["train", "--config", tiny, "--data", short, "--out", t("r10")], &["train.bin"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("other-run")], &["--resume", "--force"]),
+        (vec!["train", "--resume", "--out", t("nothing")], &["resume"]),
+        (vec!["train", "--resume", "--out", &broken], &["model.safetensors", "corrupt"]),
+        (vec!["train", "--resume", "--out", run, "--set", "lors.rank=3"], &["lors_a", "[4, 32]", "[3, 32]"]),
+        (vec!["train", "--config", tiny, "--data", data, "--out", t("r11"), "--device", "cuda"], &["cuda"]),
+        // generate / eval / export
+        (vec!["generate", "--run", t("missing-run"), "--prompt", "x"], &["missing-run"]),
+        (vec!["generate", "--run", run, "--checkpoint", "5", "--prompt", "x"], &["step 5"]),
+        (vec!["generate", "--run", run, "--prompt-file", t("nope.txt")], &["nope.txt"]),
+        (vec!["generate", "--run", run, "--prompt", "x", "--top-p", "0"], &["--top-p"]),
+        (vec!["generate", "--run", run, "--prompt", "x", "--temperature", "-0.5"], &["--temperature"]),
+        (vec!["eval", "--run", run, "--text", t("empty.txt")], &["fewer than one window"]),
+        (vec!["eval", "--run", &run], &["--data"]),
+        (vec!["export", "--run", run, "--out", data], &["--force"]),
+    ];
+    let run_ckpt_before = std::fs::read(format!("{run}/checkpoints/6/model.safetensors")).unwrap();
+    let meta_before = std::fs::read(format!("{data}/meta.json")).unwrap();
+    for (args, needles) in &rows {
+        let out = bin().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{args:?} panicked: {err}");
+        assert!(err.contains("error"), "{args:?}: no error line: {err}");
+        for n in *needles {
+            assert!(err.contains(n), "{args:?}: error does not mention {n:?}: {err}");
+        }
+    }
+    // Nothing already saved was touched.
+    assert_eq!(std::fs::read(format!("{run}/checkpoints/6/model.safetensors")).unwrap(), run_ckpt_before);
+    assert_eq!(std::fs::read(format!("{data}/meta.json")).unwrap(), meta_before);
+    assert!(!Path::new(t("p1")).exists() && !Path::new(t("r4")).exists());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Every checkpoint on disk loads (weights, optimizer state and state.json).
+fn all_checkpoints_readable(run: &Path) {
+    for step in checkpoint::list_checkpoints(run).unwrap() {
+        let dir = checkpoint::checkpoints_dir(run).join(step.to_string());
+        checkpoint::load_params(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
+        checkpoint::load_optimizer(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
+        checkpoint::load_state(&dir).unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
+    }
+    if let Some(latest) = checkpoint::latest_step(run).unwrap() {
+        assert!(checkpoint::list_checkpoints(run).unwrap().contains(&latest), "latest points at a missing checkpoint");
+    }
+}
+
+fn final_tensors(run: &Path, step: usize) -> Vec<(String, Vec<f32>)> {
+    let dir = checkpoint::checkpoints_dir(run).join(step.to_string());
+    let mut out = vec![];
+    for (prefix, map) in [
+        ("p.", checkpoint::load_params(&dir, &Device::Cpu).unwrap()),
+        ("o.", checkpoint::load_optimizer(&dir, &Device::Cpu).unwrap()),
+    ] {
+        for (name, t) in map {
+            out.push((format!("{prefix}{name}"), t.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let steps = 60;
+    let train = |run: &Path, resume: bool| {
+        let mut c = bin();
+        c.args(["train", "--quiet", "--out"]).arg(run);
+        if resume {
+            c.arg("--resume");
+        } else {
+            c.arg("--config").arg(repo("configs/tiny.toml")).arg("--data").arg(&data);
+            // A checkpoint every step, so kills land inside checkpoint writes too.
+            c.args(["--set", &format!("train.max_steps={steps}"), "--set", "train.ckpt_interval=1"]);
+            c.args(["--set", "train.eval_interval=7", "--set", "train.keep_checkpoints=2"]);
+        }
+        c
+    };
+    let full = tmp.path().join("full");
+    assert!(train(&full, false).status().unwrap().success());
+
+    let run = tmp.path().join("killed");
+    let mut rng = lors_lm::rng::Rng::new(2024);
+    let mut kills = 0;
+    let mut finished = false;
+    for attempt in 0..40 {
+        let resume = checkpoint::latest_step(&run).unwrap().is_some();
+        if attempt > 0 && !resume {
+            // Killed before the first checkpoint: start afresh.
+            let _ = std::fs::remove_dir_all(&run);
+        }
+        let mut child = train(&run, resume).stdout(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(20 + rng.below(250)));
+        if child.try_wait().unwrap().is_some() {
+            finished = true;
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        all_checkpoints_readable(&run);
+        if checkpoint::latest_step(&run).unwrap() == Some(steps) {
+            finished = true;
+            break;
+        }
+    }
+    if !finished {
+        assert!(train(&run, true).status().unwrap().success());
+    }
+    assert!(kills >= 3, "only {kills} kills landed mid-run");
+    all_checkpoints_readable(&run);
+    assert_eq!(final_tensors(&run, steps), final_tensors(&full, steps), "weights differ after {kills} kills");
+}
+
+#[test]
+fn a_diverging_run_skips_bad_steps_then_stops_with_its_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let run = tmp.path().join("run");
+    let r = run.to_str().unwrap();
+    let common = ["--config", &repo("configs/tiny.toml"), "--data", data.to_str().unwrap(), "--out", r];
+    let mut a = vec!["train", "--quiet"];
+    a.extend(common);
+    a.extend(["--set", "train.max_steps=6"]);
+    run_ok(&a);
+    let before = std::fs::read(run.join("checkpoints/6/model.safetensors")).unwrap();
+    // An absurd learning rate and no clipping: the weights blow up to inf/NaN.
+    let out = bin()
+        .args(["train", "--resume", "--out", r])
+        .args(["--set", "train.max_steps=400", "--set", "train.lr=1e30", "--set", "train.min_lr=1e30"])
+        .args(["--set", "train.grad_clip=0", "--set", "train.max_bad_steps=3", "--set", "train.ckpt_interval=1000"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "should stop: {stdout}");
+    assert!(err.contains("4 consecutive steps") && err.contains("checkpoints/6"), "{err}");
+    assert!(stdout.contains("update skipped"), "{stdout}");
+    assert_eq!(std::fs::read(run.join("checkpoints/6/model.safetensors")).unwrap(), before);
+}
