@@ -123,14 +123,26 @@ pub fn save(
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let final_dir = dir.join(state.step.to_string());
     let tmp = dir.join(format!(".tmp-{}", state.step));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
+    let write_all = || -> Result<()> {
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
+        save_tensors(&tmp.join("model.safetensors"), params)?;
+        save_tensors(&tmp.join("optimizer.safetensors"), optimizer)?;
+        write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        write_synced(&tmp.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+        Ok(())
+    };
+    if let Err(e) = write_all() {
+        let _ = fs::remove_dir_all(&tmp); // do not leave a partial checkpoint filling the disk
+        let previous = latest_step(run).ok().flatten().map_or("none".to_string(), |s| format!("step {s}"));
+        return Err(e.context(format!(
+            "cannot write the checkpoint of step {} into {} (disk full or not writable?); the previous checkpoint ({previous}) is intact",
+            state.step,
+            dir.display()
+        )));
     }
-    fs::create_dir_all(&tmp)?;
-    save_tensors(&tmp.join("model.safetensors"), params)?;
-    save_tensors(&tmp.join("optimizer.safetensors"), optimizer)?;
-    write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
-    write_synced(&tmp.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     if final_dir.exists() {
         fs::remove_dir_all(&final_dir)?;
     }

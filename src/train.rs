@@ -402,10 +402,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         state.tokens_seen += tokens_per_step as u64;
         let tok_s = tokens_per_step as f64 / (ms / 1e3);
-        writeln!(
-            metrics,
-            "{}",
-            serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens_seen, "ms": ms, "tokens_per_sec": tok_s})
+        log_metrics(
+            &mut metrics,
+            &metrics_path,
+            serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens_seen, "ms": ms, "tokens_per_sec": tok_s}),
         )?;
         board.scalar("train/loss", loss, step);
         board.scalar("train/lr", lr, step);
@@ -425,10 +425,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         if step.is_multiple_of(tc.eval_interval) || step == tc.max_steps {
             let vl = evaluate(&model, &val_batches)?;
             last_val = Some(vl);
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::json!({"step": step, "val_loss": vl, "val_ppl": vl.exp(), "tokens": state.tokens_seen})
+            log_metrics(
+                &mut metrics,
+                &metrics_path,
+                serde_json::json!({"step": step, "val_loss": vl, "val_ppl": vl.exp(), "tokens": state.tokens_seen}),
             )?;
             console.line(&format!("eval  {step:>6} | val loss {vl:.4} | val ppl {:.2}", vl.exp()));
             board.scalar("val/loss", vl, step);
@@ -480,6 +480,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         board.dir().display()
     ));
     Ok(TrainSummary { run_dir: out, final_step: end_step, val_loss: last_val })
+}
+
+/// Append one JSON line to metrics.jsonl.
+fn log_metrics(file: &mut fs::File, path: &Path, line: serde_json::Value) -> Result<()> {
+    writeln!(file, "{line}").with_context(|| {
+        format!("cannot append to {} (disk full or not writable?); checkpoints already written are intact", path.display())
+    })
 }
 
 fn device_name(device: &Device) -> String {

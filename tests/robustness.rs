@@ -229,3 +229,78 @@ fn a_diverging_run_skips_bad_steps_then_stops_with_its_checkpoint_intact() {
     assert!(stdout.contains("update skipped"), "{stdout}");
     assert_eq!(std::fs::read(run.join("checkpoints/6/model.safetensors")).unwrap(), before);
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_flushes_the_logs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let run = tmp.path().join("run");
+    let mut child = bin()
+        .args(["train", "--config", &repo("configs/tiny.toml"), "--data", data.to_str().unwrap(), "--out"])
+        .arg(&run)
+        .args(["--set", "train.max_steps=1000000", "--set", "train.log_interval=1", "--set", "train.eval_interval=1000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it is training, then send SIGINT.
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    while let Some(Ok(l)) = lines.next() {
+        if l.starts_with("step") && l.contains("/1000000") && !l.contains("     1/") {
+            break;
+        }
+    }
+    let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stopped = rest.iter().find(|l| l.contains("stopped at step")).unwrap_or_else(|| panic!("{rest:?}"));
+    let step: usize = stopped.split("stopped at step ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(checkpoint::latest_step(&run).unwrap(), Some(step));
+    all_checkpoints_readable(&run);
+    // The event file holds every step up to the interrupted one.
+    let tb = std::fs::read_dir(run.join("tb")).unwrap().flatten().next().unwrap().path();
+    let events = lors_lm::tb::read_event_file(&tb).unwrap();
+    let logged = events.scalars.iter().filter(|(t, _, _)| t == "train/loss").count();
+    assert_eq!(logged, step);
+}
+
+/// Mount a small tmpfs (root only); None where mounting is not permitted.
+fn small_tmpfs(dir: &Path, size: &str) -> Option<()> {
+    std::fs::create_dir_all(dir).unwrap();
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status();
+    match ok {
+        Ok(s) if s.success() => Some(()),
+        _ => {
+            println!("skipped: cannot mount a tmpfs here (needs root)");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_while_saving_gives_a_clear_error_and_keeps_the_previous_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let mnt = tmp.path().join("small");
+    if small_tmpfs(&mnt, "1200k").is_none() {
+        return;
+    }
+    let run = mnt.join("run");
+    let out = bin()
+        .args(["train", "--quiet", "--config", &repo("configs/tiny.toml"), "--data", data.to_str().unwrap(), "--out"])
+        .arg(&run)
+        .args(["--set", "train.max_steps=200", "--set", "train.ckpt_interval=1", "--set", "train.keep_checkpoints=0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let steps = checkpoint::list_checkpoints(&run).unwrap();
+    all_checkpoints_readable(&run);
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert!(!out.status.success(), "the disk should have filled up");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("disk full or not writable"), "{err}");
+    assert!(!steps.is_empty(), "some checkpoints fit before the disk filled: {err}");
+}
