@@ -413,9 +413,9 @@ fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
     let (section, field) =
         key.trim().split_once('.').with_context(|| format!("--set {set:?}: key must be section.key, e.g. train.lr"))?;
     let raw = raw.trim();
-    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").expect("parsed key"),
-        Err(_) => toml::Value::String(raw.to_string()),
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")).map(|mut t| t.remove("v")) {
+        Ok(Some(v)) => v,
+        _ => toml::Value::String(raw.to_string()),
     };
     let sec = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
     let sec = sec.as_table_mut().with_context(|| format!("--set {set:?}: {section} is not a section"))?;

@@ -351,7 +351,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     let params = opt.params().to_vec();
     let run_start = Instant::now();
     let mut last_val = state.val_loss;
-    let mut last_ckpt: Option<PathBuf> = checkpoint::latest_step(&out)?.map(|s| checkpoint::checkpoints_dir(&out).join(s.to_string()));
+    let mut last_ckpt: Option<PathBuf> =
+        checkpoint::latest_step(&out)?.map(|s| checkpoint::checkpoints_dir(&out).join(s.to_string()));
     let mut bad_steps = 0usize;
     let start_step = state.step;
     let mut end_step = tc.max_steps.max(start_step);
@@ -485,7 +486,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
 /// Append one JSON line to metrics.jsonl.
 fn log_metrics(file: &mut fs::File, path: &Path, line: serde_json::Value) -> Result<()> {
     writeln!(file, "{line}").with_context(|| {
-        format!("cannot append to {} (disk full or not writable?); checkpoints already written are intact", path.display())
+        format!(
+            "cannot append to {} (disk full or not writable?); checkpoints already written are intact",
+            path.display()
+        )
     })
 }
 

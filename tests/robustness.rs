@@ -72,11 +72,17 @@ fn bad_input_is_refused_clearly_by_every_command() {
         (vec!["train", "--config", t("bad.toml"), "--data", data], &["bad.toml", "TOML"]),
         (vec!["train", "--config", tiny, "--data", data, "--out", t("r1"), "--set", "model.widht=3"], &["widht"]),
         (vec!["train", "--config", tiny, "--data", data, "--out", t("r2"), "--set", "train.lr=\"x\""], &["lr"]),
-        (vec!["train", "--config", tiny, "--data", data, "--out", t("r3"), "--set", "model.n_kv_heads=3"], &["n_kv_heads"]),
+        (
+            vec!["train", "--config", tiny, "--data", data, "--out", t("r3"), "--set", "model.n_kv_heads=3"],
+            &["n_kv_heads"],
+        ),
         (vec!["train", "--config", tiny, "--data", data, "--out", t("r4"), "--set", "lors.rank=0"], &["rank"]),
         (vec!["train", "--config", tiny, "--data", data, "--out", t("r5"), "--set", "lors.rank=32"], &["min(out, in)"]),
         (vec!["train", "--config", tiny, "--data", data, "--out", t("r6"), "--set", "train.min_lr=1"], &["min_lr"]),
-        (vec!["train", "--config", tiny, "--data", data, "--out", t("r7"), "--set", "train.batch_size=0"], &["batch_size"]),
+        (
+            vec!["train", "--config", tiny, "--data", data, "--out", t("r7"), "--set", "train.batch_size=0"],
+            &["batch_size"],
+        ),
         (vec!["train", "--config", tiny, "--data", data, "--out", t("r8"), "--set", "model.vocab_size=7"], &["vocab"]),
         // train: data, run directory, device
         (vec!["train", "--config", tiny, "--data", t("nodata"), "--out", t("r9")], &["meta.json"]),
@@ -238,7 +244,14 @@ fn ctrl_c_saves_a_checkpoint_and_flushes_the_logs() {
     let mut child = bin()
         .args(["train", "--config", &repo("configs/tiny.toml"), "--data", data.to_str().unwrap(), "--out"])
         .arg(&run)
-        .args(["--set", "train.max_steps=1000000", "--set", "train.log_interval=1", "--set", "train.eval_interval=1000"])
+        .args([
+            "--set",
+            "train.max_steps=1000000",
+            "--set",
+            "train.log_interval=1",
+            "--set",
+            "train.eval_interval=1000",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
