@@ -44,6 +44,18 @@ fn synthetic_data(dir: &Path, n_train: usize, n_val: usize) {
     lors_lm::data::write_prepared_dir(dir, &seq[..n_train], &seq[n_train..], 50, None).unwrap();
 }
 
+/// `lors-lm train --quiet` with the tiny config on `data`, writing to `run`.
+fn train_tiny(data: &Path, run: &Path) -> Command {
+    let mut c = bin();
+    c.args(["train", "--quiet", "--config"])
+        .arg(repo("configs/tiny.toml"))
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(run);
+    c
+}
+
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -91,14 +103,8 @@ fn interrupted_and_resumed_run_matches_an_uninterrupted_one_step_for_step() {
     let data = tmp.path().join("data");
     synthetic_data(&data, 5_000, 1_000);
     let common = |run: &Path| {
-        let mut c = bin();
-        c.args(["train", "--quiet", "--config"])
-            .arg(repo("configs/tiny.toml"))
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(run)
-            .args(["--set", "train.max_steps=24", "--set", "train.grad_accum=2", "--set", "train.eval_interval=8"]);
+        let mut c = train_tiny(&data, run);
+        c.args(["--set", "train.max_steps=24", "--set", "train.grad_accum=2", "--set", "train.eval_interval=8"]);
         c
     };
     let full = tmp.path().join("full");
@@ -134,23 +140,14 @@ fn the_three_modes_differ_only_by_config_and_params_reports_them() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         totals.push(v["total_unique"].as_u64().unwrap());
         let run = tmp.path().join(mode);
-        run_ok(
-            bin()
-                .args(["train", "--quiet", "--config"])
-                .arg(repo("configs/tiny.toml"))
-                .arg("--data")
-                .arg(&data)
-                .arg("--out")
-                .arg(&run)
-                .args([
-                    "--set",
-                    &format!("lors.mode={mode}"),
-                    "--set",
-                    "train.max_steps=3",
-                    "--set",
-                    "train.warmup_steps=0",
-                ]),
-        );
+        run_ok(train_tiny(&data, &run).args([
+            "--set",
+            &format!("lors.mode={mode}"),
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "train.warmup_steps=0",
+        ]));
     }
     assert!(totals[1] < totals[2] && totals[2] < totals[0], "shared < lors < vanilla: {totals:?}");
     let out = run_ok(
@@ -169,13 +166,7 @@ fn train_refuses_bad_input_clearly() {
     synthetic_data(&data, 3_000, 500);
     let cfg = repo("configs/tiny.toml");
     let base = |extra: &[&str]| {
-        let mut c = bin();
-        c.args(["train", "--quiet", "--config"])
-            .arg(&cfg)
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(tmp.path().join("r"));
+        let mut c = train_tiny(&data, &tmp.path().join("r"));
         c.args(extra);
         c
     };
@@ -224,16 +215,14 @@ fn generate_after_overfitting_reproduces_the_text_and_seeds_repeat() {
             .arg(&data),
     );
     let run = tmp.path().join("run");
-    run_ok(
-        bin()
-            .args(["train", "--quiet", "--config"])
-            .arg(repo("configs/tiny.toml"))
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(&run)
-            .args(["--set", "train.max_steps=150", "--set", "train.lr=1e-2", "--set", "train.weight_decay=0"]),
-    );
+    run_ok(train_tiny(&data, &run).args([
+        "--set",
+        "train.max_steps=150",
+        "--set",
+        "train.lr=1e-2",
+        "--set",
+        "train.weight_decay=0",
+    ]));
     let gen = |extra: &[&str]| {
         let out = run_ok(
             bin()
