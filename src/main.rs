@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use lors_lm::{data, eval, generate, hf, params_cmd, train};
+use lors_lm::{bench, data, eval, generate, hf, params_cmd, train};
 
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
 /// every layer l uses W_l = W_shared + B_l·A_l.
@@ -24,6 +24,8 @@ enum Command {
     Export(hf::ExportArgs),
     /// Print the parameter table of a config or a run: unique vs vanilla.
     Params(params_cmd::ParamsArgs),
+    /// Measure training-step and generation throughput of a config per sharing mode.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
         Command::Eval(args) => eval::run(&args),
         Command::Export(args) => hf::run_export(&args),
         Command::Params(args) => params_cmd::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -243,3 +243,29 @@ fn generate_after_overfitting_reproduces_the_text_and_seeds_repeat() {
     let e = run_err(bin().args(["generate", "--temperature", "-1", "--prompt", "x", "--run"]).arg(&run));
     assert!(e.contains("--temperature"), "{e}");
 }
+
+#[test]
+fn bench_reports_every_mode_as_json() {
+    let out = run_ok(bin().args(["bench", "--json", "--config"]).arg(repo("configs/tiny.toml")).args([
+        "--set",
+        "model.vocab_size=50",
+        "--modes",
+        "vanilla,shared,lors",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "4",
+    ]));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.iter().map(|r| r["mode"].as_str().unwrap()).collect::<Vec<_>>(), ["vanilla", "shared", "lors"]);
+    for r in &rows {
+        for k in ["train_tokens_per_sec", "step_ms_median", "prefill_tokens_per_sec", "decode_tokens_per_sec"] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k} in {r}");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Training throughput of lors-lm against PyTorch eager on the same model, same machine, same
+run: the same Llama + LORS architecture (RMSNorm, rotate-half RoPE, SwiGLU, tied head, LORS
+W_l = W_shared + B_l A_l merged per step), the same init scheme, AdamW, batch, sequence length
+and thread count. Prints tokens/s of both and the ratio lors-lm / PyTorch, for vanilla and LORS
+at each benchmark config.
+
+Usage: scripts/bench_vs_torch.py [--threads 2] [--steps 8] [CONFIG...]
+PyTorch is installed into .venv-torch by this script unless TORCH_PYTHON names a Python that
+already has torch (it is not a test dependency). The script re-runs itself under that Python.
+"""
+import argparse, json, math, os, statistics, subprocess, sys, time, tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ensure_torch():
+    try:
+        import torch  # noqa: F401
+        return
+    except ImportError:
+        pass
+    py = os.environ.get("TORCH_PYTHON")
+    if not py:
+        venv = ROOT / ".venv-torch"
+        py = str(venv / "bin" / "python")
+        if not Path(py).exists():
+            subprocess.check_call([sys.executable, "-m", "venv", str(venv)])
+            subprocess.check_call([py, "-m", "pip", "install", "--quiet", "torch"])
+    os.execv(py, [py, *sys.argv])
+
+
+def torch_bench(cfg, mode, steps, warmup, threads):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m, lc, tc = cfg["model"], cfg.get("lors", {}), cfg["train"]
+    V, d, L, H = m["vocab_size"], m["d_model"], m["n_layers"], m["n_heads"]
+    Hkv = m.get("n_kv_heads", 0) or H
+    hd, ffn, T, B = d // H, m["ffn_hidden"], tc["seq_len"], tc["batch_size"]
+    rank = lc.get("rank", 16)
+    shapes = {"q": (d, d), "k": (Hkv * hd, d), "v": (Hkv * hd, d), "o": (d, d),
+              "gate": (ffn, d), "up": (ffn, d), "down": (d, ffn)}
+
+    def normal(*s):
+        return nn.Parameter(torch.randn(*s) * 0.02)
+
+    class Proj(nn.Module):
+        def __init__(self, base, out, inp):
+            super().__init__()
+            self.base = base  # shared nn.Parameter or private
+            self.lora = mode == "lors"
+            if self.lora:
+                bound = 1 / math.sqrt(inp)
+                self.A = nn.Parameter(torch.empty(rank, inp).uniform_(-bound, bound))
+                self.B = nn.Parameter(torch.zeros(out, rank))
+
+        def forward(self, x):
+            w = self.base + self.B @ self.A if self.lora else self.base
+            return F.linear(x, w)
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    ang = torch.outer(torch.arange(T).float(), inv)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rope(x):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = normal(V, d)
+            shared = {p: normal(*s) for p, s in shapes.items()} if mode != "vanilla" else None
+            self.shared = nn.ParameterDict(shared or {})
+            self.layers = nn.ModuleList()
+            for _ in range(L):
+                blk = nn.Module()
+                for p, (o, i) in shapes.items():
+                    setattr(blk, p, Proj(self.shared[p] if shared else normal(o, i), o, i))
+                blk.n1, blk.n2 = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+                self.layers.append(blk)
+            self.norm = nn.Parameter(torch.ones(d))
+
+        def forward(self, idx):
+            x = self.emb[idx]
+            for b in self.layers:
+                h = rms(x, b.n1)
+                q = b.q(h).view(B, T, H, hd).transpose(1, 2)
+                k = b.k(h).view(B, T, Hkv, hd).transpose(1, 2)
+                v = b.v(h).view(B, T, Hkv, hd).transpose(1, 2)
+                q, k = rope(q), rope(k)
+                if Hkv != H:
+                    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                x = x + b.o(y.transpose(1, 2).reshape(B, T, d))
+                h = rms(x, b.n2)
+                x = x + b.down(F.silu(b.gate(h)) * b.up(h))
+            return F.linear(rms(x, self.norm), self.emb)
+
+    model = Model()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    times = []
+    for i in range(warmup + steps):
+        data = torch.randint(0, V, (B, T + 1))
+        t0 = time.perf_counter()
+        logits = model(data[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, V), data[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return B * T / statistics.median(times)
+
+
+def lors_lm_bench(config, steps, warmup, threads):
+    exe = os.environ.get("LORS_LM", str(ROOT / "target" / "release" / "lors-lm"))
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    out = subprocess.run([exe, "bench", "--config", str(config), "--json", "--modes", "vanilla,lors",
+                          "--steps", str(steps), "--warmup", str(warmup), "--prompt-tokens", "0"],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    return {r["mode"]: r["train_tokens_per_sec"] for r in map(json.loads, out.strip().splitlines())}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="*", default=[ROOT / "configs/bench-small.toml", ROOT / "configs/bench-medium.toml"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    a = ap.parse_args()
+    ensure_torch()
+    import torch
+    print(f"torch {torch.__version__}, {a.threads} threads, median of {a.steps} steps after {a.warmup} warm-up")
+    print(f"{'config':<20} {'mode':<8} {'lors-lm tok/s':>14} {'torch tok/s':>12} {'ratio':>7}")
+    for c in a.configs:
+        cfg = tomllib.loads(Path(c).read_text())
+        ours = lors_lm_bench(c, a.steps, a.warmup, a.threads)
+        for mode in ("vanilla", "lors"):
+            theirs = torch_bench(cfg, mode, a.steps, a.warmup, a.threads)
+            print(f"{Path(c).stem:<20} {mode:<8} {ours[mode]:>14.0f} {theirs:>12.0f} {ours[mode] / theirs:>6.2f}x")
+            print(json.dumps({"config": Path(c).stem, "mode": mode, "lors_lm_tokens_per_sec": ours[mode],
+                              "torch_tokens_per_sec": theirs, "ratio": ours[mode] / theirs}))
+
+
+if __name__ == "__main__":
+    main()

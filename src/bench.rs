@@ -1,0 +1,205 @@
+//! `lors-lm bench`: training-step and generation throughput of a config, per sharing mode, on
+//! random tokens, in one process: median of several repetitions after warm-up. Prints a table
+//! and one JSON line per mode. Peak RSS is measured per mode (the kernel's high-water mark is
+//! reset between modes through /proc/self/clear_refs on Linux).
+
+use crate::config::{Config, Mode};
+use crate::generate::{generate_tokens, Sampler};
+use crate::model::Model;
+use crate::optim::AdamW;
+use crate::rng::Rng;
+use crate::store::ParamStore;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// TOML config file (its [model], [lors] and [train] batch_size/seq_len are used).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override a config key, e.g. --set model.d_model=384 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Sharing modes to measure, comma-separated.
+    #[arg(long, default_value = "vanilla,lors", value_delimiter = ',')]
+    pub modes: Vec<String>,
+    /// Vocabulary size when the config says 0 (taken from data otherwise).
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    /// Timed training steps per mode (after --warmup steps).
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// Untimed warm-up steps per mode.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Prompt tokens for the generation benchmark (0 = skip generation).
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    /// Tokens decoded for the generation benchmark.
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Only print the JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub mode: String,
+    pub params_unique: usize,
+    pub tokens_per_step: usize,
+    pub step_ms_median: f64,
+    pub train_tokens_per_sec: f64,
+    pub peak_rss_mb: Option<f64>,
+    pub prefill_tokens_per_sec: Option<f64>,
+    pub decode_tokens_per_sec: Option<f64>,
+    pub threads: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+/// Benchmark one config (mode already set).
+pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
+    let device = candle_core::Device::Cpu;
+    let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
+    let v = cfg.model.vocab_size as u64;
+    reset_peak_rss();
+    let mut store = ParamStore::new_init(cfg.train.seed, DType::F32, &device);
+    let model = Model::new(cfg, &mut store)?;
+    let vars = store.vars();
+    let tc = &cfg.train;
+    let mut opt = AdamW::new(vars.clone(), tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
+    let mut rng = Rng::new(7);
+    let mut times = vec![];
+    for i in 0..args.warmup + args.steps {
+        let ids: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(v) as u32).collect();
+        let all = Tensor::from_vec(ids, (b, t + 1), &device)?;
+        let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
+        let t0 = Instant::now();
+        let loss = Model::loss(&model.forward(&x)?, &y)?;
+        let grads = loss.backward()?;
+        let g: Vec<Tensor> = vars
+            .iter()
+            .map(|(n, var)| grads.get(var.as_tensor()).cloned().with_context(|| format!("{n} has no gradient")))
+            .collect::<Result<_>>()?;
+        opt.step(&g, tc.lr)?;
+        let _ = loss.to_scalar::<f32>()?; // sync
+        if i >= args.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let step_ms = median(times);
+    let peak = peak_rss_mb();
+    let (mut prefill, mut decode) = (None, None);
+    if args.prompt_tokens > 0 {
+        let p = args.prompt_tokens.min(cfg.model.max_seq_len.saturating_sub(args.gen_tokens + 1)).max(1);
+        let merged = model.merged()?;
+        let prompt: Vec<u32> = (0..p).map(|_| rng.below(v) as u32).collect();
+        let mut pre = vec![];
+        let mut dec = vec![];
+        for _ in 0..3 {
+            let ids = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
+            let t0 = Instant::now();
+            let mut cache = merged.new_cache();
+            let _ =
+                merged.forward_at(&ids, 0, Some(&mut cache))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            pre.push(p as f64 / t0.elapsed().as_secs_f64());
+            let mut s = Sampler::new(0.0, None, None, 0)?;
+            let n = args.gen_tokens.min(cfg.model.max_seq_len - p);
+            let t0 = Instant::now();
+            // generate_tokens prefills again; subtract one prefill to time decoding alone.
+            let out = generate_tokens(&merged, &prompt, n, &mut s, None, |_| Ok(()), || {})?;
+            let total = t0.elapsed().as_secs_f64() - p as f64 / pre[pre.len() - 1];
+            dec.push(out.len() as f64 / total.max(1e-9));
+        }
+        prefill = Some(median(pre));
+        decode = Some(median(dec));
+    }
+    Ok(BenchResult {
+        mode: format!("{:?}", cfg.lors.mode).to_lowercase(),
+        params_unique: store.num_params(),
+        tokens_per_step: b * t,
+        step_ms_median: step_ms,
+        train_tokens_per_sec: (b * t) as f64 / (step_ms / 1e3),
+        peak_rss_mb: peak,
+        prefill_tokens_per_sec: prefill,
+        decode_tokens_per_sec: decode,
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let base = Config::load(&args.config, &args.sets)?;
+    if args.steps == 0 {
+        bail!("--steps must be > 0");
+    }
+    let mut results = vec![];
+    for m in &args.modes {
+        let mode = match m.trim() {
+            "vanilla" => Mode::Vanilla,
+            "shared" => Mode::Shared,
+            "lors" => Mode::Lors,
+            other => bail!("--modes: unknown mode {other:?} (vanilla, shared, lors)"),
+        };
+        let mut cfg = base.clone();
+        cfg.lors.mode = mode;
+        if cfg.model.vocab_size == 0 {
+            cfg.model.vocab_size = args.vocab_size;
+        }
+        cfg.validate()?;
+        let r = bench_one(&cfg, args)?;
+        println!("{}", serde_json::to_string(&r)?);
+        results.push(r);
+    }
+    if !args.json {
+        println!(
+            "\n{:<8} {:>11} {:>9} {:>11} {:>9} {:>11} {:>11}",
+            "mode", "params", "step ms", "train tok/s", "peak MB", "prefill t/s", "decode t/s"
+        );
+        let opt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
+        for r in &results {
+            println!(
+                "{:<8} {:>11} {:>9.1} {:>11.0} {:>9} {:>11} {:>11}",
+                r.mode,
+                r.params_unique,
+                r.step_ms_median,
+                r.train_tokens_per_sec,
+                opt(r.peak_rss_mb),
+                opt(r.prefill_tokens_per_sec),
+                opt(r.decode_tokens_per_sec)
+            );
+        }
+        if let (Some(v), Some(l)) =
+            (results.iter().find(|r| r.mode == "vanilla"), results.iter().find(|r| r.mode == "lors"))
+        {
+            println!(
+                "lors / vanilla: step time {:.2}x, peak RSS {}, decode speed {}",
+                l.step_ms_median / v.step_ms_median,
+                match (l.peak_rss_mb, v.peak_rss_mb) {
+                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
+                    _ => "-".into(),
+                },
+                match (l.decode_tokens_per_sec, v.decode_tokens_per_sec) {
+                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
+                    _ => "-".into(),
+                }
+            );
+        }
+    }
+    Ok(())
+}
