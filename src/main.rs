@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use lors_lm::{bench, data, eval, generate, hf, params_cmd, train};
+use lors_lm::{bench, data, eval, generate, hf, params_cmd, sweep, train};
 
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
 /// every layer l uses W_l = W_shared + B_l·A_l.
@@ -26,6 +26,8 @@ enum Command {
     Params(params_cmd::ParamsArgs),
     /// Measure training-step and generation throughput of a config per sharing mode.
     Bench(bench::BenchArgs),
+    /// Train every configuration × seed of a comparison plan; write a results table and charts.
+    Sweep(sweep::SweepArgs),
 }
 
 fn main() {
@@ -38,6 +40,7 @@ fn main() {
         Command::Export(args) => hf::run_export(&args),
         Command::Params(args) => params_cmd::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Sweep(args) => sweep::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
