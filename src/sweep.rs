@@ -121,7 +121,7 @@ pub struct RunResult {
     /// time if it was resumed).
     pub wall_s: f64,
     pub resumed: bool,
-    /// `git rev-parse` of the checkout that trained it (with a note if it had changes).
+    /// The commit the training binary was built from (with a note if the tree had changes).
     #[serde(default)]
     pub commit: String,
 }
@@ -692,26 +692,9 @@ fn write_results(docs: &Path, rep: &Report) -> Result<()> {
     )
 }
 
+/// The commit this binary was built from (recorded by build.rs).
 fn git_commit() -> String {
-    let run = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    match run(&["rev-parse", "--short=12", "HEAD"]) {
-        Some(c) => {
-            let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-            if dirty {
-                format!("{c} (with uncommitted changes)")
-            } else {
-                c
-            }
-        }
-        None => "unknown (not a git checkout)".into(),
-    }
+    env!("LORS_LM_GIT_COMMIT").to_string()
 }
 
 fn machine() -> String {
