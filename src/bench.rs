@@ -83,7 +83,7 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
     let model = Model::new(cfg, &mut store)?;
     let vars = store.vars();
     let tc = &cfg.train;
-    let mut opt = AdamW::new(vars.clone(), tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
+    let mut opt = AdamW::from_config(vars.clone(), cfg)?;
     let mut rng = Rng::new(7);
     let mut times = vec![];
     for i in 0..args.warmup + args.steps {

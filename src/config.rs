@@ -129,6 +129,37 @@ pub struct LorsConfig {
     pub groups: usize,
     /// Projection types that are shared; the others stay private per layer.
     pub targets: Vec<String>,
+    /// Initialisation of the private factors: "paper" (A Kaiming-uniform U(±1/√in), B zeros:
+    /// every layer starts equal to its shared base) or "small" (A and B both N(0, 0.02²), the
+    /// model's own init scale, so layers differ from step 0 and both factors get gradients).
+    pub init: PrivateInit,
+    /// Scale the residual by alpha / r, as LoRA does (W_l = W + (alpha/r)·B_l A_l); unset = no
+    /// scaling, as in the paper.
+    pub alpha: Option<f64>,
+    /// Learning-rate multiplier for the private factors A and B (1 = the paper).
+    pub private_lr_mult: f64,
+    /// Learning-rate multiplier for B alone (LoRA+ gives B a larger one); unset = private_lr_mult.
+    pub private_b_lr_mult: Option<f64>,
+    /// AdamW weight decay of A and B; unset = train.weight_decay (the paper decays every matrix).
+    pub private_weight_decay: Option<f64>,
+}
+
+/// How the private LORS factors start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivateInit {
+    /// A Kaiming-uniform (PyTorch Linear default), B zeros: the LORS paper's code.
+    #[default]
+    Paper,
+    /// A and B both N(0, 0.02²).
+    Small,
+}
+
+/// Learning-rate multiplier and weight decay of one parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamOptions {
+    pub lr_mult: f64,
+    pub weight_decay: f64,
 }
 
 impl Default for LorsConfig {
@@ -142,6 +173,11 @@ impl Default for LorsConfig {
             ffn_rank_schedule: None,
             groups: 1,
             targets: PROJ_TYPES.iter().map(|s| s.to_string()).collect(),
+            init: PrivateInit::Paper,
+            alpha: None,
+            private_lr_mult: 1.0,
+            private_b_lr_mult: None,
+            private_weight_decay: None,
         }
     }
 }
@@ -166,6 +202,31 @@ impl LorsConfig {
             None => typed.unwrap_or(self.rank),
         }
     }
+    /// Multiplier applied to B·A: alpha / r when `alpha` is set, else 1.
+    pub fn residual_scale(&self, rank: usize) -> f64 {
+        match self.alpha {
+            Some(a) if rank > 0 => a / rank as f64,
+            _ => 1.0,
+        }
+    }
+
+    /// Optimizer options of the parameter `name` (as the model names them): private LORS
+    /// factors (`*.lors_a`, `*.lors_b`) get the private multipliers and decay; other matrices
+    /// get the global decay; vectors (norm gains) are never decayed.
+    pub fn param_options(&self, name: &str, rank: usize, weight_decay: f64) -> ParamOptions {
+        let wd = if rank >= 2 { weight_decay } else { 0.0 };
+        if name.ends_with(".lors_a") {
+            ParamOptions { lr_mult: self.private_lr_mult, weight_decay: self.private_weight_decay.unwrap_or(wd) }
+        } else if name.ends_with(".lors_b") {
+            ParamOptions {
+                lr_mult: self.private_b_lr_mult.unwrap_or(self.private_lr_mult),
+                weight_decay: self.private_weight_decay.unwrap_or(wd),
+            }
+        } else {
+            ParamOptions { lr_mult: 1.0, weight_decay: wd }
+        }
+    }
+
     /// The group (index of the shared base) that `layer` belongs to: groups of consecutive
     /// layers, as equal as possible, earlier groups one larger when L % groups != 0.
     pub fn group_of(&self, layer: usize, n_layers: usize) -> usize {
@@ -333,6 +394,10 @@ impl Config {
         ensure(m.rope_theta > 0.0, "model.rope_theta must be > 0")?;
         ensure(m.norm_eps > 0.0, "model.norm_eps must be > 0")?;
         ensure(l.groups >= 1, "lors.groups must be >= 1")?;
+        ensure(l.private_lr_mult > 0.0, "lors.private_lr_mult must be > 0")?;
+        ensure(l.private_b_lr_mult.is_none_or(|m| m > 0.0), "lors.private_b_lr_mult must be > 0")?;
+        ensure(l.private_weight_decay.is_none_or(|w| w >= 0.0), "lors.private_weight_decay must be >= 0")?;
+        ensure(l.alpha.is_none_or(|a| a > 0.0), "lors.alpha must be > 0 (leave it out for no scaling)")?;
         ensure(
             l.groups <= m.n_layers,
             &format!("lors.groups ({}) cannot exceed model.n_layers ({})", l.groups, m.n_layers),

@@ -4,7 +4,9 @@
 //!   clone of the same variable, so its gradient is the sum over those layers.
 //! * `B_l` (out×r) and `A_l` (r×in) are private to layer `l`. As in the LORS paper's code,
 //!   `A` is Kaiming-uniform (PyTorch's default `Linear` init: U(±1/√in)), `B` is zero, so every
-//!   layer starts equal to the shared weight, and there is no α/r scaling.
+//!   layer starts equal to the shared weight, and there is no α/r scaling. Both are the
+//!   defaults of `[lors] init` and `alpha`; `init = "small"` draws A and B from N(0, 0.02²)
+//!   and `alpha` scales the residual by α/r (`W_l = W_shared + (α/r)·B_l A_l`).
 //! * Vanilla and fully shared (ALBERT-style) stacks are the same type with no private term.
 //!
 //! ## Merge per step, or factored?
@@ -18,6 +20,7 @@
 //! generation the model merges once at load (`merged()`), so decoding costs exactly what a
 //! vanilla model's does.
 
+use crate::config::PrivateInit;
 use crate::store::{Init, ParamStore};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -28,6 +31,19 @@ pub struct LorsLinear {
     base: Tensor,
     /// Private residual: A (r, in), B (out, r).
     residual: Option<(Tensor, Tensor)>,
+    /// Multiplier of B·A (α/r, or 1 without α).
+    scale: f64,
+}
+
+/// The private residual of one layer's projection.
+#[derive(Debug, Clone, Copy)]
+pub struct Private<'a> {
+    /// Name prefix of the factors: `{prefix}.lors_a`, `{prefix}.lors_b`.
+    pub prefix: &'a str,
+    pub rank: usize,
+    pub init: PrivateInit,
+    /// Multiplier of B·A.
+    pub scale: f64,
 }
 
 impl LorsLinear {
@@ -37,30 +53,34 @@ impl LorsLinear {
         store: &mut ParamStore,
         base_name: &str,
         (out, inp): (usize, usize),
-        residual: Option<(&str, usize)>,
+        private: Option<Private>,
     ) -> Result<Self> {
         let base = store.get(base_name, &[out, inp], Init::Normal(0.02))?;
-        let residual = match residual {
-            Some((prefix, r)) => {
-                let bound = 1.0 / (inp as f64).sqrt();
-                let a = store.get(&format!("{prefix}.lors_a"), &[r, inp], Init::Uniform(bound))?;
-                let b = store.get(&format!("{prefix}.lors_b"), &[out, r], Init::Zeros)?;
-                Some((a, b))
-            }
-            None => None,
+        let Some(p) = private else { return Ok(Self { base, residual: None, scale: 1.0 }) };
+        let (a_init, b_init) = match p.init {
+            PrivateInit::Paper => (Init::Uniform(1.0 / (inp as f64).sqrt()), Init::Zeros),
+            PrivateInit::Small => (Init::Normal(0.02), Init::Normal(0.02)),
         };
-        Ok(Self { base, residual })
+        let a = store.get(&format!("{}.lors_a", p.prefix), &[p.rank, inp], a_init)?;
+        let b = store.get(&format!("{}.lors_b", p.prefix), &[out, p.rank], b_init)?;
+        Ok(Self { base, residual: Some((a, b)), scale: p.scale })
     }
 
-    /// A layer from explicit tensors (tests, benchmarks).
+    /// A layer from explicit tensors (tests, benchmarks), without α scaling.
     pub fn from_parts(base: Tensor, residual: Option<(Tensor, Tensor)>) -> Self {
-        Self { base, residual }
+        Self { base, residual, scale: 1.0 }
     }
 
-    /// The effective weight `W + B A`, (out, in).
+    /// B·A times the residual scale, (out, in).
+    fn delta(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let ba = b.matmul(a)?;
+        Ok(if self.scale == 1.0 { ba } else { (ba * self.scale)? })
+    }
+
+    /// The effective weight `W + s·B A` (s = α/r, or 1), (out, in).
     pub fn weight(&self) -> Result<Tensor> {
         Ok(match &self.residual {
-            Some((a, b)) => (&self.base + b.matmul(a)?)?,
+            Some((a, b)) => (&self.base + self.delta(a, b)?)?,
             None => self.base.clone(),
         })
     }
@@ -74,24 +94,27 @@ impl LorsLinear {
     pub fn forward_factored(&self, x: &Tensor) -> Result<Tensor> {
         let y = linear(x, &self.base)?;
         Ok(match &self.residual {
-            Some((a, b)) => (y + linear(&linear(x, a)?, b)?)?,
+            Some((a, b)) => {
+                let r = linear(&linear(x, a)?, b)?;
+                (y + if self.scale == 1.0 { r } else { (r * self.scale)? })?
+            }
             None => y,
         })
     }
 
     /// A plain linear layer holding the merged weight, detached from the graph (generation).
     pub fn merged(&self) -> Result<Self> {
-        Ok(Self { base: self.weight()?.detach(), residual: None })
+        Ok(Self { base: self.weight()?.detach(), residual: None, scale: 1.0 })
     }
 
     pub fn rank(&self) -> usize {
         self.residual.as_ref().map_or(0, |(a, _)| a.dims()[0])
     }
 
-    /// ‖B A‖_F / ‖W_shared‖_F: how far this layer has moved from its shared base.
+    /// ‖s·B A‖_F / ‖W_shared‖_F: how far this layer has moved from its shared base.
     pub fn residual_ratio(&self) -> Result<f32> {
         let Some((a, b)) = &self.residual else { return Ok(0.0) };
-        let ba = b.matmul(a)?.detach();
+        let ba = self.delta(a, b)?.detach();
         let num = ba.sqr()?.sum_all()?.sqrt()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         let den = self.base.detach().sqr()?.sum_all()?.sqrt()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         Ok(num / den.max(f32::MIN_POSITIVE))

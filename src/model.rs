@@ -16,7 +16,7 @@
 //! `layers.{l}.{p}.lors_b` (out, r); `norm.weight` (d); `lm_head.weight` (V, d) when untied.
 
 use crate::config::{Config, ModelConfig};
-use crate::lors::{linear, LorsLinear};
+use crate::lors::{linear, LorsLinear, Private};
 use crate::store::{Init, ParamStore};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -104,9 +104,14 @@ impl Block {
             } else {
                 format!("{own}.weight")
             };
-            let r = cfg.lors.rank_for(p, layer);
-            let residual = (r > 0).then_some((own.as_str(), r));
-            LorsLinear::new(store, &base, shape, residual)
+            let rank = cfg.lors.rank_for(p, layer);
+            let private = (rank > 0).then_some(Private {
+                prefix: &own,
+                rank,
+                init: cfg.lors.init,
+                scale: cfg.lors.residual_scale(rank),
+            });
+            LorsLinear::new(store, &base, shape, private)
         };
         Ok(Self {
             attn_norm: store.get(&format!("layers.{layer}.attn_norm.weight"), &[d], Init::Ones)?,

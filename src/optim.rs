@@ -1,9 +1,12 @@
 //! AdamW with decoupled weight decay (Loshchilov & Hutter), applied to tensors of rank >= 2
-//! only (not norm gains), with moments we can save and restore for exact resume.
+//! only (not norm gains), with moments we can save and restore for exact resume. Each
+//! parameter may carry its own learning-rate multiplier and weight decay (`set_options`), as
+//! torch's parameter groups do: lr and wd below are then that parameter's.
 //! Same update as `torch.optim.AdamW`:
 //!   p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
 //!   p ← p − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)
 
+pub use crate::config::ParamOptions;
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
@@ -19,6 +22,8 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Per-parameter (lr multiplier, weight decay); None = (1, weight_decay on rank >= 2).
+    options: Vec<Option<ParamOptions>>,
 }
 
 impl AdamW {
@@ -26,7 +31,30 @@ impl AdamW {
         let zeros = |v: &Var| v.as_tensor().zeros_like();
         let m = params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
         let v = params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { params, m, v, t: 0, beta1, beta2, eps, weight_decay })
+        let options = vec![None; params.len()];
+        Ok(Self { params, m, v, t: 0, beta1, beta2, eps, weight_decay, options })
+    }
+
+    /// The optimizer a run's config asks for: train.{beta1, beta2, eps, weight_decay}, with the
+    /// private LORS factors' lr multipliers and decay from [lors] (`LorsConfig::param_options`).
+    pub fn from_config(params: Vec<(String, Var)>, cfg: &crate::config::Config) -> Result<Self> {
+        let tc = &cfg.train;
+        let mut opt = Self::new(params, tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
+        opt.set_options(|name, var| cfg.lors.param_options(name, var.rank(), tc.weight_decay));
+        Ok(opt)
+    }
+
+    /// Give each parameter, by name, its own learning-rate multiplier and weight decay.
+    pub fn set_options(&mut self, f: impl Fn(&str, &Var) -> ParamOptions) {
+        self.options = self.params.iter().map(|(name, var)| Some(f(name, var))).collect();
+    }
+
+    /// (lr multiplier, weight decay) of parameter i.
+    pub fn options(&self, i: usize) -> ParamOptions {
+        self.options[i].unwrap_or(ParamOptions {
+            lr_mult: 1.0,
+            weight_decay: if self.params[i].1.rank() >= 2 { self.weight_decay } else { 0.0 },
+        })
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -42,11 +70,13 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for (i, ((_, var), g)) in self.params.iter().zip(grads).enumerate() {
+            let ParamOptions { lr_mult, weight_decay } = self.options(i);
+            let lr = lr * lr_mult;
             let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let p = var.as_tensor();
-            let decayed = if p.rank() >= 2 && self.weight_decay > 0.0 {
-                (p * (1.0 - lr * self.weight_decay))?
+            let decayed = if weight_decay > 0.0 {
+                (p * (1.0 - lr * weight_decay))?
             } else {
                 p.clone()
             };

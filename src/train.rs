@@ -288,7 +288,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         }
     };
     let tc = cfg.train.clone();
-    let mut opt = AdamW::new(store.vars(), tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
+    let mut opt = AdamW::from_config(store.vars(), &cfg)?;
     let mut state =
         TrainState { step: 0, data_rng: Rng::new(tc.seed).fork(1).state, opt_t: 0, tokens_seen: 0, val_loss: None };
     if let Some((_, dir)) = &resume_ckpt {
