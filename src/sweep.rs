@@ -388,11 +388,12 @@ fn train_one(r: &Resolved, seed: u64, dir: &Path, data_dir: &Path, device: &str)
     }
     // The whole validation split, windows of train.seq_len (see `lors-lm eval`).
     let dev = crate::device::parse_device(device)?;
-    let loaded = checkpoint::load_run(dir, None, &dev)?;
+    let (_, ckpt) = checkpoint::resolve(dir, None)?;
+    let (model, _) = checkpoint::load_model(&cfg, &ckpt, &dev)?;
     let meta = Meta::load(data_dir)?;
     let val = TokenFile::open(data_dir, "val", &meta)?;
     let tokens = val.window(0, val.len())?;
-    let ev = crate::eval::eval_tokens(&loaded.model.merged()?, &tokens, cfg.train.seq_len, 16, &dev)?;
+    let ev = crate::eval::eval_tokens(&model.merged()?, &tokens, cfg.train.seq_len, 16, &dev)?;
     let (steps, tokens_seen, step_ms) = step_totals(&dir.join("metrics.jsonl"))?;
     let res = RunResult {
         name: r.name.clone(),
@@ -428,6 +429,25 @@ fn step_totals(path: &Path) -> Result<(usize, u64, f64)> {
     Ok((step, tokens, ms))
 }
 
+/// Median time of a training step in a run's metrics.jsonl, in ms: robust to a machine that
+/// was briefly busy with something else (or a sweep paused and continued).
+fn median_step_ms(path: &Path) -> Result<f64> {
+    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut ms: Vec<f64> = vec![];
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
+        if let Some(m) = v.get("ms").and_then(|m| m.as_f64()) {
+            ms.push(m);
+        }
+    }
+    if ms.is_empty() {
+        bail!("{} has no training steps", path.display());
+    }
+    ms.sort_by(f64::total_cmp);
+    let n = ms.len();
+    Ok(if n % 2 == 1 { ms[n / 2] } else { (ms[n / 2 - 1] + ms[n / 2]) / 2.0 })
+}
+
 /// (tokens, val_loss) of the periodic evaluations in a run's metrics.jsonl.
 fn val_curve(path: &Path) -> Result<Vec<(f64, f64)>> {
     let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -447,6 +467,8 @@ struct Row<'a> {
     r: &'a Resolved,
     results: Vec<RunResult>,
     curves: Vec<Vec<(f64, f64)>>,
+    /// Median step time of each seed's run, ms.
+    median_ms: Vec<f64>,
 }
 
 impl Row<'_> {
@@ -462,9 +484,6 @@ impl Row<'_> {
         } else {
             (hi - lo) / 2.0
         }
-    }
-    fn avg(&self, f: impl Fn(&RunResult) -> f64) -> f64 {
-        self.results.iter().map(f).sum::<f64>() / self.results.len().max(1) as f64
     }
 }
 
@@ -489,6 +508,7 @@ fn report(
     for r in resolved {
         let mut results = vec![];
         let mut curves = vec![];
+        let mut median_ms = vec![];
         for seed in seeds {
             let dir = out.join(&r.name).join(format!("seed{seed}"));
             let p = dir.join("result.json");
@@ -497,9 +517,10 @@ fn report(
                     .with_context(|| format!("{} is corrupt: delete it and run the sweep again", p.display()))?;
                 results.push(res);
                 curves.push(val_curve(&dir.join("metrics.jsonl"))?);
+                median_ms.push(median_step_ms(&dir.join("metrics.jsonl"))?);
             }
         }
-        rows.push(Row { r, results, curves });
+        rows.push(Row { r, results, curves, median_ms });
     }
     if rows.iter().all(|row| row.results.is_empty()) {
         bail!("no finished runs in {}: run the sweep without --report-only first", out.display());
@@ -508,7 +529,8 @@ fn report(
         resolved.iter().find(|r| r.name == plan.baseline).expect("checked in load_plan").counts.total() as f64;
 
     let t = &resolved[0].cfg.train;
-    let tokens_per_run = t.batch_size * t.seq_len * t.grad_accum * t.max_steps;
+    let tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
+    let tokens_per_run = tokens_per_step * t.max_steps;
     let mut md = String::new();
     let cmd = format!(
         "lors-lm sweep --plan {}{}",
@@ -554,24 +576,33 @@ fn report(
     let _ = writeln!(
         md,
         "- unique block params: shared bases + private weights of the projections (norm gains excluded); \
-         total unique adds the embedding (tied head) and norms; % is of `{}`'s total\n",
+         total unique adds the embedding (tied head) and norms; % is of `{}`'s total",
         plan.baseline
     );
     let _ = writeln!(
         md,
-        "| config | mode | rank / schedule / groups | unique block params | total unique | % of {} | val loss (mean ± spread) | val ppl | tokens/s | step time (s) | seeds |",
+        "- tokens/s: training tokens per second of the median step (forward, backward, clip, AdamW), mean over \
+         seeds; train time = median step × steps (evaluations and checkpoints excluded). Runs are sequential, \
+         each with every core\n"
+    );
+    let _ = writeln!(
+        md,
+        "| config | mode | rank / schedule / groups | unique block params | total unique | % of {} | val loss (mean ± spread) | val ppl | tokens/s | train time (s) | seeds |",
         plan.baseline
     );
     let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
         let c = &row.r.counts;
         let (loss, ppl, tps, time) = match row.mean() {
-            Some(m) => (
-                format!("{m:.4} ± {:.4}", row.spread()),
-                format!("{:.1}", m.exp()),
-                format!("{:.0}", row.avg(|x| x.tokens_per_sec)),
-                format!("{:.1}", row.avg(|x| x.step_time_s)),
-            ),
+            Some(m) => {
+                let ms = row.median_ms.iter().sum::<f64>() / row.median_ms.len() as f64;
+                (
+                    format!("{m:.4} ± {:.4}", row.spread()),
+                    format!("{:.1}", m.exp()),
+                    format!("{:.0}", tokens_per_step as f64 / (ms / 1e3)),
+                    format!("{:.1}", ms * t.max_steps as f64 / 1e3),
+                )
+            }
             None => ("not run".into(), "—".into(), "—".into(), "—".into()),
         };
         let _ = writeln!(
