@@ -274,8 +274,15 @@ pub struct TrainConfig {
     pub ckpt_interval: usize,
     /// Seed for initialisation and batch sampling.
     pub seed: u64,
-    /// "f32" (the only dtype on CPU; bf16 comes with the CUDA build).
+    /// Matmul precision: "f32", or "bf16" (mixed precision: weights, optimizer state, norms,
+    /// softmax and the loss stay f32; every matmul runs in bf16). bf16 is meant for CUDA; on
+    /// the CPU candle widens bf16 matmuls to f32, so it only rounds (useful for tests).
     pub dtype: String,
+    /// Let f32 matmuls use TF32 tensor cores on CUDA (no effect on the CPU).
+    pub tf32: bool,
+    /// Peak dense TFLOP/s of the device for MFU; unset = from the GPU's name (H100/H200 bf16:
+    /// 989), no MFU on the CPU.
+    pub peak_tflops: Option<f64>,
     /// Print a log line every this many steps.
     pub log_interval: usize,
     /// Checkpoints to keep (older ones are deleted); 0 = keep all.
@@ -305,6 +312,8 @@ impl Default for TrainConfig {
             ckpt_interval: 0,
             seed: 1337,
             dtype: "f32".into(),
+            tf32: false,
+            peak_tflops: None,
             log_interval: 10,
             keep_checkpoints: 3,
             max_bad_steps: 5,
@@ -459,7 +468,11 @@ impl Config {
         ensure(t.eval_interval > 0, "train.eval_interval must be > 0")?;
         ensure(t.eval_batches > 0, "train.eval_batches must be > 0")?;
         ensure(t.log_interval > 0, "train.log_interval must be > 0")?;
-        ensure(t.dtype == "f32", &format!("train.dtype {:?} is not supported by this build (use \"f32\")", t.dtype))?;
+        ensure(
+            t.dtype == "f32" || t.dtype == "bf16",
+            &format!("train.dtype {:?}: use \"f32\" or \"bf16\"", t.dtype),
+        )?;
+        ensure(t.peak_tflops.is_none_or(|p| p > 0.0), "train.peak_tflops must be > 0")?;
         Ok(())
     }
 }

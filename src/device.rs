@@ -22,3 +22,56 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         format!("--device {spec}: cannot open CUDA device {ordinal} (is a GPU present and the driver loaded?)")
     })
 }
+
+/// Let f32 matmuls on CUDA use TF32 tensor cores (`train.tf32`); nothing to do on the CPU.
+pub fn set_tf32(on: bool) {
+    #[cfg(feature = "cuda")]
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
+/// The GPU's name from `nvidia-smi` (None on the CPU or when it is not available).
+pub fn gpu_name(device: &Device) -> Option<String> {
+    let Device::Cuda(_) = device else { return None };
+    let ordinal = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+        _ => 0,
+    };
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader", &format!("--id={ordinal}")])
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())
+}
+
+/// Dense peak TFLOP/s (no sparsity) of known GPUs for a matmul precision: "bf16", "tf32" or
+/// "f32". Sources: NVIDIA's H100/H200 and A100 datasheets (SXM parts).
+pub fn peak_tflops_of(gpu: &str, precision: &str) -> Option<f64> {
+    let g = gpu.to_ascii_uppercase();
+    let table: [(&str, f64, f64, f64); 3] =
+        [("H200", 989.0, 494.5, 66.9), ("H100", 989.0, 494.5, 66.9), ("A100", 312.0, 156.0, 19.5)];
+    let (_, bf16, tf32, f32) = table.iter().find(|(name, ..)| g.contains(name))?;
+    match precision {
+        "bf16" => Some(*bf16),
+        "tf32" => Some(*tf32),
+        "f32" => Some(*f32),
+        _ => None,
+    }
+}
+
+/// Peak TFLOP/s used for MFU: `train.peak_tflops` if set, else the GPU's from the table
+/// (bf16, or f32/TF32 by `train.tf32`), else None (no MFU, e.g. on the CPU). Returns the
+/// value and where it came from.
+pub fn peak_tflops(tc: &crate::config::TrainConfig, device: &Device) -> Option<(f64, String)> {
+    if let Some(p) = tc.peak_tflops {
+        return Some((p, "train.peak_tflops".into()));
+    }
+    let gpu = gpu_name(device)?;
+    let precision = match (tc.dtype.as_str(), tc.tf32) {
+        ("bf16", _) => "bf16",
+        (_, true) => "tf32",
+        _ => "f32",
+    };
+    peak_tflops_of(&gpu, precision).map(|p| (p, format!("{gpu}, dense {precision}")))
+}

@@ -6,6 +6,7 @@ pub mod config;
 pub mod console;
 pub mod data;
 pub mod device;
+pub mod devcheck;
 pub mod eval;
 pub mod generate;
 pub mod hf;

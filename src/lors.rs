@@ -23,7 +23,7 @@
 use crate::config::PrivateInit;
 use crate::store::{Init, ParamStore};
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 #[derive(Debug, Clone)]
 pub struct LorsLinear {
@@ -90,6 +90,13 @@ impl LorsLinear {
         linear(x, &self.weight()?)
     }
 
+    /// `forward` with the matmul in `dtype` (bf16 mixed precision): the weight is merged in
+    /// its own dtype (f32), both operands are cast, and the output comes back in x's dtype;
+    /// the casts are differentiable, so gradients reach the f32 weights.
+    pub fn forward_as(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        linear_as(x, &self.weight()?, dtype)
+    }
+
     /// `x Wᵀ + (x Aᵀ) Bᵀ`: the same map without forming `B A` (for the benchmark and tests).
     pub fn forward_factored(&self, x: &Tensor) -> Result<Tensor> {
         let y = linear(x, &self.base)?;
@@ -119,6 +126,14 @@ impl LorsLinear {
         let den = self.base.detach().sqr()?.sum_all()?.sqrt()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         Ok(num / den.max(f32::MIN_POSITIVE))
     }
+}
+
+/// `linear` computed in `dtype` (a no-op cast when x already has it), returned in x's dtype.
+pub fn linear_as(x: &Tensor, w: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype && w.dtype() == dtype {
+        return linear(x, w);
+    }
+    Ok(linear(&x.to_dtype(dtype)?, &w.to_dtype(dtype)?)?.to_dtype(x.dtype())?)
 }
 
 /// `x wᵀ` for x (..., in) and w (out, in), flattening the leading dims into one matmul.

@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use lors_lm::{bench, data, eval, generate, hf, params_cmd, sweep, train};
+use lors_lm::{bench, data, devcheck, eval, generate, hf, params_cmd, sweep, train};
 
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
 /// every layer l uses W_l = W_shared + B_l·A_l.
@@ -28,6 +28,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Train every configuration × seed of a comparison plan; write a results table and charts.
     Sweep(sweep::SweepArgs),
+    /// Check that a device (e.g. cuda) and dtype give the CPU's logits and loss, before and after one step.
+    CheckDevice(devcheck::CheckDeviceArgs),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
         Command::Params(args) => params_cmd::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Sweep(args) => sweep::run(&args),
+        Command::CheckDevice(args) => devcheck::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -16,7 +16,7 @@
 //! `layers.{l}.{p}.lors_b` (out, r); `norm.weight` (d); `lm_head.weight` (V, d) when untied.
 
 use crate::config::{Config, ModelConfig};
-use crate::lors::{linear, LorsLinear, Private};
+use crate::lors::{linear_as, LorsLinear, Private};
 use crate::store::{Init, ParamStore};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -26,6 +26,14 @@ fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
     let inv = (ms + eps)?.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(gain)?)
+}
+
+/// `a.matmul(b)` computed in `dtype`, returned in a's dtype (mixed precision).
+fn matmul_as(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    if a.dtype() == dtype {
+        return Ok(a.matmul(b)?);
+    }
+    Ok(a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(a.dtype())?)
 }
 
 /// Softmax over the last dim. The max is detached: softmax does not depend on it, so its
@@ -161,6 +169,7 @@ impl Block {
         mask: Option<&Tensor>,
         offset: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mm: DType,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (h, hkv, hd) = (cfg.n_heads, cfg.kv_heads(), cfg.head_dim());
@@ -168,9 +177,9 @@ impl Block {
         // --- attention ---
         let xn = rms_norm(x, &self.attn_norm, cfg.norm_eps)?;
         // (B, T, H*hd) -> (B, T, H, hd) -> (B, H, T, hd)
-        let q = self.q.forward(&xn)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k.forward(&xn)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v.forward(&xn)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = self.q.forward_as(&xn, mm)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = self.k.forward_as(&xn, mm)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v.forward_as(&xn, mm)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = rope.apply(&q, offset)?;
         let mut k = rope.apply(&k, offset)?;
         let mut v = v;
@@ -193,20 +202,20 @@ impl Block {
             (k, v)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (B, H, T, S)
+        let att = (matmul_as(&q, &k.t()?, mm)? * scale)?; // (B, H, T, S), f32
         let att = match mask {
             Some(m) => att.broadcast_add(m)?,
             None => att,
         };
         let att = softmax_last(&att)?;
-        let y = att.matmul(&v)?; // (B, H, T, hd)
+        let y = matmul_as(&att, &v, mm)?; // (B, H, T, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, d))?; // (B, T, d)
-        let x = (x + self.o.forward(&y)?)?;
+        let x = (x + self.o.forward_as(&y, mm)?)?;
 
         // --- SwiGLU FFN ---
         let xn = rms_norm(&x, &self.ffn_norm, cfg.norm_eps)?;
-        let hdn = (self.gate.forward(&xn)?.silu()? * self.up.forward(&xn)?)?; // (B, T, ffn)
-        Ok((x + self.down.forward(&hdn)?)?)
+        let hdn = (self.gate.forward_as(&xn, mm)?.silu()? * self.up.forward_as(&xn, mm)?)?; // (B, T, ffn)
+        Ok((x + self.down.forward_as(&hdn, mm)?)?)
     }
 }
 
@@ -217,6 +226,8 @@ pub struct Model {
     norm: Tensor,
     lm_head: Option<Tensor>,
     rope: Rope,
+    /// dtype of the matmuls (F32, or BF16 for mixed precision); everything else is f32.
+    matmul_dtype: DType,
 }
 
 impl Model {
@@ -235,7 +246,8 @@ impl Model {
             if m.tie_embeddings { None } else { Some(store.get("lm_head.weight", &[v, d], Init::Normal(0.02))?) };
         store.finish()?;
         let rope = Rope::new(m, store.dtype, &store.device)?;
-        Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope })
+        let matmul_dtype = store.dtype;
+        Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope, matmul_dtype })
     }
 
     /// A copy with every `W + B A` merged into one weight and detached from the graph:
@@ -248,7 +260,18 @@ impl Model {
             norm: self.norm.detach(),
             lm_head: self.lm_head.as_ref().map(|t| t.detach()),
             rope: Rope { cos: self.rope.cos.clone(), sin: self.rope.sin.clone() },
+            matmul_dtype: self.matmul_dtype,
         })
+    }
+
+    /// Run the matmuls in `dtype` (BF16: mixed precision; the weights stay in their dtype).
+    pub fn with_matmul_dtype(mut self, dtype: DType) -> Self {
+        self.matmul_dtype = dtype;
+        self
+    }
+
+    pub fn matmul_dtype(&self) -> DType {
+        self.matmul_dtype
     }
 
     pub fn device(&self) -> Device {
@@ -274,10 +297,10 @@ impl Model {
         let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.d_model))?;
         for (l, block) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c[l]);
-            x = block.forward(&x, &self.cfg, &self.rope, mask.as_ref(), offset, slot)?;
+            x = block.forward(&x, &self.cfg, &self.rope, mask.as_ref(), offset, slot, self.matmul_dtype)?;
         }
         let x = rms_norm(&x, &self.norm, self.cfg.norm_eps)?;
-        linear(&x, self.lm_head.as_ref().unwrap_or(&self.embed)) // (B, T, V)
+        linear_as(&x, self.lm_head.as_ref().unwrap_or(&self.embed), self.matmul_dtype) // (B, T, V)
     }
 
     /// Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T).

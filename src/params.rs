@@ -59,6 +59,16 @@ impl ParamCounts {
         100.0 * (1.0 - self.total() as f64 / self.vanilla_total as f64)
     }
 
+    /// Training FLOPs per token by the PaLM formula, 6·N + 12·L·d·T, with N the
+    /// non-embedding parameters as the forward pass uses them (every layer's merged weight
+    /// counts once per layer, whatever is shared; norm gains included) and T the context.
+    pub fn flops_per_token(cfg: &Config) -> f64 {
+        let m = &cfg.model;
+        let per_layer: usize = PROJ_TYPES.iter().map(|p| m.proj_shape(p).0 * m.proj_shape(p).1).sum::<usize>() + 2 * m.d_model;
+        let n = (m.n_layers * per_layer + m.d_model) as f64;
+        6.0 * n + 12.0 * (m.n_layers * m.d_model * cfg.train.seq_len) as f64
+    }
+
     /// A human-readable table.
     pub fn table(&self) -> String {
         let mut s = String::new();

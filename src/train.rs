@@ -288,6 +288,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         }
     };
     let tc = cfg.train.clone();
+    // Mixed precision: variables and optimizer state stay f32; matmuls run in train.dtype.
+    let model = model.with_matmul_dtype(if tc.dtype == "bf16" { DType::BF16 } else { DType::F32 });
+    crate::device::set_tf32(tc.tf32);
+    let peak = crate::device::peak_tflops(&tc, &device);
+    let flops_per_token = ParamCounts::flops_per_token(&cfg);
     let mut opt = AdamW::from_config(store.vars(), &cfg)?;
     let mut state =
         TrainState { step: 0, data_rng: Rng::new(tc.seed).fork(1).state, opt_t: 0, tokens_seen: 0, val_loss: None };
@@ -341,6 +346,17 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         tc.grad_accum,
         fmt_epochs(tokens_per_step, tc.max_steps, train_data.len())
     ));
+    if tc.dtype == "bf16" && device.is_cpu() {
+        console.line("note      train.dtype = \"bf16\" on the CPU rounds matmul inputs but runs them in f32 (slower than f32); it is meant for CUDA");
+    }
+    match &peak {
+        Some((p, src)) => console.line(&format!(
+            "mfu       {:.3} GFLOP/token (6N + 12·L·d·T) against a peak of {p} TFLOP/s ({src})",
+            flops_per_token / 1e9
+        )),
+        None if !device.is_cpu() => console.line("mfu       not logged: unknown GPU peak; set train.peak_tflops"),
+        None => {}
+    }
     console.line(&format!("run dir   {}", out.display()));
     if let Some((s, _)) = &resume_ckpt {
         console.line(&format!("resuming  from step {s}"));
@@ -403,11 +419,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         state.tokens_seen += tokens_per_step as u64;
         let tok_s = tokens_per_step as f64 / (ms / 1e3);
-        log_metrics(
-            &mut metrics,
-            &metrics_path,
-            serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens_seen, "ms": ms, "tokens_per_sec": tok_s}),
-        )?;
+        let mfu = peak.as_ref().map(|(p, _)| flops_per_token * tok_s / (p * 1e12));
+        let mut line = serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens_seen, "ms": ms, "tokens_per_sec": tok_s});
+        if let Some(m) = mfu {
+            line["mfu"] = m.into();
+            board.scalar("train/mfu", m, step);
+        }
+        log_metrics(&mut metrics, &metrics_path, line)?;
         board.scalar("train/loss", loss, step);
         board.scalar("train/lr", lr, step);
         board.scalar("train/grad_norm", grad_norm, step);
@@ -419,8 +437,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
                 board.scalar("sys/rss_mb", rss, step);
             }
             console.line(&format!(
-                "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad {grad_norm:.3} | {tok_s:>8.0} tok/s | {ms:>7.1} ms",
-                tc.max_steps
+                "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad {grad_norm:.3} | {tok_s:>8.0} tok/s | {ms:>7.1} ms{}",
+                tc.max_steps,
+                mfu.map_or(String::new(), |m| format!(" | mfu {:.1}%", 100.0 * m))
             ));
         }
         if step.is_multiple_of(tc.eval_interval) || step == tc.max_steps {
