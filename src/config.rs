@@ -468,10 +468,7 @@ impl Config {
         ensure(t.eval_interval > 0, "train.eval_interval must be > 0")?;
         ensure(t.eval_batches > 0, "train.eval_batches must be > 0")?;
         ensure(t.log_interval > 0, "train.log_interval must be > 0")?;
-        ensure(
-            t.dtype == "f32" || t.dtype == "bf16",
-            &format!("train.dtype {:?}: use \"f32\" or \"bf16\"", t.dtype),
-        )?;
+        ensure(t.dtype == "f32" || t.dtype == "bf16", &format!("train.dtype {:?}: use \"f32\" or \"bf16\"", t.dtype))?;
         ensure(t.peak_tflops.is_none_or(|p| p > 0.0), "train.peak_tflops must be > 0")?;
         Ok(())
     }

@@ -85,6 +85,17 @@ impl Rope {
     }
 }
 
+/// What every block of one forward pass shares.
+#[derive(Clone, Copy)]
+struct Pass<'a> {
+    cfg: &'a ModelConfig,
+    rope: &'a Rope,
+    /// Additive causal mask (T, S), None when T = 1.
+    mask: Option<&'a Tensor>,
+    /// dtype of the matmuls.
+    mm: DType,
+}
+
 /// Per-layer key/value cache for generation: (k, v), each (B, H_kv, T_past, hd).
 pub type KvCache = Vec<Option<(Tensor, Tensor)>>;
 
@@ -160,17 +171,15 @@ impl Block {
         })
     }
 
-    /// x: (B, T, d) → (B, T, d).
+    /// x: (B, T, d) at positions offset..offset+T → (B, T, d).
     fn forward(
         &self,
         x: &Tensor,
-        cfg: &ModelConfig,
-        rope: &Rope,
-        mask: Option<&Tensor>,
+        ctx: &Pass,
         offset: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        mm: DType,
     ) -> Result<Tensor> {
+        let Pass { cfg, rope, mask, mm } = *ctx;
         let (b, t, d) = x.dims3()?;
         let (h, hkv, hd) = (cfg.n_heads, cfg.kv_heads(), cfg.head_dim());
 
@@ -295,12 +304,14 @@ impl Model {
         }
         let mask = causal_mask(t, offset, self.embed.dtype(), self.embed.device())?;
         let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.d_model))?;
+        let ctx = Pass { cfg: &self.cfg, rope: &self.rope, mask: mask.as_ref(), mm: self.matmul_dtype };
         for (l, block) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c[l]);
-            x = block.forward(&x, &self.cfg, &self.rope, mask.as_ref(), offset, slot, self.matmul_dtype)?;
+            x = block.forward(&x, &ctx, offset, slot)?;
         }
         let x = rms_norm(&x, &self.norm, self.cfg.norm_eps)?;
-        linear_as(&x, self.lm_head.as_ref().unwrap_or(&self.embed), self.matmul_dtype) // (B, T, V)
+        linear_as(&x, self.lm_head.as_ref().unwrap_or(&self.embed), self.matmul_dtype)
+        // (B, T, V)
     }
 
     /// Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T).

@@ -75,11 +75,7 @@ impl AdamW {
             let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let p = var.as_tensor();
-            let decayed = if weight_decay > 0.0 {
-                (p * (1.0 - lr * weight_decay))?
-            } else {
-                p.clone()
-            };
+            let decayed = if weight_decay > 0.0 { (p * (1.0 - lr * weight_decay))? } else { p.clone() };
             let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
             let update = ((&m / denom)? * (lr / bc1))?;
             var.set(&(decayed - update)?)?;

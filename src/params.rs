@@ -64,7 +64,8 @@ impl ParamCounts {
     /// counts once per layer, whatever is shared; norm gains included) and T the context.
     pub fn flops_per_token(cfg: &Config) -> f64 {
         let m = &cfg.model;
-        let per_layer: usize = PROJ_TYPES.iter().map(|p| m.proj_shape(p).0 * m.proj_shape(p).1).sum::<usize>() + 2 * m.d_model;
+        let per_layer: usize =
+            PROJ_TYPES.iter().map(|p| m.proj_shape(p).0 * m.proj_shape(p).1).sum::<usize>() + 2 * m.d_model;
         let n = (m.n_layers * per_layer + m.d_model) as f64;
         6.0 * n + 12.0 * (m.n_layers * m.d_model * cfg.train.seq_len) as f64
     }

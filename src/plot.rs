@@ -174,7 +174,10 @@ pub fn scatter(
             let c = color(*ci);
             chart
                 .draw_series(std::iter::once(Rectangle::new(
-                    [(*x - (x1 - x0) * 0.004, *y - (y1 - y0) * 0.006), (*x + (x1 - x0) * 0.004, *y + (y1 - y0) * 0.006)],
+                    [
+                        (*x - (x1 - x0) * 0.004, *y - (y1 - y0) * 0.006),
+                        (*x + (x1 - x0) * 0.004, *y + (y1 - y0) * 0.006),
+                    ],
                     c.filled(),
                 )))
                 .map_err(err)?;

@@ -145,7 +145,11 @@ fn load_plan(path: &Path) -> Result<Plan> {
     let mut seen = std::collections::HashSet::new();
     for r in &plan.runs {
         if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            bail!("--plan {}: run name {:?} must be non-empty and use only letters, digits, - _ .", path.display(), r.name);
+            bail!(
+                "--plan {}: run name {:?} must be non-empty and use only letters, digits, - _ .",
+                path.display(),
+                r.name
+            );
         }
         if !seen.insert(r.name.as_str()) {
             bail!("--plan {}: run name {:?} appears twice", path.display(), r.name);
@@ -178,9 +182,10 @@ fn resolve(plan: &Plan, smoke: bool, data_dir: &Path, vocab: usize, plan_path: &
     for r in &plan.runs {
         let mut sets = vec![];
         if smoke {
-            let s = plan.smoke.as_ref().with_context(|| {
-                format!("--smoke: the plan {} has no [smoke] section", plan_path.display())
-            })?;
+            let s = plan
+                .smoke
+                .as_ref()
+                .with_context(|| format!("--smoke: the plan {} has no [smoke] section", plan_path.display()))?;
             sets.extend(s.set.iter().cloned());
         }
         sets.extend(r.set.iter().cloned());
@@ -241,7 +246,10 @@ fn sharing_desc(cfg: &Config, show_d: bool) -> String {
     }
     if l.mode == Mode::Lors {
         if l.init != crate::config::PrivateInit::Paper {
-            parts.push(format!("init {}", toml::Value::try_from(l.init).map(|v| v.to_string()).unwrap_or_default().trim_matches('"')));
+            parts.push(format!(
+                "init {}",
+                toml::Value::try_from(l.init).map(|v| v.to_string()).unwrap_or_default().trim_matches('"')
+            ));
         }
         if let Some(a) = l.alpha {
             parts.push(format!("α={a}"));
@@ -281,9 +289,10 @@ fn mode_name(m: Mode) -> &'static str {
 pub fn run(args: &SweepArgs) -> Result<()> {
     let plan = load_plan(&args.plan)?;
     let stem = plan_stem(&args.plan);
-    let out = args.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(if args.smoke { format!("{stem}-smoke") } else { stem.clone() })
-    });
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(if args.smoke { format!("{stem}-smoke") } else { stem.clone() }));
     let docs = args.docs.clone().unwrap_or_else(|| if args.smoke { out.join("report") } else { PathBuf::from("docs") });
     let data_dir = match &args.data {
         Some(d) => d.clone(),
@@ -305,7 +314,8 @@ pub fn run(args: &SweepArgs) -> Result<()> {
             bail!("--only {name}: not a run of {}", args.plan.display());
         }
     }
-    let seeds = if args.smoke { plan.smoke.as_ref().expect("checked in resolve").seeds.clone() } else { plan.seeds.clone() };
+    let seeds =
+        if args.smoke { plan.smoke.as_ref().expect("checked in resolve").seeds.clone() } else { plan.seeds.clone() };
     let train_tokens = TokenFile::open(&data_dir, "train", &meta)?.len();
 
     print_plan(&plan, &resolved, &seeds, train_tokens, &out);
@@ -421,7 +431,12 @@ fn train_one(r: &Resolved, seed: u64, dir: &Path, data_dir: &Path, device: &str)
     let summary = train::run(&args)?;
     fs::remove_file(&plan_cfg).ok();
     if summary.final_step < cfg.train.max_steps {
-        bail!("{} stopped at step {} of {}: run the sweep again to resume it", dir.display(), summary.final_step, cfg.train.max_steps);
+        bail!(
+            "{} stopped at step {} of {}: run the sweep again to resume it",
+            dir.display(),
+            summary.final_step,
+            cfg.train.max_steps
+        );
     }
     // The whole validation split, windows of train.seq_len (see `lors-lm eval`).
     let dev = crate::device::parse_device(device)?;
@@ -456,7 +471,8 @@ fn step_totals(path: &Path) -> Result<(usize, u64, f64)> {
     let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (mut step, mut tokens, mut ms) = (0, 0, 0.0);
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
         if let Some(m) = v.get("ms").and_then(|m| m.as_f64()) {
             ms += m;
             step = v["step"].as_u64().unwrap_or(0) as usize;
@@ -472,7 +488,8 @@ fn median_step_ms(path: &Path) -> Result<f64> {
     let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut ms: Vec<f64> = vec![];
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
         if let Some(m) = v.get("ms").and_then(|m| m.as_f64()) {
             ms.push(m);
         }
@@ -490,8 +507,10 @@ fn val_curve(path: &Path) -> Result<Vec<(f64, f64)>> {
     let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut pts = vec![];
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
-        if let (Some(t), Some(l)) = (v.get("tokens").and_then(|t| t.as_f64()), v.get("val_loss").and_then(|l| l.as_f64()))
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
+        if let (Some(t), Some(l)) =
+            (v.get("tokens").and_then(|t| t.as_f64()), v.get("val_loss").and_then(|l| l.as_f64()))
         {
             pts.push((t, l));
         }
@@ -510,7 +529,8 @@ struct Row<'a> {
 
 impl Row<'_> {
     fn mean(&self) -> Option<f64> {
-        (!self.results.is_empty()).then(|| self.results.iter().map(|x| x.val_loss).sum::<f64>() / self.results.len() as f64)
+        (!self.results.is_empty())
+            .then(|| self.results.iter().map(|x| x.val_loss).sum::<f64>() / self.results.len() as f64)
     }
     /// Half the range over seeds: mean ± spread covers every seed.
     fn spread(&self) -> f64 {
@@ -573,11 +593,7 @@ fn report(
     let tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
     let tokens_per_run = tokens_per_step * t.max_steps;
     let mut md = String::new();
-    let cmd = format!(
-        "lors-lm sweep --plan {}{}",
-        args.plan.display(),
-        if args.smoke { " --smoke" } else { "" }
-    );
+    let cmd = format!("lors-lm sweep --plan {}{}", args.plan.display(), if args.smoke { " --smoke" } else { "" });
     let (begin, end) = markers(&plan_stem(&args.plan));
     let _ = writeln!(md, "{begin}");
     let _ = writeln!(md, "## {}\n", plan.title);
@@ -591,7 +607,11 @@ fn report(
     let mut commits: Vec<&str> = rows.iter().flat_map(|r| &r.results).map(|r| r.commit.as_str()).collect();
     commits.sort();
     commits.dedup();
-    let _ = writeln!(md, "- trained at commit: {}", commits.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        md,
+        "- trained at commit: {}",
+        commits.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+    );
     let _ = writeln!(md, "- machine: {}", machine());
     let _ = writeln!(
         md,
@@ -686,7 +706,8 @@ fn report(
             let (Some(ma), Some(mb)) = (ra.mean(), rb.mean()) else { continue };
             let d = ma - mb;
             let noise = ra.spread() + rb.spread();
-            let verdict = if d.abs() > noise { "beyond the seed spread" } else { "within the seed spread: not a difference" };
+            let verdict =
+                if d.abs() > noise { "beyond the seed spread" } else { "within the seed spread: not a difference" };
             let _ = writeln!(
                 md,
                 "- `{a}` − `{b}`: {d:+.4} ({verdict}; spreads ±{:.4} and ±{:.4}; unique params {} vs {})",
@@ -792,7 +813,11 @@ fn git_commit() -> String {
 fn machine() -> String {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     format!(
