@@ -227,8 +227,7 @@ fn sharing_desc(cfg: &Config, show_d: bool) -> String {
     let n = cfg.model.n_layers;
     let mut parts = vec![];
     match l.mode {
-        Mode::Vanilla => parts.push(format!("{n} layers")),
-        Mode::Shared => parts.push(format!("{n} layers")),
+        Mode::Vanilla | Mode::Shared => parts.push(format!("{n} layers")),
         Mode::Lors => {
             let attn: Vec<usize> = (0..n).map(|i| l.rank_for("q", i)).collect();
             let ffn: Vec<usize> = (0..n).map(|i| l.rank_for("gate", i)).collect();
@@ -446,7 +445,7 @@ fn train_one(r: &Resolved, seed: u64, dir: &Path, data_dir: &Path, device: &str)
     let val = TokenFile::open(data_dir, "val", &meta)?;
     let tokens = val.window(0, val.len())?;
     let ev = crate::eval::eval_tokens(&model.merged()?, &tokens, cfg.train.seq_len, 16, &dev)?;
-    let (steps, tokens_seen, step_ms) = step_totals(&dir.join("metrics.jsonl"))?;
+    let (steps, tokens_seen, step_ms) = step_totals(&read_metrics(&dir.join("metrics.jsonl"))?);
     let res = RunResult {
         name: r.name.clone(),
         seed,
@@ -466,34 +465,32 @@ fn train_one(r: &Resolved, seed: u64, dir: &Path, data_dir: &Path, device: &str)
     Ok(res)
 }
 
-/// (last step, tokens seen, sum of step ms) from a run's metrics.jsonl.
-fn step_totals(path: &Path) -> Result<(usize, u64, f64)> {
+/// The JSON lines of a run's metrics.jsonl.
+fn read_metrics(path: &Path) -> Result<Vec<serde_json::Value>> {
     let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (mut step, mut tokens, mut ms) = (0, 0, 0.0);
-    for line in text.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
-        if let Some(m) = v.get("ms").and_then(|m| m.as_f64()) {
-            ms += m;
-            step = v["step"].as_u64().unwrap_or(0) as usize;
-            tokens = v["tokens"].as_u64().unwrap_or(0);
-        }
-    }
-    Ok((step, tokens, ms))
+    text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("{} is corrupt", path.display()))).collect()
 }
 
-/// Median time of a training step in a run's metrics.jsonl, in ms: robust to a machine that
-/// was briefly busy with something else (or a sweep paused and continued).
-fn median_step_ms(path: &Path) -> Result<f64> {
-    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut ms: Vec<f64> = vec![];
-    for line in text.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
-        if let Some(m) = v.get("ms").and_then(|m| m.as_f64()) {
-            ms.push(m);
-        }
-    }
+/// Training-step lines (those with a step time).
+fn step_lines(metrics: &[serde_json::Value]) -> impl Iterator<Item = &serde_json::Value> {
+    metrics.iter().filter(|v| v.get("ms").and_then(|m| m.as_f64()).is_some())
+}
+
+/// (last step, tokens seen, sum of step ms).
+fn step_totals(metrics: &[serde_json::Value]) -> (usize, u64, f64) {
+    step_lines(metrics).fold((0, 0, 0.0), |(_, _, ms), v| {
+        (
+            v["step"].as_u64().unwrap_or(0) as usize,
+            v["tokens"].as_u64().unwrap_or(0),
+            ms + v["ms"].as_f64().unwrap_or(0.0),
+        )
+    })
+}
+
+/// Median training-step time in ms: robust to a machine that was briefly busy with something
+/// else (or a sweep paused and continued).
+fn median_step_ms(metrics: &[serde_json::Value], path: &Path) -> Result<f64> {
+    let mut ms: Vec<f64> = step_lines(metrics).filter_map(|v| v["ms"].as_f64()).collect();
     if ms.is_empty() {
         bail!("{} has no training steps", path.display());
     }
@@ -502,20 +499,9 @@ fn median_step_ms(path: &Path) -> Result<f64> {
     Ok(if n % 2 == 1 { ms[n / 2] } else { (ms[n / 2 - 1] + ms[n / 2]) / 2.0 })
 }
 
-/// (tokens, val_loss) of the periodic evaluations in a run's metrics.jsonl.
-fn val_curve(path: &Path) -> Result<Vec<(f64, f64)>> {
-    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut pts = vec![];
-    for line in text.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{} is corrupt", path.display()))?;
-        if let (Some(t), Some(l)) =
-            (v.get("tokens").and_then(|t| t.as_f64()), v.get("val_loss").and_then(|l| l.as_f64()))
-        {
-            pts.push((t, l));
-        }
-    }
-    Ok(pts)
+/// (tokens, val_loss) of the periodic evaluations.
+fn val_curve(metrics: &[serde_json::Value]) -> Vec<(f64, f64)> {
+    metrics.iter().filter_map(|v| Some((v.get("tokens")?.as_f64()?, v.get("val_loss")?.as_f64()?))).collect()
 }
 
 /// Per-configuration summary over its seeds.
@@ -577,8 +563,10 @@ fn report(
                 let res: RunResult = serde_json::from_str(&fs::read_to_string(&p)?)
                     .with_context(|| format!("{} is corrupt: delete it and run the sweep again", p.display()))?;
                 results.push(res);
-                curves.push(val_curve(&dir.join("metrics.jsonl"))?);
-                median_ms.push(median_step_ms(&dir.join("metrics.jsonl"))?);
+                let path = dir.join("metrics.jsonl");
+                let metrics = read_metrics(&path)?;
+                curves.push(val_curve(&metrics));
+                median_ms.push(median_step_ms(&metrics, &path)?);
             }
         }
         rows.push(Row { r, results, curves, median_ms });
@@ -593,7 +581,12 @@ fn report(
     let tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
     let tokens_per_run = tokens_per_step * t.max_steps;
     let mut md = String::new();
-    let cmd = format!("lors-lm sweep --plan {}{}", args.plan.display(), if args.smoke { " --smoke" } else { "" });
+    let mut cmd = format!("lors-lm sweep --plan {}{}", args.plan.display(), if args.smoke { " --smoke" } else { "" });
+    for (flag, path) in [("--data", &args.data), ("--out", &args.out)] {
+        if let Some(p) = path {
+            cmd += &format!(" {flag} {}", p.display());
+        }
+    }
     let (begin, end) = markers(&plan_stem(&args.plan));
     let _ = writeln!(md, "{begin}");
     let _ = writeln!(md, "## {}\n", plan.title);
