@@ -62,4 +62,9 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L $cuda/lib -L $stub"
 nvcc --version | tail -n 2
 cd "$root"
 CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-$root/target-cuda}" cargo build --release --features cuda --bin lors-lm
-echo "built ${CUDA_TARGET_DIR:-$root/target-cuda}/release/lors-lm (sm_${CUDA_COMPUTE_CAP})"
+bin="${CUDA_TARGET_DIR:-$root/target-cuda}/release/lors-lm"
+# The binary embeds candle's PTX (~80 MB); a stripped, xz-compressed copy (~12 MB) is what to
+# carry to a GPU machine (scripts/gpu_check.sh unpacks it).
+strip -o "$bin.stripped" "$bin"
+xz -T0 -f "$bin.stripped" && mv "$bin.stripped.xz" "$bin.xz"
+echo "built $bin (sm_${CUDA_COMPUTE_CAP}) and $bin.xz ($(du -h "$bin.xz" | cut -f1))"

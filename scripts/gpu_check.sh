@@ -3,7 +3,7 @@
 # from scripts/build_cuda.sh, a prepared corpus and the configs:
 #
 #   bash scripts/gpu_check.sh [BIN] [DATA_DIR]
-#        BIN      default target-cuda/release/lors-lm
+#        BIN      default target-cuda/release/lors-lm (a BIN.xz from build_cuda.sh is unpacked)
 #        DATA_DIR default data/moby-4k
 #
 # 1. prints the GPU, the driver and the CUDA libraries the binary will load;
@@ -16,10 +16,15 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bin="$(realpath "${1:-$root/target-cuda/release/lors-lm}")"
+bin="${1:-$root/target-cuda/release/lors-lm}"
 data="${2:-$root/data/moby-4k}"
 out="${OUT:-$root/gpu-check}"
 mkdir -p "$out"
+if [[ ! -x "$bin" && -f "$bin.xz" ]]; then
+    xz -dc "$bin.xz" > "$out/lors-lm" && chmod +x "$out/lors-lm"
+    bin="$out/lors-lm"
+fi
+bin="$(realpath "$bin")"
 cd "$root"
 py="$(command -v python3 || command -v python)"
 
