@@ -292,6 +292,17 @@ pub struct TrainConfig {
     pub max_bad_steps: usize,
 }
 
+impl TrainConfig {
+    /// The dtype the matmuls run in (`dtype`: "bf16" = mixed precision, else f32).
+    pub fn matmul_dtype(&self) -> candle_core::DType {
+        if self.dtype == "bf16" {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {

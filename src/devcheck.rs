@@ -79,7 +79,7 @@ pub fn check(cfg: &Config, device: &Device, device_name: &str) -> Result<CheckRe
     let ids: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(cfg.model.vocab_size as u64) as u32).collect();
     let all = Tensor::from_vec(ids, (b, t + 1), &Device::Cpu)?;
     let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
-    let mm = if cfg.train.dtype == "bf16" { DType::BF16 } else { DType::F32 };
+    let mm = cfg.train.matmul_dtype();
     crate::device::set_tf32(false);
     let (ref_logits, ref_l0, ref_l1) = run_on(cfg, &Device::Cpu, DType::F32, &x, &y)?;
     crate::device::set_tf32(cfg.train.tf32);

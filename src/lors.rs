@@ -71,10 +71,14 @@ impl LorsLinear {
         Self { base, residual, scale: 1.0 }
     }
 
+    /// `t` times the residual scale (no op without α).
+    fn scaled(&self, t: Tensor) -> Result<Tensor> {
+        Ok(if self.scale == 1.0 { t } else { (t * self.scale)? })
+    }
+
     /// B·A times the residual scale, (out, in).
     fn delta(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let ba = b.matmul(a)?;
-        Ok(if self.scale == 1.0 { ba } else { (ba * self.scale)? })
+        self.scaled(b.matmul(a)?)
     }
 
     /// The effective weight `W + s·B A` (s = α/r, or 1), (out, in).
@@ -101,10 +105,7 @@ impl LorsLinear {
     pub fn forward_factored(&self, x: &Tensor) -> Result<Tensor> {
         let y = linear(x, &self.base)?;
         Ok(match &self.residual {
-            Some((a, b)) => {
-                let r = linear(&linear(x, a)?, b)?;
-                (y + if self.scale == 1.0 { r } else { (r * self.scale)? })?
-            }
+            Some((a, b)) => (y + self.scaled(linear(&linear(x, a)?, b)?)?)?,
             None => y,
         })
     }

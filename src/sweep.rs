@@ -328,11 +328,14 @@ pub fn run(args: &SweepArgs) -> Result<()> {
             .filter(|r| args.only.is_empty() || args.only.contains(&r.name))
             .flat_map(|r| seeds.iter().map(move |&s| (r, s)))
             .collect();
+        let val = TokenFile::open(&data_dir, "val", &meta)?;
+        let final_eval =
+            FinalEval { tokens: val.window(0, val.len())?, device: crate::device::parse_device(&args.device)? };
         let sweep_start = Instant::now();
         for (i, (r, seed)) in todo.iter().enumerate() {
             let dir = out.join(&r.name).join(format!("seed{seed}"));
             eprintln!("\n=== [{}/{}] {} seed {seed} → {}", i + 1, todo.len(), r.name, dir.display());
-            let res = train_one(r, *seed, &dir, &data_dir, &args.device)?;
+            let res = train_one(r, *seed, &dir, &data_dir, &args.device, &final_eval)?;
             eprintln!(
                 "=== {} seed {seed}: val loss {:.4} (ppl {:.2}) over the whole val split, {:.0} tok/s, {:.0} s | sweep {:.0} s so far",
                 r.name,
@@ -387,7 +390,13 @@ fn print_plan(plan: &Plan, resolved: &[Resolved], seeds: &[u64], train_tokens: u
 }
 
 /// Train (or resume, or keep) one run and evaluate it on the whole validation split.
-fn train_one(r: &Resolved, seed: u64, dir: &Path, data_dir: &Path, device: &str) -> Result<RunResult> {
+/// The whole validation split and the device, loaded once for every run's final evaluation.
+struct FinalEval {
+    tokens: Vec<u32>,
+    device: candle_core::Device,
+}
+
+fn train_one(r: &Resolved, seed: u64, dir: &Path, data_dir: &Path, device: &str, ev: &FinalEval) -> Result<RunResult> {
     let mut cfg = r.cfg.clone();
     cfg.train.seed = seed;
     // One log line per evaluation keeps a long sweep's console readable.
@@ -438,13 +447,9 @@ fn train_one(r: &Resolved, seed: u64, dir: &Path, data_dir: &Path, device: &str)
         );
     }
     // The whole validation split, windows of train.seq_len (see `lors-lm eval`).
-    let dev = crate::device::parse_device(device)?;
     let (_, ckpt) = checkpoint::resolve(dir, None)?;
-    let (model, _) = checkpoint::load_model(&cfg, &ckpt, &dev)?;
-    let meta = Meta::load(data_dir)?;
-    let val = TokenFile::open(data_dir, "val", &meta)?;
-    let tokens = val.window(0, val.len())?;
-    let ev = crate::eval::eval_tokens(&model.merged()?, &tokens, cfg.train.seq_len, 16, &dev)?;
+    let (model, _) = checkpoint::load_model(&cfg, &ckpt, &ev.device)?;
+    let ev = crate::eval::eval_tokens(&model.merged()?, &ev.tokens, cfg.train.seq_len, 16, &ev.device)?;
     let (steps, tokens_seen, step_ms) = step_totals(&read_metrics(&dir.join("metrics.jsonl"))?);
     let res = RunResult {
         name: r.name.clone(),

@@ -289,7 +289,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
     };
     let tc = cfg.train.clone();
     // Mixed precision: variables and optimizer state stay f32; matmuls run in train.dtype.
-    let model = model.with_matmul_dtype(if tc.dtype == "bf16" { DType::BF16 } else { DType::F32 });
+    let model = model.with_matmul_dtype(tc.matmul_dtype());
     crate::device::set_tf32(tc.tf32);
     let peak = crate::device::peak_tflops(&tc, &device);
     let flops_per_token = ParamCounts::flops_per_token(&cfg);
