@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Only print the JSON lines.
     #[arg(long)]
     pub json: bool,
+    /// Run RMSNorm, RoPE, softmax, SwiGLU and the loss as plain candle compositions instead of
+    /// the fused CPU kernels (to measure what the kernels buy).
+    #[arg(long)]
+    pub plain_ops: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -56,6 +60,8 @@ pub struct BenchResult {
     pub prefill_tokens_per_sec: Option<f64>,
     pub decode_tokens_per_sec: Option<f64>,
     pub threads: usize,
+    /// "fused" (the kernels of ops.rs) or "plain" (candle compositions).
+    pub ops: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -81,6 +87,8 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
     reset_peak_rss();
     let mut store = ParamStore::new_init(cfg.train.seed, DType::F32, &device);
     let model = Model::new(cfg, &mut store)?;
+    let model = if args.plain_ops { model.with_fused_ops(false)? } else { model };
+    let loss_fn = if args.plain_ops { Model::loss_plain } else { Model::loss };
     let vars = store.vars();
     let tc = &cfg.train;
     let mut opt = AdamW::from_config(vars.clone(), cfg)?;
@@ -91,7 +99,7 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
         let all = Tensor::from_vec(ids, (b, t + 1), &device)?;
         let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
         let t0 = Instant::now();
-        let loss = Model::loss(&model.forward(&x)?, &y)?;
+        let loss = loss_fn(&model.forward(&x)?, &y)?;
         let grads = loss.backward()?;
         let g: Vec<Tensor> = vars
             .iter()
@@ -140,6 +148,7 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
         prefill_tokens_per_sec: prefill,
         decode_tokens_per_sec: decode,
         threads: candle_core::utils::get_num_threads(),
+        ops: if args.plain_ops { "plain" } else { "fused" }.into(),
     })
 }
 

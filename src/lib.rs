@@ -12,6 +12,7 @@ pub mod generate;
 pub mod hf;
 pub mod lors;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod params_cmd;

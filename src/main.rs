@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use lors_lm::{bench, data, devcheck, eval, generate, hf, params_cmd, sweep, train};
+use lors_lm::{bench, data, devcheck, device, eval, generate, hf, params_cmd, sweep, train};
 
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
 /// every layer l uses W_l = W_shared + B_l·A_l.
@@ -33,6 +33,7 @@ enum Command {
 }
 
 fn main() {
+    device::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => data::run_prepare(&args),

@@ -5,9 +5,11 @@
 //!              RMSNorm → SwiGLU `down(silu(gate(x)) * up(x))` → residual]
 //!       → RMSNorm → LM head (tied to the embedding by default).
 //!
-//! Every op here is a differentiable composition of basic candle ops: candle's fused
-//! `softmax_last_dim`, `rms_norm` and `rope` build no backward op and would silently stop
-//! the gradient (see shared/CANDLE_NOTES.md).
+//! On the CPU (f32/f64) RMSNorm, RoPE, the causal softmax, SwiGLU and the loss run as our own
+//! fused kernels with hand-written backward passes (`ops.rs`); elsewhere, and with
+//! `with_fused_ops(false)`, every op is a differentiable composition of basic candle ops.
+//! (candle's own fused `softmax_last_dim`, `rms_norm` and `rope` build no backward op and
+//! would silently stop the gradient; see shared/CANDLE_NOTES.md.)
 //!
 //! Parameter names (checkpoints):
 //! `embed.weight` (V, d); `layers.{l}.{attn,ffn}_norm.weight` (d);
@@ -17,12 +19,16 @@
 
 use crate::config::{Config, ModelConfig};
 use crate::lors::{linear_as, LorsLinear, Private};
+use crate::ops;
 use crate::store::{Init, ParamStore};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-/// RMSNorm `x / sqrt(mean(x²) + eps) * g` over the last dim.
-fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+/// RMSNorm `x / sqrt(mean(x²) + eps) * g` over the last dim (fused kernel when `fused`).
+fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
+    if fused {
+        return Ok(ops::rms_norm(x, gain, eps)?);
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
     let inv = (ms + eps)?.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(gain)?)
@@ -73,6 +79,14 @@ impl Rope {
         Ok(Self { cos: mk(cos)?, sin: mk(sin)? })
     }
 
+    /// x: (B, T, H, hd) at positions offset..offset+T → rotated (B, H, T, hd), contiguous.
+    fn apply_t(&self, x: &Tensor, offset: usize, fused: bool) -> Result<Tensor> {
+        if fused {
+            return Ok(ops::rope_t(x, &self.cos, &self.sin, offset)?);
+        }
+        self.apply(&x.transpose(1, 2)?.contiguous()?, offset)
+    }
+
     /// x: (B, H, T, hd) at positions offset..offset+T.
     fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, _, t, hd) = x.dims4()?;
@@ -94,6 +108,8 @@ struct Pass<'a> {
     mask: Option<&'a Tensor>,
     /// dtype of the matmuls.
     mm: DType,
+    /// Use the fused CPU kernels of `ops.rs`.
+    fused: bool,
 }
 
 /// Per-layer key/value cache for generation: (k, v), each (B, H_kv, T_past, hd).
@@ -179,18 +195,16 @@ impl Block {
         offset: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let Pass { cfg, rope, mask, mm } = *ctx;
+        let Pass { cfg, rope, mask, mm, fused } = *ctx;
         let (b, t, d) = x.dims3()?;
         let (h, hkv, hd) = (cfg.n_heads, cfg.kv_heads(), cfg.head_dim());
 
         // --- attention ---
-        let xn = rms_norm(x, &self.attn_norm, cfg.norm_eps)?;
-        // (B, T, H*hd) -> (B, T, H, hd) -> (B, H, T, hd)
-        let q = self.q.forward_as(&xn, mm)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k.forward_as(&xn, mm)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let xn = rms_norm(x, &self.attn_norm, cfg.norm_eps, fused)?;
+        // (B, T, H*hd) -> (B, T, H, hd) -> (B, H, T, hd); q and k rotated on the way.
+        let q = rope.apply_t(&self.q.forward_as(&xn, mm)?.reshape((b, t, h, hd))?, offset, fused)?;
+        let mut k = rope.apply_t(&self.k.forward_as(&xn, mm)?.reshape((b, t, hkv, hd))?, offset, fused)?;
         let v = self.v.forward_as(&xn, mm)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = rope.apply(&q, offset)?;
-        let mut k = rope.apply(&k, offset)?;
         let mut v = v;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -211,19 +225,24 @@ impl Block {
             (k, v)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (matmul_as(&q, &k.t()?, mm)? * scale)?; // (B, H, T, S), f32
-        let att = match mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
+        let att = matmul_as(&q, &k.t()?, mm)?; // (B, H, T, S), f32
+        let att = if fused {
+            ops::causal_softmax(&att, scale)?
+        } else {
+            let att = (att * scale)?;
+            softmax_last(&match mask {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            })?
         };
-        let att = softmax_last(&att)?;
         let y = matmul_as(&att, &v, mm)?; // (B, H, T, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, d))?; // (B, T, d)
         let x = (x + self.o.forward_as(&y, mm)?)?;
 
         // --- SwiGLU FFN ---
-        let xn = rms_norm(&x, &self.ffn_norm, cfg.norm_eps)?;
-        let hdn = (self.gate.forward_as(&xn, mm)?.silu()? * self.up.forward_as(&xn, mm)?)?; // (B, T, ffn)
+        let xn = rms_norm(&x, &self.ffn_norm, cfg.norm_eps, fused)?;
+        let (gate, up) = (self.gate.forward_as(&xn, mm)?, self.up.forward_as(&xn, mm)?);
+        let hdn = if fused { ops::swiglu(&gate, &up)? } else { (gate.silu()? * up)? }; // (B, T, ffn)
         Ok((x + self.down.forward_as(&hdn, mm)?)?)
     }
 }
@@ -237,6 +256,8 @@ pub struct Model {
     rope: Rope,
     /// dtype of the matmuls (F32, or BF16 for mixed precision); everything else is f32.
     matmul_dtype: DType,
+    /// Run RMSNorm, RoPE, the causal softmax and SwiGLU as fused kernels (CPU, f32/f64).
+    fused: bool,
 }
 
 impl Model {
@@ -256,7 +277,8 @@ impl Model {
         store.finish()?;
         let rope = Rope::new(m, store.dtype, &store.device)?;
         let matmul_dtype = store.dtype;
-        Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope, matmul_dtype })
+        let fused = ops::supported(&embed);
+        Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope, matmul_dtype, fused })
     }
 
     /// A copy with every `W + B A` merged into one weight and detached from the graph:
@@ -270,7 +292,18 @@ impl Model {
             lm_head: self.lm_head.as_ref().map(|t| t.detach()),
             rope: Rope { cos: self.rope.cos.clone(), sin: self.rope.sin.clone() },
             matmul_dtype: self.matmul_dtype,
+            fused: self.fused,
         })
+    }
+
+    /// Use (true, the default where they can run) or bypass the fused CPU kernels of `ops.rs`
+    /// (benchmarks and tests compare the two). Errors if asked for where they cannot run.
+    pub fn with_fused_ops(mut self, on: bool) -> Result<Self> {
+        if on && !ops::supported(&self.embed) {
+            bail!("the fused kernels run on the CPU in f32/f64 only");
+        }
+        self.fused = on;
+        Ok(self)
     }
 
     /// Run the matmuls in `dtype` (BF16: mixed precision; the weights stay in their dtype).
@@ -302,24 +335,36 @@ impl Model {
         if offset + t > self.cfg.max_seq_len {
             bail!("sequence of {} tokens exceeds model.max_seq_len ({})", offset + t, self.cfg.max_seq_len);
         }
-        let mask = causal_mask(t, offset, self.embed.dtype(), self.embed.device())?;
+        // The fused softmax masks as it goes; only the plain path needs the mask tensor.
+        let mask = if self.fused { None } else { causal_mask(t, offset, self.embed.dtype(), self.embed.device())? };
         let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.d_model))?;
-        let ctx = Pass { cfg: &self.cfg, rope: &self.rope, mask: mask.as_ref(), mm: self.matmul_dtype };
+        let ctx =
+            Pass { cfg: &self.cfg, rope: &self.rope, mask: mask.as_ref(), mm: self.matmul_dtype, fused: self.fused };
         for (l, block) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c[l]);
             x = block.forward(&x, &ctx, offset, slot)?;
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.norm_eps)?;
+        let x = rms_norm(&x, &self.norm, self.cfg.norm_eps, self.fused)?;
         linear_as(&x, self.lm_head.as_ref().unwrap_or(&self.embed), self.matmul_dtype)
         // (B, T, V)
     }
 
-    /// Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T).
+    /// Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T); the fused
+    /// kernel where it can run (CPU, f32/f64), candle's composition elsewhere.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t, v) = logits.dims3()?;
         let logits = logits.reshape((b * t, v))?;
         let targets = targets.reshape(b * t)?;
+        if ops::supported(&logits) {
+            return Ok(ops::cross_entropy(&logits, &targets)?.mean_all()?);
+        }
         Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+    }
+
+    /// `loss` through candle's own composition everywhere (benchmarks and tests compare).
+    pub fn loss_plain(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t, v) = logits.dims3()?;
+        Ok(candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)?)
     }
 
     /// For each layer and projection type: `‖B_l A_l‖_F / ‖W_shared‖_F` (0 where there is

@@ -7,6 +7,7 @@
 //!   p ← p − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)
 
 pub use crate::config::ParamOptions;
+use crate::ops::{AdamUpdate, Moments};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
@@ -72,9 +73,17 @@ impl AdamW {
         for (i, ((_, var), g)) in self.params.iter().zip(grads).enumerate() {
             let ParamOptions { lr_mult, weight_decay } = self.options(i);
             let lr = lr * lr_mult;
+            let p = var.as_tensor();
+            if crate::ops::supported(p) && p.is_contiguous() {
+                // The same update in place, three passes and no allocations (CPU, f32/f64).
+                let g = g.contiguous()?;
+                self.m[i].inplace_op2(&g, &Moments { beta: self.beta1, square: false })?;
+                self.v[i].inplace_op2(&g, &Moments { beta: self.beta2, square: true })?;
+                p.inplace_op3(&self.m[i], &self.v[i], &AdamUpdate { lr, weight_decay, bc1, bc2, eps: self.eps })?;
+                continue;
+            }
             let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let p = var.as_tensor();
             let decayed = if weight_decay > 0.0 { (p * (1.0 - lr * weight_decay))? } else { p.clone() };
             let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
             let update = ((&m / denom)? * (lr / bc1))?;

@@ -1,0 +1,676 @@
+//! Fused, differentiable CPU kernels for the model's hot paths (candle custom ops with
+//! hand-written backward passes), and an in-place AdamW update.
+//!
+//! candle builds each of these from several basic ops, every one of which allocates and
+//! writes a full tensor (and as many again in the backward pass); on the CPU that memory
+//! traffic, not arithmetic, dominates a small model's step. Each op here reads its inputs once
+//! and writes its output once, rows split across threads with rayon:
+//!
+//! | op | replaces | forward | backward |
+//! |---|---|---|---|
+//! | [`cross_entropy`] | log-softmax, gather, mean | per-row loss | `g·(softmax − onehot)` |
+//! | [`causal_softmax`] | scale, mask add, max, sub, exp, sum, div | `P` | `s·P⊙(dP − Σ P⊙dP)` |
+//! | [`rms_norm`] | sqr, mean, add, sqrt, recip, mul, mul | `x·inv·g` | dx and dg in one op |
+//! | [`rope_t`] | transpose, contiguous, narrow, neg, cat, mul, mul, add | rotate | rotate by −θ |
+//! | [`swiglu`] | silu, mul | `silu(g)·u` | dg and du in one op |
+//!
+//! They run on the CPU in f32 or f64 only; the model uses the plain candle compositions
+//! (kept in `model.rs`, and the reference in the tests) on other devices. Each op has a
+//! finite-difference gradient test and a comparison with the plain version (tests/ops.rs).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, InplaceOp3, Layout, Shape, Tensor};
+use candle_core::{DType, Result, WithDType};
+use rayon::prelude::*;
+
+/// The float types the kernels are written for.
+trait Real: WithDType + num_traits::Float + Send + Sync {
+    fn as_mut_slice(s: &mut CpuStorage) -> Result<&mut [Self]>;
+}
+impl Real for f32 {
+    fn as_mut_slice(s: &mut CpuStorage) -> Result<&mut [Self]> {
+        match s {
+            CpuStorage::F32(v) => Ok(v),
+            other => bail!("expected f32 storage, got {:?}", other.dtype()),
+        }
+    }
+}
+impl Real for f64 {
+    fn as_mut_slice(s: &mut CpuStorage) -> Result<&mut [Self]> {
+        match s {
+            CpuStorage::F64(v) => Ok(v),
+            other => bail!("expected f64 storage, got {:?}", other.dtype()),
+        }
+    }
+}
+
+/// Whether the fused kernels can run on `t` (CPU, f32 or f64).
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The contiguous data of a CPU storage as a slice of T.
+fn data<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let all = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Rows per rayon task: enough work per task to amortise scheduling.
+fn rows_per_task(row_len: usize) -> usize {
+    (16384 / row_len.max(1)).max(1)
+}
+
+/// Dispatch a generic kernel on the storage's float type.
+macro_rules! float_dispatch {
+    ($s:expr, $name:expr, $f:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => $f::<f32>($($arg),*),
+            CpuStorage::F64(_) => $f::<f64>($($arg),*),
+            other => bail!("{}: dtype {:?} is not supported (f32 or f64)", $name, other.dtype()),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy
+
+/// Per-row cross-entropy `logsumexp(x_i) − x_i[t_i]` of logits (N, V) against targets (N,)
+/// u32 → (N,). Differentiable in the logits.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    let targets: Vec<u32> = targets.to_dtype(DType::U32)?.to_vec1()?;
+    if targets.len() != n {
+        bail!("cross_entropy: {n} rows of logits but {} targets", targets.len());
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("cross_entropy: target {t} out of range for {v} classes");
+    }
+    logits.contiguous()?.apply_op1(CrossEntropy { targets: std::sync::Arc::new(targets) })
+}
+
+struct CrossEntropy {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+/// (max, Σ exp(x − max)) of a row.
+fn max_sumexp<T: Real>(row: &[T]) -> (T, T) {
+    let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
+    let sum = row.iter().fold(T::zero(), |acc, &x| acc + (x - max).exp());
+    (max, sum)
+}
+
+fn ce_fwd<T: Real>(s: &CpuStorage, l: &Layout, targets: &[u32]) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s, l, "cross_entropy")?;
+    let v = l.dims()[1];
+    let loss: Vec<T> = x
+        .par_chunks(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let (max, sum) = max_sumexp(row);
+            max + sum.ln() - row[t as usize]
+        })
+        .collect();
+    let n = loss.len();
+    Ok((T::to_cpu_storage_owned(loss), Shape::from(n)))
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s, self.name(), ce_fwd(s, l, &self.targets))
+    }
+    fn bwd(&self, logits: &Tensor, loss: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g =
+            logits.apply_op3_no_bwd(loss, &grad.contiguous()?, &CrossEntropyBwd { targets: self.targets.clone() })?;
+        Ok(Some(g))
+    }
+}
+
+/// d logits = g_i · (softmax(x_i) − onehot(t_i)), with logsumexp recovered as loss + x[t].
+struct CrossEntropyBwd {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+fn ce_bwd<T: Real>(
+    s: &CpuStorage,
+    l: &Layout,
+    ls: &CpuStorage,
+    ll: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    targets: &[u32],
+) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s, l, "cross_entropy backward")?;
+    let loss = data::<T>(ls, ll, "cross_entropy backward")?;
+    let g = data::<T>(gs, gl, "cross_entropy backward")?;
+    let v = l.dims()[1];
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(v).zip(x.par_chunks(v)).enumerate().for_each(|(i, (o, row))| {
+        let t = targets[i] as usize;
+        let lse = loss[i] + row[t];
+        for (o, &x) in o.iter_mut().zip(row) {
+            *o = g[i] * (x - lse).exp();
+        }
+        o[t] = o[t] - g[i];
+    });
+    Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+}
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), ce_bwd(s1, l1, s2, l2, s3, l3, &self.targets))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Causal softmax
+
+/// `softmax(scale · x)` over the last dim of attention scores x (..., T, S) with a causal
+/// mask: query row i (position offset + i, where offset = S − T) sees keys 0..=offset + i;
+/// the masked probabilities are exactly 0.
+pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || dims[dims.len() - 1] < dims[dims.len() - 2] {
+        bail!("causal_softmax: scores {dims:?} must be (..., T, S) with S >= T");
+    }
+    x.contiguous()?.apply_op1(CausalSoftmax { scale })
+}
+
+struct CausalSoftmax {
+    scale: f64,
+}
+
+fn softmax_fwd<T: Real>(s: &CpuStorage, l: &Layout, scale: f64) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s, l, "causal_softmax")?;
+    let dims = l.dims();
+    let (t, n) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let offset = n - t;
+    let scale = T::from_f64(scale);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().with_min_len(rows_per_task(n)).for_each(|(r, (o, row))| {
+        let visible = offset + r % t + 1;
+        let (o, row) = (&mut o[..visible], &row[..visible]);
+        let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max) * scale;
+        let mut sum = T::zero();
+        for (o, &x) in o.iter_mut().zip(row) {
+            let e = (x * scale - max).exp();
+            *o = e;
+            sum = sum + e;
+        }
+        let inv = sum.recip();
+        o.iter_mut().for_each(|o| *o = *o * inv);
+    });
+    Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if self.scale <= 0.0 {
+            bail!("causal_softmax: scale must be > 0");
+        }
+        float_dispatch!(s, self.name(), softmax_fwd(s, l, self.scale))
+    }
+    fn bwd(&self, _x: &Tensor, p: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?))
+    }
+}
+
+/// dx = scale · P ⊙ (dP − Σ_j P_j dP_j), row by row (masked entries have P = 0, so dx = 0).
+struct SoftmaxBwd {
+    scale: f64,
+}
+
+fn softmax_bwd<T: Real>(
+    ps: &CpuStorage,
+    pl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    scale: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let p = data::<T>(ps, pl, "causal_softmax backward")?;
+    let g = data::<T>(gs, gl, "causal_softmax backward")?;
+    let n = pl.dims()[pl.dims().len() - 1];
+    let scale = T::from_f64(scale);
+    let mut out = vec![T::zero(); p.len()];
+    out.par_chunks_mut(n).zip(p.par_chunks(n).zip(g.par_chunks(n))).with_min_len(rows_per_task(n)).for_each(
+        |(o, (p, g))| {
+            let dot = p.iter().zip(g).fold(T::zero(), |acc, (&p, &g)| acc + p * g);
+            for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
+                *o = scale * p * (g - dot);
+            }
+        },
+    );
+    Ok((T::to_cpu_storage_owned(out), pl.shape().clone()))
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), softmax_bwd(s1, l1, s2, l2, self.scale))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `x / sqrt(mean(x²) + eps) · gain` over the last dim; x (..., d), gain (d).
+pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if gain.dims() != [d] {
+        bail!("rms_norm: gain {:?} does not match the last dim {d} of x", gain.dims());
+    }
+    x.contiguous()?.apply_op2(&gain.contiguous()?, RmsNorm { eps })
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+fn inv_rms<T: Real>(row: &[T], eps: T) -> T {
+    let ms = row.iter().fold(T::zero(), |acc, &x| acc + x * x) / T::from_usize(row.len());
+    (ms + eps).sqrt().recip()
+}
+
+trait FromUsize {
+    fn from_usize(n: usize) -> Self;
+}
+impl<T: Real> FromUsize for T {
+    fn from_usize(n: usize) -> Self {
+        T::from_f64(n as f64)
+    }
+}
+
+fn rms_fwd<T: Real>(s: &CpuStorage, l: &Layout, gs: &CpuStorage, gl: &Layout, eps: f64) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s, l, "rms_norm")?;
+    let gain = data::<T>(gs, gl, "rms_norm")?;
+    let d = gain.len();
+    let eps = T::from_f64(eps);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(|(o, row)| {
+        let inv = inv_rms(row, eps);
+        for ((o, &x), &g) in o.iter_mut().zip(row).zip(gain) {
+            *o = x * inv * g;
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), rms_fwd(s1, l1, s2, l2, self.eps))
+    }
+    fn bwd(&self, x: &Tensor, gain: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // One op computes both gradients, packed as [dx (all of x) ; dgain (d)].
+        let packed = x.apply_op3_no_bwd(gain, &grad.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let (n, d) = (x.elem_count(), gain.elem_count());
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dg = packed.narrow(0, n, d)?;
+        Ok((Some(dx), Some(dg)))
+    }
+}
+
+/// With u = g ⊙ dy and inv = 1/rms(x): dx = inv·u − x·inv³·(Σ u⊙x)/d; dgain = Σ_rows dy⊙x·inv.
+struct RmsNormBwd {
+    eps: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rms_bwd<T: Real>(
+    s: &CpuStorage,
+    l: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    dys: &CpuStorage,
+    dyl: &Layout,
+    eps: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s, l, "rms_norm backward")?;
+    let gain = data::<T>(gs, gl, "rms_norm backward")?;
+    let dy = data::<T>(dys, dyl, "rms_norm backward")?;
+    let d = gain.len();
+    let eps = T::from_f64(eps);
+    let df = T::from_usize(d);
+    let mut out = vec![T::zero(); x.len() + d];
+    let (dx, dgain) = out.split_at_mut(x.len());
+    let chunk = rows_per_task(d) * d;
+    // dx row by row in parallel; each task also sums its rows' dgain, reduced afterwards.
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .map(|(dx, (x, dy))| {
+            let mut dg = vec![T::zero(); d];
+            for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+                let inv = inv_rms(x, eps);
+                let dot = x.iter().zip(dy).zip(gain).fold(T::zero(), |acc, ((&x, &dy), &g)| acc + g * dy * x);
+                let c = inv * inv * inv * dot / df;
+                for (i, ((dx, &x), &dy)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
+                    *dx = inv * gain[i] * dy - x * c;
+                    dg[i] = dg[i] + dy * x * inv;
+                }
+            }
+            dg
+        })
+        .collect();
+    for p in partials {
+        for (a, b) in dgain.iter_mut().zip(p) {
+            *a = *a + b;
+        }
+    }
+    let len = out.len();
+    Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), rms_bwd(s1, l1, s2, l2, s3, l3, self.eps))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RoPE fused with the head transpose
+
+/// Rotary embedding (HF rotate_half convention) of x (B, T, H, hd) at positions
+/// offset..offset+T, returned transposed to (B, H, T, hd) and contiguous: what
+/// `x.transpose(1, 2).contiguous()` followed by RoPE gives. `cos`/`sin` are the (max_T, hd)
+/// tables with each frequency in both halves.
+pub fn rope_t(x: &Tensor, cos: &Tensor, sin: &Tensor, offset: usize) -> Result<Tensor> {
+    let (_, t, _, hd) = x.dims4()?;
+    if hd % 2 != 0 || cos.dims2()?.1 != hd || offset + t > cos.dims2()?.0 || sin.dims() != cos.dims() {
+        bail!("rope_t: x {:?} does not fit the tables {:?} at offset {offset}", x.dims(), cos.dims());
+    }
+    let (cos, sin) = (cos.narrow(0, offset, t)?.contiguous()?, sin.narrow(0, offset, t)?.contiguous()?);
+    x.contiguous()?.apply_op3(&cos, &sin, Rope { inverse: false })
+}
+
+/// Forward: (B, T, H, hd) → (B, H, T, hd) rotating by +θ. Inverse (the backward pass):
+/// (B, H, T, hd) → (B, T, H, hd) rotating by −θ, which is the transpose of the forward map.
+struct Rope {
+    inverse: bool,
+}
+
+fn rope_kernel<T: Real>(
+    s: &CpuStorage,
+    l: &Layout,
+    cs: &CpuStorage,
+    cl: &Layout,
+    ss: &CpuStorage,
+    sl: &Layout,
+    inverse: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s, l, "rope")?;
+    let cos = data::<T>(cs, cl, "rope")?;
+    let sin = data::<T>(ss, sl, "rope")?;
+    let (b, d1, d2, hd) = l.shape().dims4()?;
+    // Forward: input (B, T, H, hd); inverse: input (B, H, T, hd).
+    let (t, h) = if inverse { (d2, d1) } else { (d1, d2) };
+    let half = hd / 2;
+    let mut out = vec![T::zero(); x.len()];
+    // One output row of hd values per (b, d1', d2') of the output layout.
+    out.par_chunks_mut(hd).enumerate().with_min_len(rows_per_task(hd)).for_each(|(r, o)| {
+        let (bi, rest) = (r / (d1 * d2), r % (d1 * d2));
+        // Output index (b, h, t) forward, (b, t, h) inverse; source is the other layout.
+        let (hi, ti) = if inverse { (rest % h, rest / h) } else { (rest / t, rest % t) };
+        let src = if inverse { ((bi * h + hi) * t + ti) * hd } else { ((bi * t + ti) * h + hi) * hd };
+        let x = &x[src..src + hd];
+        let (c, sn) = (&cos[ti * hd..ti * hd + hd], &sin[ti * hd..ti * hd + hd]);
+        for j in 0..half {
+            let (x1, x2) = (x[j], x[j + half]);
+            let (c1, c2) = (c[j], c[j + half]);
+            let (s1, s2) = if inverse { (-sn[j], -sn[j + half]) } else { (sn[j], sn[j + half]) };
+            o[j] = x1 * c1 - x2 * s1;
+            o[j + half] = x2 * c2 + x1 * s2;
+        }
+    });
+    let shape = if inverse { (b, t, h, hd) } else { (b, h, t, hd) };
+    Ok((T::to_cpu_storage_owned(out), Shape::from(shape)))
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope-transpose"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), rope_kernel(s1, l1, s2, l2, s3, l3, self.inverse))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: true })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU
+
+/// `silu(gate) ⊙ up`, both of the same shape.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        bail!("swiglu: gate {:?} and up {:?} differ in shape", gate.dims(), up.dims());
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+fn sigmoid<T: Real>(x: T) -> T {
+    (T::one() + (-x).exp()).recip()
+}
+
+fn swiglu_fwd<T: Real>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    let g = data::<T>(s1, l1, "swiglu")?;
+    let u = data::<T>(s2, l2, "swiglu")?;
+    let mut out = vec![T::zero(); g.len()];
+    out.par_chunks_mut(16384).zip(g.par_chunks(16384).zip(u.par_chunks(16384))).for_each(|(o, (g, u))| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g * sigmoid(g) * u;
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), swiglu_fwd(s1, l1, s2, l2))
+    }
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Packed [dgate ; dup] from one pass.
+        let packed = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluBwd)?;
+        let n = gate.elem_count();
+        let dg = packed.narrow(0, 0, n)?.reshape(gate.shape())?;
+        let du = packed.narrow(0, n, n)?.reshape(gate.shape())?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// With s = σ(g): dgate = dy·u·s·(1 + g·(1 − s)), dup = dy·g·s.
+struct SwiGluBwd;
+
+fn swiglu_bwd<T: Real>(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let g = data::<T>(s1, l1, "swiglu backward")?;
+    let u = data::<T>(s2, l2, "swiglu backward")?;
+    let dy = data::<T>(s3, l3, "swiglu backward")?;
+    let n = g.len();
+    let mut out = vec![T::zero(); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    const C: usize = 16384;
+    dg.par_chunks_mut(C)
+        .zip(du.par_chunks_mut(C))
+        .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
+        .for_each(|((dg, du), ((g, u), dy))| {
+            for i in 0..g.len() {
+                let s = sigmoid(g[i]);
+                dg[i] = dy[i] * u[i] * s * (T::one() + g[i] * (T::one() - s));
+                du[i] = dy[i] * g[i] * s;
+            }
+        });
+    Ok((T::to_cpu_storage_owned(out), Shape::from(2 * n)))
+}
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), swiglu_bwd(s1, l1, s2, l2, s3, l3))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// AdamW, in place
+
+/// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²` in place.
+pub struct Moments {
+    pub beta: f64,
+    pub square: bool,
+}
+
+fn moments<T: Real>(
+    m: &mut CpuStorage,
+    ml: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    beta: f64,
+    square: bool,
+) -> Result<()> {
+    let g = data::<T>(gs, gl, "adamw")?;
+    let Some((a, b)) = ml.contiguous_offsets() else { bail!("adamw: moment must be contiguous") };
+    let m = &mut T::as_mut_slice(m)?[a..b];
+    let (beta, one_minus) = (T::from_f64(beta), T::from_f64(1.0 - beta));
+    for (m, &g) in m.iter_mut().zip(g) {
+        let g = if square { g * g } else { g };
+        *m = beta * *m + one_minus * g;
+    }
+    Ok(())
+}
+
+impl InplaceOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "adamw-moments"
+    }
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        match s1 {
+            CpuStorage::F32(_) => moments::<f32>(s1, l1, s2, l2, self.beta, self.square),
+            CpuStorage::F64(_) => moments::<f64>(s1, l1, s2, l2, self.beta, self.square),
+            other => bail!("adamw: dtype {:?} is not supported on the CPU", other.dtype()),
+        }
+    }
+}
+
+/// `p ← p·(1 − lr·wd) − lr·(m / bc1) / (√(v / bc2) + ε)` in place.
+pub struct AdamUpdate {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub bc1: f64,
+    pub bc2: f64,
+    pub eps: f64,
+}
+
+fn adam_update<T: Real>(
+    p: &mut CpuStorage,
+    pl: &Layout,
+    ms: &CpuStorage,
+    ml: &Layout,
+    vs: &CpuStorage,
+    vl: &Layout,
+    u: &AdamUpdate,
+) -> Result<()> {
+    let m = data::<T>(ms, ml, "adamw")?;
+    let v = data::<T>(vs, vl, "adamw")?;
+    let Some((a, b)) = pl.contiguous_offsets() else { bail!("adamw: parameter must be contiguous") };
+    let p = &mut T::as_mut_slice(p)?[a..b];
+    let decay = T::from_f64(1.0 - u.lr * u.weight_decay);
+    let step = T::from_f64(u.lr / u.bc1);
+    let (inv_bc2, eps) = (T::from_f64(1.0 / u.bc2), T::from_f64(u.eps));
+    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+        *p = *p * decay - step * m / ((v * inv_bc2).sqrt() + eps);
+    }
+    Ok(())
+}
+
+impl InplaceOp3 for AdamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        match s1 {
+            CpuStorage::F32(_) => adam_update::<f32>(s1, l1, s2, l2, s3, l3, self),
+            CpuStorage::F64(_) => adam_update::<f64>(s1, l1, s2, l2, s3, l3, self),
+            other => bail!("adamw: dtype {:?} is not supported on the CPU", other.dtype()),
+        }
+    }
+}
