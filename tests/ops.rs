@@ -1,0 +1,290 @@
+//! The fused CPU kernels (src/ops.rs): each one against a plain candle composition written
+//! here (values and gradients, f32), against central finite differences (f64), and on bad
+//! input; then the whole model with and without them.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var, D};
+use lors_lm::config::{Config, Mode};
+use lors_lm::model::Model;
+use lors_lm::ops;
+use lors_lm::rng::Rng;
+use lors_lm::store::ParamStore;
+
+fn rand(rng: &mut Rng, shape: &[usize], scale: f64, dtype: DType) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.normal() * scale).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// An op under test: inputs → output.
+type Op<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
+/// `Σ w ⊙ f(inputs)` for a fixed random w: a scalar whose gradient exercises every output.
+fn weighted(f: Op, inputs: &[Tensor], w: &Tensor) -> Result<Tensor> {
+    Ok((f(inputs)? * w)?.sum_all()?)
+}
+
+/// Value and input gradients of `weighted(f)`.
+fn value_and_grads(f: Op, inputs: &[Tensor], w: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts)?;
+    let grads = (&out * w)?.sum_all()?.backward()?;
+    let g = ts.iter().map(|t| grads.get(t).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"))).collect::<Result<_>>()?;
+    Ok((out, g))
+}
+
+/// The fused op and the plain composition give the same outputs and input gradients (f32).
+fn check_against_plain(fused: Op, plain: Op, inputs: &[Tensor], tol: f64) -> Result<()> {
+    let mut rng = Rng::new(99);
+    let shape = fused(inputs)?.dims().to_vec();
+    let w = rand(&mut rng, &shape, 1.0, inputs[0].dtype())?;
+    let (yf, gf) = value_and_grads(fused, inputs, &w)?;
+    let (yp, gp) = value_and_grads(plain, inputs, &w)?;
+    let d = max_abs_diff(&yf, &yp)?;
+    assert!(d < tol, "outputs differ by {d}");
+    for (i, (a, b)) in gf.iter().zip(&gp).enumerate() {
+        let d = max_abs_diff(a, b)?;
+        assert!(d < tol, "gradient of input {i} differs by {d}");
+    }
+    Ok(())
+}
+
+/// Analytic gradients of the fused op match central finite differences (f64) on every
+/// element of every float input.
+fn check_finite_differences(f: Op, inputs: &[Tensor]) -> Result<()> {
+    let mut rng = Rng::new(7);
+    let shape = f(inputs)?.dims().to_vec();
+    let w = rand(&mut rng, &shape, 1.0, DType::F64)?;
+    let (_, grads) = value_and_grads(f, inputs, &w)?;
+    let eps = 1e-6;
+    for (i, x) in inputs.iter().enumerate() {
+        let base: Vec<f64> = x.flatten_all()?.to_vec1()?;
+        let g: Vec<f64> = grads[i].flatten_all()?.to_vec1()?;
+        for j in 0..base.len() {
+            let at = |delta: f64| -> Result<f64> {
+                let mut v = base.clone();
+                v[j] += delta;
+                let mut xs = inputs.to_vec();
+                xs[i] = Tensor::from_vec(v, x.shape(), &Device::Cpu)?;
+                Ok(weighted(f, &xs, &w)?.to_scalar::<f64>()?)
+            };
+            let numeric = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            let err = (numeric - g[j]).abs() / numeric.abs().max(1.0);
+            assert!(err < 1e-6, "input {i}[{j}]: analytic {} vs numeric {numeric}", g[j]);
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ plain references
+
+fn plain_rms_norm(x: &Tensor, g: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(g)
+}
+
+/// Scaled scores plus an additive −∞ causal mask (query i sees keys ≤ S − T + i), softmax.
+fn plain_causal_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (t, s) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..s).map(move |j| if j > s - t + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask = Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(x.dtype())?;
+    candle_nn::ops::softmax(&(x * scale)?.broadcast_add(&mask)?, D::Minus1)
+}
+
+/// HF Llama RoPE: (B, T, H, hd) → transpose → x·cos + rotate_half(x)·sin.
+fn plain_rope_t(x: &Tensor, cos: &Tensor, sin: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+    let x = x.transpose(1, 2)?.contiguous()?;
+    let (_, _, t, hd) = x.dims4()?;
+    let (cos, sin) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
+    let (x1, x2) = (x.narrow(D::Minus1, 0, hd / 2)?, x.narrow(D::Minus1, hd / 2, hd / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+fn rope_tables(max_t: usize, hd: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let (mut c, mut s) = (vec![], vec![]);
+    for pos in 0..max_t {
+        for j in 0..hd {
+            let angle = pos as f64 / 10000f64.powf(2.0 * (j % (hd / 2)) as f64 / hd as f64);
+            c.push(angle.cos());
+            s.push(angle.sin());
+        }
+    }
+    let mk = |v| -> Result<Tensor> { Ok(Tensor::from_vec(v, (max_t, hd), &Device::Cpu)?.to_dtype(dtype)?) };
+    Ok((mk(c)?, mk(s)?))
+}
+
+// ------------------------------------------------------------------ per-op tests
+
+#[test]
+fn cross_entropy_matches_candle_and_finite_differences() -> Result<()> {
+    let mut rng = Rng::new(1);
+    let targets = Tensor::new(&[3u32, 0, 10, 7, 7, 1], &Device::Cpu)?;
+    let t2 = targets.clone();
+    let fused = move |x: &[Tensor]| ops::cross_entropy(&x[0], &t2);
+    // candle's mean cross-entropy times N is the sum of our per-row losses.
+    let t3 = targets.clone();
+    let plain = move |x: &[Tensor]| -> candle_core::Result<Tensor> {
+        let lsm = candle_nn::ops::log_softmax(&x[0], D::Minus1)?;
+        lsm.gather(&t3.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+    };
+    let x = rand(&mut rng, &[6, 11], 3.0, DType::F32)?;
+    check_against_plain(&fused, &plain, &[x.clone()], 1e-5)?;
+    let mean = ops::cross_entropy(&x, &targets)?.mean_all()?.to_scalar::<f32>()?;
+    let want = candle_nn::loss::cross_entropy(&x, &targets)?.to_scalar::<f32>()?;
+    assert!((mean - want).abs() < 1e-5, "{mean} vs candle's {want}");
+    check_finite_differences(&fused, &[rand(&mut rng, &[6, 11], 3.0, DType::F64)?])
+}
+
+#[test]
+fn causal_softmax_matches_masked_softmax_and_finite_differences() -> Result<()> {
+    let mut rng = Rng::new(2);
+    let fused = |x: &[Tensor]| ops::causal_softmax(&x[0], 0.35);
+    let plain = |x: &[Tensor]| plain_causal_softmax(&x[0], 0.35);
+    // T = S (training) and T < S (decoding after a cache of 3 tokens).
+    for shape in [[2, 3, 5, 5], [1, 2, 4, 7]] {
+        let x = rand(&mut rng, &shape, 4.0, DType::F32)?;
+        check_against_plain(&fused, &plain, &[x.clone()], 1e-5)?;
+        // Masked probabilities are exactly zero; rows sum to one.
+        let p = ops::causal_softmax(&x, 0.35)?;
+        let (t, s) = (shape[2], shape[3]);
+        let v: Vec<f32> = p.flatten_all()?.to_vec1()?;
+        for (r, row) in v.chunks(s).enumerate() {
+            let i = r % t;
+            assert!(row[s - t + i + 1..].iter().all(|&p| p == 0.0), "row {r} sees the future: {row:?}");
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        check_finite_differences(&fused, &[rand(&mut rng, &shape, 4.0, DType::F64)?])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_matches_composition_and_finite_differences() -> Result<()> {
+    let mut rng = Rng::new(3);
+    let fused = |x: &[Tensor]| ops::rms_norm(&x[0], &x[1], 1e-5);
+    let plain = |x: &[Tensor]| plain_rms_norm(&x[0], &x[1], 1e-5);
+    let ins = |dtype| -> Result<Vec<Tensor>> {
+        let mut r = Rng::new(30);
+        Ok(vec![rand(&mut r, &[3, 5, 8], 1.5, dtype)?, (rand(&mut r, &[8], 0.3, dtype)? + 1.0)?])
+    };
+    check_against_plain(&fused, &plain, &ins(DType::F32)?, 1e-5)?;
+    // More rows than one task holds, so the per-task dgain partials are summed.
+    let big = vec![rand(&mut rng, &[3000, 8], 1.0, DType::F32)?, rand(&mut rng, &[8], 1.0, DType::F32)?];
+    check_against_plain(&fused, &plain, &big, 1e-3)?;
+    check_finite_differences(&fused, &ins(DType::F64)?)
+}
+
+#[test]
+fn rope_matches_rotate_half_and_finite_differences() -> Result<()> {
+    let mut rng = Rng::new(4);
+    let (cos32, sin32) = rope_tables(12, 8, DType::F32)?;
+    for offset in [0, 3] {
+        let (c, s) = (cos32.clone(), sin32.clone());
+        let fused = move |x: &[Tensor]| ops::rope_t(&x[0], &c, &s, offset);
+        let (c, s) = (cos32.clone(), sin32.clone());
+        let plain = move |x: &[Tensor]| plain_rope_t(&x[0], &c, &s, offset);
+        // (B, T, H, hd) → (B, H, T, hd)
+        let x = rand(&mut rng, &[2, 5, 3, 8], 1.0, DType::F32)?;
+        assert_eq!(ops::rope_t(&x, &cos32, &sin32, offset)?.dims(), &[2, 3, 5, 8]);
+        check_against_plain(&fused, &plain, &[x], 1e-5)?;
+        let (c, s) = rope_tables(12, 8, DType::F64)?;
+        let fused64 = move |x: &[Tensor]| ops::rope_t(&x[0], &c, &s, offset);
+        check_finite_differences(&fused64, &[rand(&mut rng, &[2, 5, 3, 8], 1.0, DType::F64)?])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn swiglu_matches_silu_times_up_and_finite_differences() -> Result<()> {
+    let mut rng = Rng::new(5);
+    let fused = |x: &[Tensor]| ops::swiglu(&x[0], &x[1]);
+    let plain = |x: &[Tensor]| x[0].silu()? * &x[1];
+    let ins = |dtype| -> Result<Vec<Tensor>> {
+        let mut r = Rng::new(50);
+        Ok(vec![rand(&mut r, &[4, 7], 2.0, dtype)?, rand(&mut r, &[4, 7], 1.0, dtype)?])
+    };
+    check_against_plain(&fused, &plain, &ins(DType::F32)?, 1e-5)?;
+    let big = vec![rand(&mut rng, &[5, 9000], 2.0, DType::F32)?, rand(&mut rng, &[5, 9000], 1.0, DType::F32)?];
+    check_against_plain(&fused, &plain, &big, 1e-4)?;
+    check_finite_differences(&fused, &ins(DType::F64)?)
+}
+
+#[test]
+fn bad_input_is_refused_with_an_error() -> Result<()> {
+    let mut rng = Rng::new(6);
+    let x = rand(&mut rng, &[2, 4], 1.0, DType::F32)?;
+    let e = ops::cross_entropy(&x, &Tensor::new(&[1u32, 4], &Device::Cpu)?).unwrap_err();
+    assert!(e.to_string().contains("target 4 out of range for 4 classes"), "{e}");
+    let e = ops::cross_entropy(&x, &Tensor::new(&[1u32], &Device::Cpu)?).unwrap_err();
+    assert!(e.to_string().contains("2 rows of logits but 1 targets"), "{e}");
+    let e = ops::causal_softmax(&rand(&mut rng, &[1, 1, 5, 3], 1.0, DType::F32)?, 1.0).unwrap_err();
+    assert!(e.to_string().contains("S >= T"), "{e}");
+    let e = ops::swiglu(&x, &x.t()?).unwrap_err();
+    assert!(e.to_string().contains("differ in shape"), "{e}");
+    let e = ops::rms_norm(&x, &Tensor::ones(3, DType::F32, &Device::Cpu)?, 1e-5).unwrap_err();
+    assert!(e.to_string().contains("does not match"), "{e}");
+    let e = ops::swiglu(&x.to_dtype(DType::BF16)?, &x.to_dtype(DType::BF16)?).unwrap_err();
+    assert!(e.to_string().contains("not supported"), "{e}");
+    assert!(!ops::supported(&x.to_dtype(DType::BF16)?));
+    Ok(())
+}
+
+// ------------------------------------------------------------------ the whole model
+
+/// The model with fused kernels gives the plain model's logits, loss and every parameter's
+/// gradient (f32, LORS with GQA, a KV cache prefill at an offset too).
+#[test]
+fn fused_model_matches_plain_model() -> Result<()> {
+    let mut cfg = Config::tiny();
+    cfg.model.vocab_size = 50;
+    cfg.lors.mode = Mode::Lors;
+    let mut store = ParamStore::new_init(11, DType::F32, &Device::Cpu);
+    let fused = Model::new(&cfg, &mut store)?;
+    // B zeros at init would hide the residual path: perturb every parameter.
+    let mut rng = Rng::new(12);
+    for (_, var) in store.vars() {
+        var.set(&(var.as_tensor() + rand(&mut rng, var.dims(), 0.05, DType::F32)?)?)?;
+    }
+    let plain = fused.merged()?.with_fused_ops(false)?;
+    let mut store_p = ParamStore::from_tensors(store.tensors(), DType::F32, &Device::Cpu);
+    let plain_lors = Model::new(&cfg, &mut store_p)?.with_fused_ops(false)?;
+    let ids: Vec<u32> = (0..2 * 9).map(|_| rng.below(50) as u32).collect();
+    let all = Tensor::from_vec(ids, (2, 9), &Device::Cpu)?;
+    let (x, y) = (all.narrow(1, 0, 8)?, all.narrow(1, 1, 8)?);
+
+    let lf = fused.forward(&x)?;
+    let d = max_abs_diff(&lf, &plain.forward(&x)?)?;
+    assert!(d < 1e-4, "logits differ by {d}");
+    let loss_f = Model::loss(&lf, &y)?;
+    let loss_p = Model::loss_plain(&plain_lors.forward(&x)?, &y)?;
+    let d = (loss_f.to_scalar::<f32>()? - loss_p.to_scalar::<f32>()?).abs();
+    assert!(d < 1e-5, "loss differs by {d}");
+    let (gf, gp) = (loss_f.backward()?, loss_p.backward()?);
+    let (vars_f, vars_p) = (store.vars(), store_p.vars());
+    assert_eq!(vars_f.len(), vars_p.len());
+    for ((name, var), (name_p, pv)) in vars_f.iter().zip(&vars_p) {
+        assert_eq!(name, name_p);
+        let a = gf.get(var.as_tensor()).ok_or_else(|| anyhow::anyhow!("{name}: no fused gradient"))?;
+        let b = gp.get(pv.as_tensor()).ok_or_else(|| anyhow::anyhow!("{name}: no plain gradient"))?;
+        let d = max_abs_diff(a, b)?;
+        assert!(d < 1e-5, "{name}: gradients differ by {d}");
+    }
+
+    // Cached decoding at an offset: a prefill of 5 then 3 more tokens.
+    let (mut cf, mut cp) = (fused.new_cache(), plain.new_cache());
+    for (off, len) in [(0, 5), (5, 3)] {
+        let part = x.narrow(1, off, len)?;
+        let a = fused.forward_at(&part, off, Some(&mut cf))?;
+        let b = plain.forward_at(&part, off, Some(&mut cp))?;
+        let d = max_abs_diff(&a, &b)?;
+        assert!(d < 1e-4, "cached logits at offset {off} differ by {d}");
+    }
+    Ok(())
+}
