@@ -55,6 +55,10 @@ pub struct BenchResult {
     pub params_unique: usize,
     pub tokens_per_step: usize,
     pub step_ms_median: f64,
+    /// Medians of the step's phases: forward + loss, backward, gradient gather + AdamW.
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
     pub train_tokens_per_sec: f64,
     pub peak_rss_mb: Option<f64>,
     pub prefill_tokens_per_sec: Option<f64>,
@@ -94,13 +98,16 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
     let mut opt = AdamW::from_config(vars.clone(), cfg)?;
     let mut rng = Rng::new(7);
     let mut times = vec![];
+    let mut phases = vec![]; // (forward + loss, backward, optimizer) ms per timed step
     for i in 0..args.warmup + args.steps {
         let ids: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(v) as u32).collect();
         let all = Tensor::from_vec(ids, (b, t + 1), &device)?;
         let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
         let t0 = Instant::now();
         let loss = loss_fn(&model.forward(&x)?, &y)?;
+        let t_fwd = t0.elapsed();
         let grads = loss.backward()?;
+        let t_bwd = t0.elapsed();
         let g: Vec<Tensor> = vars
             .iter()
             .map(|(n, var)| grads.get(var.as_tensor()).cloned().with_context(|| format!("{n} has no gradient")))
@@ -108,10 +115,14 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
         opt.step(&g, tc.lr)?;
         let _ = loss.to_scalar::<f32>()?; // sync
         if i >= args.warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            let total = t0.elapsed();
+            times.push(total.as_secs_f64() * 1e3);
+            phases.push([t_fwd, t_bwd - t_fwd, total - t_bwd].map(|d| d.as_secs_f64() * 1e3));
         }
     }
     let step_ms = median(times);
+    let phase = |k: usize| median(phases.iter().map(|p| p[k]).collect());
+    let (forward_ms, backward_ms, optimizer_ms) = (phase(0), phase(1), phase(2));
     let peak = peak_rss_mb();
     let (mut prefill, mut decode) = (None, None);
     if args.prompt_tokens > 0 {
@@ -143,6 +154,9 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
         params_unique: store.num_params(),
         tokens_per_step: b * t,
         step_ms_median: step_ms,
+        forward_ms,
+        backward_ms,
+        optimizer_ms,
         train_tokens_per_sec: (b * t) as f64 / (step_ms / 1e3),
         peak_rss_mb: peak,
         prefill_tokens_per_sec: prefill,
@@ -177,16 +191,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if !args.json {
         println!(
-            "\n{:<8} {:>11} {:>9} {:>11} {:>9} {:>11} {:>11}",
-            "mode", "params", "step ms", "train tok/s", "peak MB", "prefill t/s", "decode t/s"
+            "\n{:<8} {:>11} {:>9} {:>17} {:>11} {:>9} {:>11} {:>11}",
+            "mode", "params", "step ms", "fwd/bwd/opt ms", "train tok/s", "peak MB", "prefill t/s", "decode t/s"
         );
         let opt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
         for r in &results {
             println!(
-                "{:<8} {:>11} {:>9.1} {:>11.0} {:>9} {:>11} {:>11}",
+                "{:<8} {:>11} {:>9.1} {:>17} {:>11.0} {:>9} {:>11} {:>11}",
                 r.mode,
                 r.params_unique,
                 r.step_ms_median,
+                format!("{:.0}/{:.0}/{:.0}", r.forward_ms, r.backward_ms, r.optimizer_ms),
                 r.train_tokens_per_sec,
                 opt(r.peak_rss_mb),
                 opt(r.prefill_tokens_per_sec),

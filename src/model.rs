@@ -187,6 +187,37 @@ impl Block {
         })
     }
 
+    /// Causal attention from basic candle ops: q (B, H, T, hd), k/v (B, Hkv, S, hd) →
+    /// (B, H, T, hd), with the additive mask (None when T = 1).
+    fn attention_plain(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        scale: f64,
+        mm: DType,
+    ) -> Result<Tensor> {
+        let (b, h, _, hd) = q.dims4()?;
+        let (_, hkv, s, _) = k.dims4()?;
+        let (k, v) = if h != hkv {
+            // GQA: (B, Hkv, S, hd) -> (B, Hkv, rep, S, hd) -> (B, H, S, hd)
+            let rep = h / hkv;
+            let expand = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, rep, s, hd))?.reshape((b, h, s, hd))?)
+            };
+            (expand(k)?, expand(v)?)
+        } else {
+            (k.clone(), v.clone())
+        };
+        let att = (matmul_as(q, &k.t()?, mm)? * scale)?; // (B, H, T, S), f32
+        let att = softmax_last(&match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        })?;
+        matmul_as(&att, &v, mm) // (B, H, T, hd)
+    }
+
     /// x: (B, T, d) at positions offset..offset+T → (B, T, d).
     fn forward(
         &self,
@@ -213,30 +244,13 @@ impl Block {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let s = k.dim(2)?; // keys visible: T_past + T
-        let (k, v) = if h != hkv {
-            // GQA: (B, Hkv, S, hd) -> (B, Hkv, rep, S, hd) -> (B, H, S, hd)
-            let rep = h / hkv;
-            let expand = |x: &Tensor| -> Result<Tensor> {
-                Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, rep, s, hd))?.reshape((b, h, s, hd))?)
-            };
-            (expand(&k)?, expand(&v)?)
-        } else {
-            (k, v)
-        };
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = matmul_as(&q, &k.t()?, mm)?; // (B, H, T, S), f32
-        let att = if fused {
-            ops::causal_softmax(&att, scale)?
+        let y = if fused {
+            // One fused kernel: scores, causal softmax and P·v per head, GQA included.
+            ops::attention(&q, &k, &v, scale)?.reshape((b, t, d))? // (B, T, H, hd) -> (B, T, d)
         } else {
-            let att = (att * scale)?;
-            softmax_last(&match mask {
-                Some(m) => att.broadcast_add(m)?,
-                None => att,
-            })?
+            self.attention_plain(&q, &k, &v, mask, scale, mm)?.transpose(1, 2)?.reshape((b, t, d))?
         };
-        let y = matmul_as(&att, &v, mm)?; // (B, H, T, hd)
-        let y = y.transpose(1, 2)?.reshape((b, t, d))?; // (B, T, d)
         let x = (x + self.o.forward_as(&y, mm)?)?;
 
         // --- SwiGLU FFN ---

@@ -9,10 +9,14 @@
 //! | op | replaces | forward | backward |
 //! |---|---|---|---|
 //! | [`cross_entropy`] | log-softmax, gather, mean | per-row loss | `g·(softmax − onehot)` |
-//! | [`causal_softmax`] | scale, mask add, max, sub, exp, sum, div | `P` | `s·P⊙(dP − Σ P⊙dP)` |
+//! | [`attention`] | qkᵀ, scale, mask, softmax (5 ops), P·v, transpose | per head | recomputes P per head |
 //! | [`rms_norm`] | sqr, mean, add, sqrt, recip, mul, mul | `x·inv·g` | dx and dg in one op |
 //! | [`rope_t`] | transpose, contiguous, narrow, neg, cat, mul, mul, add | rotate | rotate by −θ |
 //! | [`swiglu`] | silu, mul | `silu(g)·u` | dg and du in one op |
+//!
+//! [`attention`] is FlashAttention's idea on a CPU: one task per head computes its scores,
+//! masks and normalises them and multiplies by v without storing the (T, S) probabilities;
+//! the backward pass recomputes them. Its matmuls call `gemm` single-threaded per head.
 //!
 //! They run on the CPU in f32 or f64 only; the model uses the plain candle compositions
 //! (kept in `model.rs`, and the reference in the tests) on other devices. Each op has a
@@ -175,99 +179,6 @@ impl CustomOp3 for CrossEntropyBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(s1, self.name(), ce_bwd(s1, l1, s2, l2, s3, l3, &self.targets))
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Causal softmax
-
-/// `softmax(scale · x)` over the last dim of attention scores x (..., T, S) with a causal
-/// mask: query row i (position offset + i, where offset = S − T) sees keys 0..=offset + i;
-/// the masked probabilities are exactly 0.
-pub fn causal_softmax(x: &Tensor, scale: f64) -> Result<Tensor> {
-    let dims = x.dims();
-    if dims.len() < 2 || dims[dims.len() - 1] < dims[dims.len() - 2] {
-        bail!("causal_softmax: scores {dims:?} must be (..., T, S) with S >= T");
-    }
-    x.contiguous()?.apply_op1(CausalSoftmax { scale })
-}
-
-struct CausalSoftmax {
-    scale: f64,
-}
-
-fn softmax_fwd<T: Real>(s: &CpuStorage, l: &Layout, scale: f64) -> Result<(CpuStorage, Shape)> {
-    let x = data::<T>(s, l, "causal_softmax")?;
-    let dims = l.dims();
-    let (t, n) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let offset = n - t;
-    let scale = T::from_f64(scale);
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().with_min_len(rows_per_task(n)).for_each(|(r, (o, row))| {
-        let visible = offset + r % t + 1;
-        let (o, row) = (&mut o[..visible], &row[..visible]);
-        let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max) * scale;
-        let mut sum = T::zero();
-        for (o, &x) in o.iter_mut().zip(row) {
-            let e = (x * scale - max).exp();
-            *o = e;
-            sum = sum + e;
-        }
-        let inv = sum.recip();
-        o.iter_mut().for_each(|o| *o = *o * inv);
-    });
-    Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "fused-causal-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if self.scale <= 0.0 {
-            bail!("causal_softmax: scale must be > 0");
-        }
-        float_dispatch!(s, self.name(), softmax_fwd(s, l, self.scale))
-    }
-    fn bwd(&self, _x: &Tensor, p: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?))
-    }
-}
-
-/// dx = scale · P ⊙ (dP − Σ_j P_j dP_j), row by row (masked entries have P = 0, so dx = 0).
-struct SoftmaxBwd {
-    scale: f64,
-}
-
-fn softmax_bwd<T: Real>(
-    ps: &CpuStorage,
-    pl: &Layout,
-    gs: &CpuStorage,
-    gl: &Layout,
-    scale: f64,
-) -> Result<(CpuStorage, Shape)> {
-    let p = data::<T>(ps, pl, "causal_softmax backward")?;
-    let g = data::<T>(gs, gl, "causal_softmax backward")?;
-    let n = pl.dims()[pl.dims().len() - 1];
-    let scale = T::from_f64(scale);
-    let mut out = vec![T::zero(); p.len()];
-    out.par_chunks_mut(n).zip(p.par_chunks(n).zip(g.par_chunks(n))).with_min_len(rows_per_task(n)).for_each(
-        |(o, (p, g))| {
-            let dot = p.iter().zip(g).fold(T::zero(), |acc, (&p, &g)| acc + p * g);
-            for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
-                *o = scale * p * (g - dot);
-            }
-        },
-    );
-    Ok((T::to_cpu_storage_owned(out), pl.shape().clone()))
-}
-
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "fused-causal-softmax-bwd"
-    }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        float_dispatch!(s1, self.name(), softmax_bwd(s1, l1, s2, l2, self.scale))
     }
 }
 
@@ -672,5 +583,241 @@ impl InplaceOp3 for AdamUpdate {
             CpuStorage::F64(_) => adam_update::<f64>(s1, l1, s2, l2, s3, l3, self),
             other => bail!("adamw: dtype {:?} is not supported on the CPU", other.dtype()),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Causal attention, fused
+
+/// A strided matrix view into a slice: element (i, j) is `d[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    d: &'a [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A row-major (rows × cols) block starting at `offset`, rows `rs` apart.
+    fn at(d: &'a [T], offset: usize, rows: usize, cols: usize, rs: usize) -> Self {
+        Self { d: &d[offset..], rows, cols, rs, cs: 1 }
+    }
+    fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+    /// Whether every element lies inside the slice.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.d.len()
+    }
+}
+
+/// `dst (m×n, row-major, rows ld apart) [+]= a (m×k) · b (k×n)`, single-threaded (the callers
+/// parallelise over heads).
+fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>, accumulate: bool) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert!(a.cols == b.rows && a.in_bounds() && b.in_bounds(), "matmul: bad operand views");
+    assert!(m == 0 || n == 0 || (m - 1) * ld + n <= dst.len(), "matmul: destination too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every index gemm touches inside the three slices, and dst
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ld as isize,
+            accumulate,
+            a.d.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.d.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Row r of a (T × S) score block: `softmax(scale · x)` over keys 0..=S−T+r, zeros after.
+fn causal_softmax_rows<T: Real>(s: &mut [T], t: usize, n: usize, scale: T) {
+    let offset = n - t;
+    for (r, row) in s.chunks_mut(n).enumerate() {
+        let visible = offset + r + 1;
+        let (live, masked) = row.split_at_mut(visible);
+        let max = live.iter().copied().fold(T::neg_infinity(), num_traits::Float::max) * scale;
+        let mut sum = T::zero();
+        for x in live.iter_mut() {
+            *x = (*x * scale - max).exp();
+            sum = sum + *x;
+        }
+        let inv = sum.recip();
+        live.iter_mut().for_each(|x| *x = *x * inv);
+        masked.iter_mut().for_each(|x| *x = T::zero());
+    }
+}
+
+/// Causal multi-head attention `softmax(scale · q kᵀ + mask) v` for q (B, H, T, hd) and k, v
+/// (B, Hkv, S, hd) (H a multiple of Hkv: grouped-query attention), query i at position
+/// S − T + i; returns (B, T, H, hd), so that a reshape gives (B, T, H·hd). Neither the scores
+/// nor the probabilities are kept: the backward pass recomputes them per head, as
+/// FlashAttention does, so no (B, H, T, S) tensor is ever stored.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let (bk, hkv, s, hdk) = k.dims4()?;
+    if bk != b || hdk != hd || v.dims() != k.dims() || hkv == 0 || h % hkv != 0 || s < t || scale <= 0.0 {
+        bail!("attention: q {:?}, k {:?}, v {:?} do not fit (B, H, T, hd) / (B, Hkv, S >= T, hd)", q.dims(), k.dims(), v.dims());
+    }
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale })
+}
+
+struct Attention {
+    scale: f64,
+}
+
+/// (B, H, T, S, hd, Hkv) of an attention call.
+fn attn_dims(q: &Layout, k: &Layout) -> Result<(usize, usize, usize, usize, usize, usize)> {
+    let (b, h, t, hd) = q.shape().dims4()?;
+    let (_, hkv, s, _) = k.shape().dims4()?;
+    Ok((b, h, t, s, hd, hkv))
+}
+
+fn attn_fwd<T: Real>(
+    qs: &CpuStorage,
+    ql: &Layout,
+    ks: &CpuStorage,
+    kl: &Layout,
+    vs: &CpuStorage,
+    vl: &Layout,
+    scale: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let (q, k, v) = (data::<T>(qs, ql, "attention")?, data::<T>(ks, kl, "attention")?, data::<T>(vs, vl, "attention")?);
+    let (b, h, t, s, hd, hkv) = attn_dims(ql, kl)?;
+    let rep = h / hkv;
+    let scale = T::from_f64(scale);
+    // y per head, (B, H, T, hd); transposed to (B, T, H, hd) below.
+    let mut y = vec![T::zero(); b * h * t * hd];
+    y.par_chunks_mut(t * hd).enumerate().for_each(|(bh, y)| {
+        let (bi, hi) = (bh / h, bh % h);
+        let kv = (bi * hkv + hi / rep) * s * hd;
+        let mut p = vec![T::zero(); t * s];
+        matmul(&mut p, s, Mat::at(q, bh * t * hd, t, hd, hd), Mat::at(k, kv, s, hd, hd).t(), false);
+        causal_softmax_rows(&mut p, t, s, scale);
+        matmul(y, hd, Mat::at(&p, 0, t, s, s), Mat::at(v, kv, s, hd, hd), false);
+    });
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(h * hd).enumerate().for_each(|(bt, o)| {
+        let (bi, ti) = (bt / t, bt % t);
+        for hi in 0..h {
+            let src = ((bi * h + hi) * t + ti) * hd;
+            o[hi * hd..(hi + 1) * hd].copy_from_slice(&y[src..src + hd]);
+        }
+    });
+    Ok((T::to_cpu_storage_owned(out), Shape::from((b, t, h, hd))))
+}
+
+/// Gradients of q, k, v given dy (B, T, H, hd), recomputing P per head:
+/// dP = dy vᵀ, dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), dq = dS k, dk = Σ_group dSᵀ q,
+/// dv = Σ_group Pᵀ dy. One task per (batch, kv head) owns its dk, dv and its group's dq.
+fn attn_bwd<T: Real>(q: &[T], k: &[T], v: &[T], dy: &[T], dims: (usize, usize, usize, usize, usize, usize), scale: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (b, h, t, s, hd, hkv) = dims;
+    let rep = h / hkv;
+    let scale = T::from_f64(scale);
+    let mut dq = vec![T::zero(); b * h * t * hd];
+    let mut dk = vec![T::zero(); b * hkv * s * hd];
+    let mut dv = vec![T::zero(); b * hkv * s * hd];
+    dq.par_chunks_mut(rep * t * hd).zip(dk.par_chunks_mut(s * hd).zip(dv.par_chunks_mut(s * hd))).enumerate().for_each(
+        |(bg, (dq, (dk, dv)))| {
+            let bi = bg / hkv;
+            let kv = bg * s * hd;
+            let (km, vm) = (Mat::at(k, kv, s, hd, hd), Mat::at(v, kv, s, hd, hd));
+            let mut p = vec![T::zero(); t * s];
+            let mut dp = vec![T::zero(); t * s];
+            for r in 0..rep {
+                let hi = (bg % hkv) * rep + r;
+                let qm = Mat::at(q, (bi * h + hi) * t * hd, t, hd, hd);
+                // dy for this head: rows t of (B, T, H, hd), H·hd apart.
+                let dym = Mat::at(dy, (bi * t * h + hi) * hd, t, hd, h * hd);
+                matmul(&mut p, s, qm, km.t(), false);
+                causal_softmax_rows(&mut p, t, s, scale);
+                matmul(&mut dp, s, dym, vm.t(), false);
+                for (prow, drow) in p.chunks(s).zip(dp.chunks_mut(s)) {
+                    let dot = prow.iter().zip(drow.iter()).fold(T::zero(), |acc, (&p, &d)| acc + p * d);
+                    for (d, &p) in drow.iter_mut().zip(prow) {
+                        *d = scale * p * (*d - dot);
+                    }
+                }
+                let pm = Mat::at(&p, 0, t, s, s);
+                let dsm = Mat::at(&dp, 0, t, s, s);
+                matmul(&mut dq[r * t * hd..(r + 1) * t * hd], hd, dsm, km, false);
+                matmul(dk, hd, dsm.t(), qm, r > 0);
+                matmul(dv, hd, pm.t(), dym, r > 0);
+            }
+        },
+    );
+    (dq, dk, dv)
+}
+
+/// The contiguous data of a CPU tensor.
+fn tensor_data<T: Real>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<(Vec<T>, Vec<T>, Vec<T>)>) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let (s, l) = x.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(c) => f(data::<T>(c, l, "attention backward")?),
+        _ => bail!("attention backward: the fused kernel runs on the CPU only"),
+    }
+}
+
+fn attn_bwd_tensors<T: Real>(q: &Tensor, k: &Tensor, v: &Tensor, dy: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, h, t, hd) = q.dims4()?;
+    let (_, hkv, s, _) = k.dims4()?;
+    let (dq, dk, dv) = tensor_data::<T>(q, |q| {
+        tensor_data::<T>(k, |k| {
+            tensor_data::<T>(v, |v| tensor_data::<T>(dy, |dy| Ok(attn_bwd(q, k, v, dy, (b, h, t, s, hd, hkv), scale))))
+        })
+    })?;
+    let dev = q.device();
+    Ok((Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?))
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), attn_fwd(s1, l1, s2, l2, s3, l3, self.scale))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?;
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => attn_bwd_tensors::<f32>(q, k, v, &dy, self.scale)?,
+            DType::F64 => attn_bwd_tensors::<f64>(q, k, v, &dy, self.scale)?,
+            other => bail!("attention: dtype {other:?} is not supported (f32 or f64)"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

@@ -88,13 +88,18 @@ fn plain_rms_norm(x: &Tensor, g: &Tensor, eps: f64) -> candle_core::Result<Tenso
     x.broadcast_mul(&inv)?.broadcast_mul(g)
 }
 
-/// Scaled scores plus an additive −∞ causal mask (query i sees keys ≤ S − T + i), softmax.
-fn plain_causal_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    let (t, s) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+/// softmax(scale·q kᵀ + causal mask) v with the kv heads repeated for GQA, transposed to
+/// (B, T, H, hd); query i sees keys ≤ S − T + i.
+fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let (_, hkv, s, _) = k.dims4()?;
+    let rep = |x: &Tensor| x.unsqueeze(2)?.broadcast_as((b, hkv, h / hkv, s, hd))?.reshape((b, h, s, hd));
+    let (k, v) = (rep(k)?, rep(v)?);
     let mask: Vec<f32> =
         (0..t).flat_map(|i| (0..s).map(move |j| if j > s - t + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    let mask = Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(x.dtype())?;
-    candle_nn::ops::softmax(&(x * scale)?.broadcast_add(&mask)?, D::Minus1)
+    let mask = Tensor::from_vec(mask, (t, s), q.device())?.to_dtype(q.dtype())?;
+    let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+    candle_nn::ops::softmax(&att, D::Minus1)?.matmul(&v)?.transpose(1, 2)?.contiguous()
 }
 
 /// HF Llama RoPE: (B, T, H, hd) → transpose → x·cos + rotate_half(x)·sin.
@@ -143,24 +148,38 @@ fn cross_entropy_matches_candle_and_finite_differences() -> Result<()> {
 }
 
 #[test]
-fn causal_softmax_matches_masked_softmax_and_finite_differences() -> Result<()> {
+fn attention_matches_masked_softmax_attention_and_finite_differences() -> Result<()> {
     let mut rng = Rng::new(2);
-    let fused = |x: &[Tensor]| ops::causal_softmax(&x[0], 0.35);
-    let plain = |x: &[Tensor]| plain_causal_softmax(&x[0], 0.35);
-    // T = S (training) and T < S (decoding after a cache of 3 tokens).
-    for shape in [[2, 3, 5, 5], [1, 2, 4, 7]] {
-        let x = rand(&mut rng, &shape, 4.0, DType::F32)?;
-        check_against_plain(&fused, &plain, &[x.clone()], 1e-5)?;
-        // Masked probabilities are exactly zero; rows sum to one.
-        let p = ops::causal_softmax(&x, 0.35)?;
-        let (t, s) = (shape[2], shape[3]);
-        let v: Vec<f32> = p.flatten_all()?.to_vec1()?;
-        for (r, row) in v.chunks(s).enumerate() {
-            let i = r % t;
-            assert!(row[s - t + i + 1..].iter().all(|&p| p == 0.0), "row {r} sees the future: {row:?}");
-            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    let fused = |x: &[Tensor]| ops::attention(&x[0], &x[1], &x[2], 0.35);
+    let plain = |x: &[Tensor]| plain_attention(&x[0], &x[1], &x[2], 0.35);
+    // (B, H, T, hd) queries against (B, Hkv, S, hd) keys: T = S (training), T < S (decoding
+    // after a cache), Hkv < H (grouped-query attention), T = 1.
+    for (b, h, hkv, t, s, hd) in [(2, 3, 3, 5, 5, 4), (1, 2, 2, 4, 7, 3), (2, 4, 2, 6, 6, 4), (1, 2, 1, 1, 5, 4)] {
+        let ins = |rng: &mut Rng, dtype| -> Result<Vec<Tensor>> {
+            Ok(vec![
+                rand(rng, &[b, h, t, hd], 1.5, dtype)?,
+                rand(rng, &[b, hkv, s, hd], 1.5, dtype)?,
+                rand(rng, &[b, hkv, s, hd], 1.0, dtype)?,
+            ])
+        };
+        let x = ins(&mut rng, DType::F32)?;
+        assert_eq!(fused(&x)?.dims(), &[b, t, h, hd]);
+        check_against_plain(&fused, &plain, &x, 1e-5)?;
+        // Causality: changing the last key and value moves only the last query's output
+        // when T = S.
+        if t == s && t > 1 {
+            let y0 = fused(&x)?;
+            let mut x2 = x.clone();
+            for i in [1, 2] {
+                let last = x2[i].narrow(2, s - 1, 1)?;
+                x2[i] = x2[i].slice_assign(&[0..b, 0..hkv, s - 1..s, 0..hd], &(last + 1.0)?)?;
+            }
+            let y1 = fused(&x2)?;
+            let early = max_abs_diff(&y0.narrow(1, 0, t - 1)?, &y1.narrow(1, 0, t - 1)?)?;
+            let latest = max_abs_diff(&y0.narrow(1, t - 1, 1)?, &y1.narrow(1, t - 1, 1)?)?;
+            assert!(early == 0.0 && latest > 0.0, "future keys leak: {early}, {latest}");
         }
-        check_finite_differences(&fused, &[rand(&mut rng, &shape, 4.0, DType::F64)?])?;
+        check_finite_differences(&fused, &ins(&mut rng, DType::F64)?)?;
     }
     Ok(())
 }
@@ -224,8 +243,10 @@ fn bad_input_is_refused_with_an_error() -> Result<()> {
     assert!(e.to_string().contains("target 4 out of range for 4 classes"), "{e}");
     let e = ops::cross_entropy(&x, &Tensor::new(&[1u32], &Device::Cpu)?).unwrap_err();
     assert!(e.to_string().contains("2 rows of logits but 1 targets"), "{e}");
-    let e = ops::causal_softmax(&rand(&mut rng, &[1, 1, 5, 3], 1.0, DType::F32)?, 1.0).unwrap_err();
-    assert!(e.to_string().contains("S >= T"), "{e}");
+    let q = rand(&mut rng, &[1, 2, 5, 4], 1.0, DType::F32)?;
+    let kv = rand(&mut rng, &[1, 2, 3, 4], 1.0, DType::F32)?;
+    let e = ops::attention(&q, &kv, &kv, 1.0).unwrap_err();
+    assert!(e.to_string().contains("do not fit"), "{e}");
     let e = ops::swiglu(&x, &x.t()?).unwrap_err();
     assert!(e.to_string().contains("differ in shape"), "{e}");
     let e = ops::rms_norm(&x, &Tensor::ones(3, DType::F32, &Device::Cpu)?, 1e-5).unwrap_err();
