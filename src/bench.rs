@@ -92,7 +92,6 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
     let mut store = ParamStore::new_init(cfg.train.seed, DType::F32, &device);
     let model = Model::new(cfg, &mut store)?;
     let model = if args.plain_ops { model.with_fused_ops(false)? } else { model };
-    let loss_fn = if args.plain_ops { Model::loss_plain } else { Model::loss };
     let vars = store.vars();
     let tc = &cfg.train;
     let mut opt = AdamW::from_config(vars.clone(), cfg)?;
@@ -104,7 +103,7 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
         let all = Tensor::from_vec(ids, (b, t + 1), &device)?;
         let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
         let t0 = Instant::now();
-        let loss = loss_fn(&model.forward(&x)?, &y)?;
+        let loss = if args.plain_ops { Model::loss_plain(&model.forward(&x)?, &y)? } else { model.forward_loss(&x, &y)? };
         let t_fwd = t0.elapsed();
         let grads = loss.backward()?;
         let t_bwd = t0.elapsed();

@@ -69,7 +69,7 @@ fn run_on(cfg: &Config, device: &Device, mm: DType, x: &Tensor, y: &Tensor) -> R
         .map(|(n, v)| grads.get(v.as_tensor()).cloned().with_context(|| format!("{n} got no gradient")))
         .collect::<Result<Vec<_>>>()?;
     opt.step(&g, cfg.train.lr)?;
-    let l1 = Model::loss(&model.forward(&x)?, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let l1 = model.forward_loss(&x, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok((logits.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, l0, l1))
 }
 

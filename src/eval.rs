@@ -90,7 +90,7 @@ pub fn eval_tokens(
         }
         let x = Tensor::from_vec(x, (n, t), device)?;
         let y = Tensor::from_vec(y, (n, t), device)?;
-        let mean = Model::loss(&model.forward(&x)?, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mean = model.forward_loss(&x, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         total += mean * (n * t) as f64;
     }
     let n_tokens = windows * t;

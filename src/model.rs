@@ -344,12 +344,23 @@ impl Model {
     }
 
     /// ids (B, T) at positions offset..offset+T, optionally reading and extending a KV cache.
-    pub fn forward_at(&self, ids: &Tensor, offset: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_at(&self, ids: &Tensor, offset: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let x = self.hidden_at(ids, offset, cache)?;
+        linear_as(&x, self.head(), self.matmul_dtype) // (B, T, V)
+    }
+
+    /// The LM head (V, d): the embedding when tied.
+    fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The final-normed hidden states (B, T, d) that the LM head reads.
+    fn hidden_at(&self, ids: &Tensor, offset: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if offset + t > self.cfg.max_seq_len {
             bail!("sequence of {} tokens exceeds model.max_seq_len ({})", offset + t, self.cfg.max_seq_len);
         }
-        // The fused softmax masks as it goes; only the plain path needs the mask tensor.
+        // The fused attention masks as it goes; only the plain path needs the mask tensor.
         let mask = if self.fused { None } else { causal_mask(t, offset, self.embed.dtype(), self.embed.device())? };
         let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.d_model))?;
         let ctx =
@@ -358,9 +369,21 @@ impl Model {
             let slot = cache.as_deref_mut().map(|c| &mut c[l]);
             x = block.forward(&x, &ctx, offset, slot)?;
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.norm_eps, self.fused)?;
-        linear_as(&x, self.lm_head.as_ref().unwrap_or(&self.embed), self.matmul_dtype)
-        // (B, T, V)
+        rms_norm(&x, &self.norm, self.cfg.norm_eps, self.fused)
+    }
+
+    /// Mean next-token loss of ids (B, T) against targets (B, T): what training minimises.
+    /// With the fused kernels the LM head and the loss run as one op
+    /// (`ops::linear_cross_entropy`), which never stores the logits' gradient; otherwise
+    /// `loss(forward(ids), targets)`.
+    pub fn forward_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if !self.fused || self.matmul_dtype != self.embed.dtype() {
+            return Model::loss(&self.forward(ids)?, targets);
+        }
+        let x = self.hidden_at(ids, 0, None)?;
+        let (b, t, d) = x.dims3()?;
+        let loss = ops::linear_cross_entropy(&x.reshape((b * t, d))?, self.head(), &targets.reshape(b * t)?)?;
+        Ok(loss.mean_all()?)
     }
 
     /// Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T); the fused

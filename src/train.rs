@@ -128,7 +128,7 @@ pub fn evaluate(model: &Model, batches: &[(Tensor, Tensor)]) -> Result<f64> {
     let frozen = model.merged()?;
     let mut total = 0.0;
     for (x, y) in batches {
-        let loss = Model::loss(&frozen.forward(x)?, y)?;
+        let loss = frozen.forward_loss(x, y)?;
         total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total / batches.len() as f64)
@@ -380,7 +380,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainSummary> {
         let mut loss_sum = 0.0;
         for _ in 0..tc.grad_accum {
             let (x, y) = sample_batch(&train_data, &mut data_rng, b, t, &device)?;
-            let loss = Model::loss(&model.forward(&x)?, &y)?;
+            let loss = model.forward_loss(&x, &y)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let loss = if tc.grad_accum > 1 { (loss / tc.grad_accum as f64)? } else { loss };
             let grads = loss.backward()?;

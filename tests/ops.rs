@@ -148,6 +148,31 @@ fn cross_entropy_matches_candle_and_finite_differences() -> Result<()> {
 }
 
 #[test]
+fn linear_cross_entropy_matches_head_then_loss_and_finite_differences() -> Result<()> {
+    let mut rng = Rng::new(8);
+    // 150 rows: more than two backward blocks of 64, the last one partial.
+    for (n, d, v) in [(5, 4, 7), (150, 6, 9)] {
+        let targets: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+        let targets = Tensor::from_vec(targets, n, &Device::Cpu)?;
+        let t2 = targets.clone();
+        let fused = move |x: &[Tensor]| ops::linear_cross_entropy(&x[0], &x[1], &t2);
+        let t3 = targets.clone();
+        let plain = move |x: &[Tensor]| -> candle_core::Result<Tensor> {
+            let lsm = candle_nn::ops::log_softmax(&x[0].matmul(&x[1].t()?)?, D::Minus1)?;
+            lsm.gather(&t3.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+        };
+        let ins = |rng: &mut Rng, dtype| -> Result<Vec<Tensor>> {
+            Ok(vec![rand(rng, &[n, d], 1.0, dtype)?, rand(rng, &[v, d], 1.0, dtype)?])
+        };
+        check_against_plain(&fused, &plain, &ins(&mut rng, DType::F32)?, 1e-4)?;
+        if n < 10 {
+            check_finite_differences(&fused, &ins(&mut rng, DType::F64)?)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn attention_matches_masked_softmax_attention_and_finite_differences() -> Result<()> {
     let mut rng = Rng::new(2);
     let fused = |x: &[Tensor]| ops::attention(&x[0], &x[1], &x[2], 0.35);
@@ -241,6 +266,10 @@ fn bad_input_is_refused_with_an_error() -> Result<()> {
     let x = rand(&mut rng, &[2, 4], 1.0, DType::F32)?;
     let e = ops::cross_entropy(&x, &Tensor::new(&[1u32, 4], &Device::Cpu)?).unwrap_err();
     assert!(e.to_string().contains("target 4 out of range for 4 classes"), "{e}");
+    let e = ops::linear_cross_entropy(&x, &x, &Tensor::new(&[0u32, 2], &Device::Cpu)?).unwrap_err();
+    assert!(e.to_string().contains("target 2 out of range for 2 classes"), "{e}");
+    let e = ops::linear_cross_entropy(&x, &x.t()?, &Tensor::new(&[0u32, 1], &Device::Cpu)?).unwrap_err();
+    assert!(e.to_string().contains("differ in width"), "{e}");
     let e = ops::cross_entropy(&x, &Tensor::new(&[1u32], &Device::Cpu)?).unwrap_err();
     assert!(e.to_string().contains("2 rows of logits but 1 targets"), "{e}");
     let q = rand(&mut rng, &[1, 2, 5, 4], 1.0, DType::F32)?;
@@ -283,7 +312,7 @@ fn fused_model_matches_plain_model() -> Result<()> {
     let lf = fused.forward(&x)?;
     let d = max_abs_diff(&lf, &plain.forward(&x)?)?;
     assert!(d < 1e-4, "logits differ by {d}");
-    let loss_f = Model::loss(&lf, &y)?;
+    let loss_f = fused.forward_loss(&x, &y)?;
     let loss_p = Model::loss_plain(&plain_lors.forward(&x)?, &y)?;
     let d = (loss_f.to_scalar::<f32>()? - loss_p.to_scalar::<f32>()?).abs();
     assert!(d < 1e-5, "loss differs by {d}");
