@@ -47,7 +47,10 @@ impl Real for f32 {
         const LN2_HI: f32 = 0.693_145_75;
         const LN2_LO: f32 = 1.428_606_8e-6;
         let x = self.clamp(-87.3, 88.7);
-        let k = (x * LOG2E + 0.5).floor();
+        // Round to nearest by adding and removing 1.5·2²³ (no `floor` call: baseline x86-64
+        // has no vector rounding instruction, and a libm call would stop vectorisation).
+        const MAGIC: f32 = 12_582_912.0;
+        let k = (x * LOG2E + MAGIC) - MAGIC;
         let r = x - k * LN2_HI - k * LN2_LO;
         let p = 1.0
             + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
