@@ -179,7 +179,10 @@ fn attention_matches_masked_softmax_attention_and_finite_differences() -> Result
     let plain = |x: &[Tensor]| plain_attention(&x[0], &x[1], &x[2], 0.35);
     // (B, H, T, hd) queries against (B, Hkv, S, hd) keys: T = S (training), T < S (decoding
     // after a cache), Hkv < H (grouped-query attention), T = 1.
-    for (b, h, hkv, t, s, hd) in [(2, 3, 3, 5, 5, 4), (1, 2, 2, 4, 7, 3), (2, 4, 2, 6, 6, 4), (1, 2, 1, 1, 5, 4)] {
+    // The last two span several 64-row query blocks (the kernel skips masked key blocks).
+    for (b, h, hkv, t, s, hd) in
+        [(2, 3, 3, 5, 5, 4), (1, 2, 2, 4, 7, 3), (2, 4, 2, 6, 6, 4), (1, 2, 1, 1, 5, 4), (1, 2, 1, 130, 130, 4), (1, 2, 2, 70, 75, 3)]
+    {
         let ins = |rng: &mut Rng, dtype| -> Result<Vec<Tensor>> {
             Ok(vec![
                 rand(rng, &[b, h, t, hd], 1.5, dtype)?,
@@ -204,7 +207,9 @@ fn attention_matches_masked_softmax_attention_and_finite_differences() -> Result
             let latest = max_abs_diff(&y0.narrow(1, t - 1, 1)?, &y1.narrow(1, t - 1, 1)?)?;
             assert!(early == 0.0 && latest > 0.0, "future keys leak: {early}, {latest}");
         }
-        check_finite_differences(&fused, &ins(&mut rng, DType::F64)?)?;
+        if t < 64 {
+            check_finite_differences(&fused, &ins(&mut rng, DType::F64)?)?;
+        }
     }
     Ok(())
 }
