@@ -103,7 +103,8 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
         let all = Tensor::from_vec(ids, (b, t + 1), &device)?;
         let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
         let t0 = Instant::now();
-        let loss = if args.plain_ops { Model::loss_plain(&model.forward(&x)?, &y)? } else { model.forward_loss(&x, &y)? };
+        let loss =
+            if args.plain_ops { Model::loss_plain(&model.forward(&x)?, &y)? } else { model.forward_loss(&x, &y)? };
         let t_fwd = t0.elapsed();
         let grads = loss.backward()?;
         let t_bwd = t0.elapsed();

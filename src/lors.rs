@@ -97,8 +97,16 @@ impl LorsLinear {
     /// `forward` with the matmul in `dtype` (bf16 mixed precision): the weight is merged in
     /// its own dtype (f32), both operands are cast, and the output comes back in x's dtype;
     /// the casts are differentiable, so gradients reach the f32 weights.
-    pub fn forward_as(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        linear_as(x, &self.weight()?, dtype)
+    /// With `fused` (CPU, f32/f64) the merge `W + s·B A` is one op (`ops::lors_merge`) that
+    /// stores no `B A` intermediate.
+    pub fn forward_as(&self, x: &Tensor, dtype: DType, fused: bool) -> Result<Tensor> {
+        let w = match &self.residual {
+            Some((a, b)) if fused && crate::ops::supported(&self.base) => {
+                crate::ops::lors_merge(&self.base, b, a, self.scale)?
+            }
+            _ => self.weight()?,
+        };
+        linear_as(x, &w, dtype)
     }
 
     /// `x Wᵀ + (x Aᵀ) Bᵀ`: the same map without forming `B A` (for the benchmark and tests).

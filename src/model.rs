@@ -233,9 +233,9 @@ impl Block {
         // --- attention ---
         let xn = rms_norm(x, &self.attn_norm, cfg.norm_eps, fused)?;
         // (B, T, H*hd) -> (B, T, H, hd) -> (B, H, T, hd); q and k rotated on the way.
-        let q = rope.apply_t(&self.q.forward_as(&xn, mm)?.reshape((b, t, h, hd))?, offset, fused)?;
-        let mut k = rope.apply_t(&self.k.forward_as(&xn, mm)?.reshape((b, t, hkv, hd))?, offset, fused)?;
-        let v = self.v.forward_as(&xn, mm)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply_t(&self.q.forward_as(&xn, mm, fused)?.reshape((b, t, h, hd))?, offset, fused)?;
+        let mut k = rope.apply_t(&self.k.forward_as(&xn, mm, fused)?.reshape((b, t, hkv, hd))?, offset, fused)?;
+        let v = self.v.forward_as(&xn, mm, fused)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
         let mut v = v;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -251,13 +251,13 @@ impl Block {
         } else {
             self.attention_plain(&q, &k, &v, mask, scale, mm)?.transpose(1, 2)?.reshape((b, t, d))?
         };
-        let x = (x + self.o.forward_as(&y, mm)?)?;
+        let x = (x + self.o.forward_as(&y, mm, fused)?)?;
 
         // --- SwiGLU FFN ---
         let xn = rms_norm(&x, &self.ffn_norm, cfg.norm_eps, fused)?;
-        let (gate, up) = (self.gate.forward_as(&xn, mm)?, self.up.forward_as(&xn, mm)?);
+        let (gate, up) = (self.gate.forward_as(&xn, mm, fused)?, self.up.forward_as(&xn, mm, fused)?);
         let hdn = if fused { ops::swiglu(&gate, &up)? } else { (gate.silu()? * up)? }; // (B, T, ffn)
-        Ok((x + self.down.forward_as(&hdn, mm)?)?)
+        Ok((x + self.down.forward_as(&hdn, mm, fused)?)?)
     }
 }
 

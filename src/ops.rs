@@ -10,6 +10,7 @@
 //! |---|---|---|---|
 //! | [`cross_entropy`] | log-softmax, gather, mean | per-row loss | `g·(softmax − onehot)` |
 //! | [`linear_cross_entropy`] | LM head matmul, log-softmax, gather, and their backward | loss | blockwise dx, dw |
+//! | [`lors_merge`] | B·A, scale, add (three stored tensors) | `W + s·B A` | dW, dB, dA |
 //! | [`attention`] | qkᵀ, scale, mask, softmax (5 ops), P·v, transpose | per head | recomputes P per head |
 //! | [`rms_norm`] | sqr, mean, add, sqrt, recip, mul, mul | `x·inv·g` | dx and dg in one op |
 //! | [`rope_t`] | transpose, contiguous, narrow, neg, cat, mul, mul, add | rotate | rotate by −θ |
@@ -52,8 +53,8 @@ impl Real for f32 {
         const MAGIC: f32 = 12_582_912.0;
         let k = (x * LOG2E + MAGIC) - MAGIC;
         let r = x - k * LN2_HI - k * LN2_LO;
-        let p = 1.0
-            + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+        let p =
+            1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
         p * f32::from_bits(((k as i32 + 127) as u32) << 23)
     }
     fn as_mut_slice(s: &mut CpuStorage) -> Result<&mut [Self]> {
@@ -652,6 +653,19 @@ impl<'a, T> Mat<'a, T> {
 /// `dst (m×n, row-major, rows ld apart) [+]= a (m×k) · b (k×n)`, single-threaded (the callers
 /// parallelise over heads).
 fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>, accumulate: bool) {
+    matmul_ext(dst, ld, a, b, accumulate, T::one(), gemm::Parallelism::None)
+}
+
+/// `matmul` with the product scaled by `beta` and a choice of parallelism.
+fn matmul_ext<T: Real>(
+    dst: &mut [T],
+    ld: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    beta: T,
+    parallelism: gemm::Parallelism,
+) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert!(a.cols == b.rows && a.in_bounds() && b.in_bounds(), "matmul: bad operand views");
     assert!(m == 0 || n == 0 || (m - 1) * ld + n <= dst.len(), "matmul: destination too small");
@@ -676,11 +690,11 @@ fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>, accumulate: b
             b.cs as isize,
             b.rs as isize,
             T::one(),
-            T::one(),
+            beta,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }
@@ -735,7 +749,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     let (b, h, t, hd) = q.dims4()?;
     let (bk, hkv, s, hdk) = k.dims4()?;
     if bk != b || hdk != hd || v.dims() != k.dims() || hkv == 0 || h % hkv != 0 || s < t || scale <= 0.0 {
-        bail!("attention: q {:?}, k {:?}, v {:?} do not fit (B, H, T, hd) / (B, Hkv, S >= T, hd)", q.dims(), k.dims(), v.dims());
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit (B, H, T, hd) / (B, Hkv, S >= T, hd)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
     }
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale })
 }
@@ -792,7 +811,14 @@ fn attn_fwd<T: Real>(
 /// Gradients of q, k, v given dy (B, T, H, hd), recomputing P per head:
 /// dP = dy vᵀ, dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)), dq = dS k, dk = Σ_group dSᵀ q,
 /// dv = Σ_group Pᵀ dy. One task per (batch, kv head) owns its dk, dv and its group's dq.
-fn attn_bwd<T: Real>(q: &[T], k: &[T], v: &[T], dy: &[T], dims: (usize, usize, usize, usize, usize, usize), scale: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn attn_bwd<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dy: &[T],
+    dims: (usize, usize, usize, usize, usize, usize),
+    scale: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (b, h, t, s, hd, hkv) = dims;
     let rep = h / hkv;
     let scale = T::from_f64(scale);
@@ -844,16 +870,28 @@ fn tensor_data<T: Real, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Res
     }
 }
 
-fn attn_bwd_tensors<T: Real>(q: &Tensor, k: &Tensor, v: &Tensor, dy: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+fn attn_bwd_tensors<T: Real>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dy: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, h, t, hd) = q.dims4()?;
     let (_, hkv, s, _) = k.dims4()?;
     let (dq, dk, dv) = tensor_data::<T, _>(q, |q| {
         tensor_data::<T, _>(k, |k| {
-            tensor_data::<T, _>(v, |v| tensor_data::<T, _>(dy, |dy| Ok(attn_bwd(q, k, v, dy, (b, h, t, s, hd, hkv), scale))))
+            tensor_data::<T, _>(v, |v| {
+                tensor_data::<T, _>(dy, |dy| Ok(attn_bwd(q, k, v, dy, (b, h, t, s, hd, hkv), scale)))
+            })
         })
     })?;
     let dev = q.device();
-    Ok((Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?))
+    Ok((
+        Tensor::from_vec(dq, q.shape(), dev)?,
+        Tensor::from_vec(dk, k.shape(), dev)?,
+        Tensor::from_vec(dv, v.shape(), dev)?,
+    ))
 }
 
 impl CustomOp3 for Attention {
@@ -1007,7 +1045,8 @@ impl CustomOp2 for LinearCrossEntropy {
         Ok((loss, Shape::from(l1.dims()[0])))
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, loss: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let guard = self.logits.lock().map_err(|_| candle_core::Error::Msg("linear_cross_entropy: poisoned lock".into()))?;
+        let guard =
+            self.logits.lock().map_err(|_| candle_core::Error::Msg("linear_cross_entropy: poisoned lock".into()))?;
         let Some(logits) = guard.as_ref() else { bail!("linear_cross_entropy: backward before forward") };
         let (n, d) = x.dims2()?;
         let v = w.dims()[0];
@@ -1052,5 +1091,77 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(0f32.fast_exp(), 1.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// LORS merge
+
+/// The merged LORS weight `W + scale · B A` for W (out, in), B (out, r), A (r, in), as one
+/// op: the product `B A` is accumulated straight into a copy of W and never stored, and the
+/// backward pass gives dW = g, dB = s·g Aᵀ, dA = s·Bᵀ g.
+pub fn lors_merge(w: &Tensor, b: &Tensor, a: &Tensor, scale: f64) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let (bo, r) = b.dims2()?;
+    if bo != out || a.dims2()? != (r, inp) {
+        bail!(
+            "lors_merge: W {:?}, B {:?}, A {:?} do not fit (out, in), (out, r), (r, in)",
+            w.dims(),
+            b.dims(),
+            a.dims()
+        );
+    }
+    w.contiguous()?.apply_op3(&b.contiguous()?, &a.contiguous()?, LorsMerge { scale })
+}
+
+struct LorsMerge {
+    scale: f64,
+}
+
+fn merge_fwd<T: Real>(
+    ws: &CpuStorage,
+    wl: &Layout,
+    bs: &CpuStorage,
+    bl: &Layout,
+    as_: &CpuStorage,
+    al: &Layout,
+    scale: f64,
+) -> Result<(CpuStorage, Shape)> {
+    let (w, b, a) =
+        (data::<T>(ws, wl, "lors_merge")?, data::<T>(bs, bl, "lors_merge")?, data::<T>(as_, al, "lors_merge")?);
+    let (out, inp) = wl.shape().dims2()?;
+    let r = bl.dims()[1];
+    let mut m = w.to_vec();
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    matmul_ext(&mut m, inp, Mat::at(b, 0, out, r, r), Mat::at(a, 0, r, inp, inp), true, T::from_f64(scale), par);
+    Ok((T::to_cpu_storage_owned(m), wl.shape().clone()))
+}
+
+impl CustomOp3 for LorsMerge {
+    fn name(&self) -> &'static str {
+        "fused-lors-merge"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), merge_fwd(s1, l1, s2, l2, s3, l3, self.scale))
+    }
+    fn bwd(
+        &self,
+        _w: &Tensor,
+        b: &Tensor,
+        a: &Tensor,
+        _m: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let db = (grad.matmul(&a.t()?)? * self.scale)?;
+        let da = (b.t()?.matmul(grad)? * self.scale)?;
+        Ok((Some(grad.clone()), Some(db), Some(da)))
     }
 }

@@ -34,7 +34,10 @@ fn value_and_grads(f: Op, inputs: &[Tensor], w: &Tensor) -> Result<(Tensor, Vec<
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&ts)?;
     let grads = (&out * w)?.sum_all()?.backward()?;
-    let g = ts.iter().map(|t| grads.get(t).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"))).collect::<Result<_>>()?;
+    let g = ts
+        .iter()
+        .map(|t| grads.get(t).cloned().ok_or_else(|| anyhow::anyhow!("no gradient")))
+        .collect::<Result<_>>()?;
     Ok((out, g))
 }
 
@@ -173,6 +176,26 @@ fn linear_cross_entropy_matches_head_then_loss_and_finite_differences() -> Resul
 }
 
 #[test]
+fn lors_merge_matches_w_plus_scaled_ba_and_finite_differences() -> Result<()> {
+    let fused = |x: &[Tensor]| ops::lors_merge(&x[0], &x[1], &x[2], 0.5);
+    let plain = |x: &[Tensor]| &x[0] + (x[1].matmul(&x[2])? * 0.5)?;
+    let ins = |dtype| -> Result<Vec<Tensor>> {
+        let mut r = Rng::new(80);
+        Ok(vec![
+            rand(&mut r, &[6, 5], 1.0, dtype)?,
+            rand(&mut r, &[6, 3], 1.0, dtype)?,
+            rand(&mut r, &[3, 5], 1.0, dtype)?,
+        ])
+    };
+    check_against_plain(&fused, &plain, &ins(DType::F32)?, 1e-5)?;
+    check_finite_differences(&fused, &ins(DType::F64)?)?;
+    let x = ins(DType::F32)?;
+    let e = ops::lors_merge(&x[0], &x[2], &x[1], 1.0).unwrap_err();
+    assert!(e.to_string().contains("do not fit"), "{e}");
+    Ok(())
+}
+
+#[test]
 fn attention_matches_masked_softmax_attention_and_finite_differences() -> Result<()> {
     let mut rng = Rng::new(2);
     let fused = |x: &[Tensor]| ops::attention(&x[0], &x[1], &x[2], 0.35);
@@ -180,9 +203,14 @@ fn attention_matches_masked_softmax_attention_and_finite_differences() -> Result
     // (B, H, T, hd) queries against (B, Hkv, S, hd) keys: T = S (training), T < S (decoding
     // after a cache), Hkv < H (grouped-query attention), T = 1.
     // The last two span several 64-row query blocks (the kernel skips masked key blocks).
-    for (b, h, hkv, t, s, hd) in
-        [(2, 3, 3, 5, 5, 4), (1, 2, 2, 4, 7, 3), (2, 4, 2, 6, 6, 4), (1, 2, 1, 1, 5, 4), (1, 2, 1, 130, 130, 4), (1, 2, 2, 70, 75, 3)]
-    {
+    for (b, h, hkv, t, s, hd) in [
+        (2, 3, 3, 5, 5, 4),
+        (1, 2, 2, 4, 7, 3),
+        (2, 4, 2, 6, 6, 4),
+        (1, 2, 1, 1, 5, 4),
+        (1, 2, 1, 130, 130, 4),
+        (1, 2, 2, 70, 75, 3),
+    ] {
         let ins = |rng: &mut Rng, dtype| -> Result<Vec<Tensor>> {
             Ok(vec![
                 rand(rng, &[b, h, t, hd], 1.5, dtype)?,
