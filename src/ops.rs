@@ -136,7 +136,7 @@ fn max_sumexp<T: Real>(row: &[T]) -> (T, T) {
     let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
-            *a = *a + (x - max).fast_exp();
+            *a += (x - max).fast_exp();
         }
     }
     let tail = chunks.remainder().iter().fold(T::zero(), |s, &x| s + (x - max).fast_exp());
@@ -197,7 +197,7 @@ fn ce_bwd<T: Real>(
         for (o, &x) in o.iter_mut().zip(row) {
             *o = g[i] * (x - lse).fast_exp();
         }
-        o[t] = o[t] - g[i];
+        o[t] -= g[i];
     });
     Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
 }
@@ -317,7 +317,7 @@ fn rms_bwd<T: Real>(
                 let c = inv * inv * inv * dot / df;
                 for (i, ((dx, &x), &dy)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
                     *dx = inv * gain[i] * dy - x * c;
-                    dg[i] = dg[i] + dy * x * inv;
+                    dg[i] += dy * x * inv;
                 }
             }
             dg
@@ -325,7 +325,7 @@ fn rms_bwd<T: Real>(
         .collect();
     for p in partials {
         for (a, b) in dgain.iter_mut().zip(p) {
-            *a = *a + b;
+            *a += b;
         }
     }
     let len = out.len();
@@ -705,7 +705,7 @@ fn sum8<T: Real>(x: &[T]) -> T {
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a = *a + v;
+            *a += v;
         }
     }
     acc.iter().fold(chunks.remainder().iter().fold(T::zero(), |s, &v| s + v), |s, &a| s + a)
@@ -722,7 +722,7 @@ fn causal_softmax_rows<T: Real>(s: &mut [T], n: usize, visible0: usize, scale: T
             *x = (*x * scale - max).fast_exp();
         }
         let inv = sum8(live).recip();
-        live.iter_mut().for_each(|x| *x = *x * inv);
+        live.iter_mut().for_each(|x| *x *= inv);
         masked.iter_mut().for_each(|x| *x = T::zero());
     }
 }
@@ -1015,7 +1015,7 @@ fn lce_bwd<T: Real>(
                     for (o, &z) in drow.iter_mut().zip(row) {
                         *o = gr * (z - lse).fast_exp();
                     }
-                    drow[t] = drow[t] - g[r];
+                    drow[t] -= g[r];
                 }
                 let dlm = Mat::at(dl, 0, rows, v, v);
                 matmul(dx, d, dlm, Mat::at(w, 0, v, d, d), false);
@@ -1027,7 +1027,7 @@ fn lce_bwd<T: Real>(
         .reduce(
             || vec![T::zero(); v * d],
             |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a = *a + b);
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
                 a
             },
         );
@@ -1070,27 +1070,6 @@ impl CustomOp2 for LinearCrossEntropy {
             other => bail!("linear_cross_entropy: dtype {other:?} is not supported (f32 or f64)"),
         };
         Ok((Some(dx), Some(dw)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Real;
-
-    /// The vectorisable f32 exp stays within 3e-7 relative error of f64's exp over the whole
-    /// range the kernels use, and is exact at 0.
-    #[test]
-    fn fast_exp_is_accurate() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let want = (x as f64).exp();
-            let got = x.fast_exp() as f64;
-            worst = worst.max((got - want).abs() / want);
-            x += 0.001_37;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(0f32.fast_exp(), 1.0);
     }
 }
 
@@ -1163,5 +1142,26 @@ impl CustomOp3 for LorsMerge {
         let db = (grad.matmul(&a.t()?)? * self.scale)?;
         let da = (b.t()?.matmul(grad)? * self.scale)?;
         Ok((Some(grad.clone()), Some(db), Some(da)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Real;
+
+    /// The vectorisable f32 exp stays within 3e-7 relative error of f64's exp over the whole
+    /// range the kernels use, and is exact at 0.
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = x.fast_exp() as f64;
+            worst = worst.max((got - want).abs() / want);
+            x += 0.001_37;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(0f32.fast_exp(), 1.0);
     }
 }
