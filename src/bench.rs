@@ -43,8 +43,8 @@ pub struct BenchArgs {
     /// Only print the JSON lines.
     #[arg(long)]
     pub json: bool,
-    /// Run RMSNorm, RoPE, softmax, SwiGLU and the loss as plain candle compositions instead of
-    /// the fused CPU kernels (to measure what the kernels buy).
+    /// Run RMSNorm, RoPE, attention, SwiGLU, the LORS merge and the head + loss as plain candle
+    /// compositions instead of the fused CPU kernels (to measure what the kernels buy).
     #[arg(long)]
     pub plain_ops: bool,
 }

@@ -5,9 +5,10 @@
 //!              RMSNorm → SwiGLU `down(silu(gate(x)) * up(x))` → residual]
 //!       → RMSNorm → LM head (tied to the embedding by default).
 //!
-//! On the CPU (f32/f64) RMSNorm, RoPE, the causal softmax, SwiGLU and the loss run as our own
-//! fused kernels with hand-written backward passes (`ops.rs`); elsewhere, and with
-//! `with_fused_ops(false)`, every op is a differentiable composition of basic candle ops.
+//! On the CPU (f32/f64) RMSNorm, RoPE, attention, SwiGLU, the LORS merge and the LM head +
+//! loss run as our own fused kernels with hand-written backward passes (`ops.rs`); elsewhere,
+//! and with `with_fused_ops(false)`, every op is a differentiable composition of basic candle
+//! ops.
 //! (candle's own fused `softmax_last_dim`, `rms_norm` and `rope` build no backward op and
 //! would silently stop the gradient; see shared/CANDLE_NOTES.md.)
 //!
@@ -270,7 +271,8 @@ pub struct Model {
     rope: Rope,
     /// dtype of the matmuls (F32, or BF16 for mixed precision); everything else is f32.
     matmul_dtype: DType,
-    /// Run RMSNorm, RoPE, the causal softmax and SwiGLU as fused kernels (CPU, f32/f64).
+    /// Run RMSNorm, RoPE, attention, SwiGLU, the LORS merge and the head + loss as fused
+    /// kernels (CPU, f32/f64).
     fused: bool,
 }
 
@@ -392,10 +394,10 @@ impl Model {
         let (b, t, v) = logits.dims3()?;
         let logits = logits.reshape((b * t, v))?;
         let targets = targets.reshape(b * t)?;
-        if ops::supported(&logits) {
-            return Ok(ops::cross_entropy(&logits, &targets)?.mean_all()?);
+        if !ops::supported(&logits) {
+            return Ok(candle_nn::loss::cross_entropy(&logits, &targets)?);
         }
-        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+        Ok(ops::cross_entropy(&logits, &targets)?.mean_all()?)
     }
 
     /// `loss` through candle's own composition everywhere (benchmarks and tests compare).

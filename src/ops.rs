@@ -107,6 +107,24 @@ macro_rules! float_dispatch {
     };
 }
 
+/// The `cpu_fwd` of a three-input custom op: `kernel::<T>(s1, l1, s2, l2, s3, l3, extra..)`
+/// with T the float type of the first input.
+macro_rules! cpu_fwd3 {
+    ($self:ident, $kernel:ident ( $($extra:expr),* )) => {
+        fn cpu_fwd(
+            &$self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            float_dispatch!(s1, $self.name(), $kernel(s1, l1, s2, l2, s3, l3 $(, $extra)*))
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------
 // Cross-entropy
 
@@ -128,32 +146,40 @@ struct CrossEntropy {
     targets: std::sync::Arc<Vec<u32>>,
 }
 
-/// (max, Σ exp(x − max)) of a row.
-fn max_sumexp<T: Real>(row: &[T]) -> (T, T) {
-    let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
-    // Eight partial sums: a vectorisable reduction (a single running sum is a serial chain).
+/// Σ f(x) with eight partial sums: a vectorisable reduction (one running sum is a serial
+/// chain the compiler may not reorder).
+#[inline(always)]
+fn sum8_by<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::zero(); 8];
-    let mut chunks = row.chunks_exact(8);
+    let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += (x - max).fast_exp();
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
         }
     }
-    let tail = chunks.remainder().iter().fold(T::zero(), |s, &x| s + (x - max).fast_exp());
-    (max, acc.iter().fold(tail, |s, &a| s + a))
+    acc.iter().fold(chunks.remainder().iter().fold(T::zero(), |s, &v| s + f(v)), |s, &a| s + a)
+}
+
+/// Cross-entropy of one row of logits against target t: `logsumexp(row) − row[t]`.
+fn ce_row_loss<T: Real>(row: &[T], t: usize) -> T {
+    let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
+    max + sum8_by(row, |x| (x - max).fast_exp()).ln() - row[t]
+}
+
+/// Gradient of `g · ce_row_loss(row, t)` into `out`: `g · (softmax(row) − onehot(t))`, with
+/// logsumexp recovered from the row's loss as `loss + row[t]`.
+fn ce_row_grad<T: Real>(out: &mut [T], row: &[T], loss: T, g: T, t: usize) {
+    let lse = loss + row[t];
+    for (o, &z) in out.iter_mut().zip(row) {
+        *o = g * (z - lse).fast_exp();
+    }
+    out[t] -= g;
 }
 
 fn ce_fwd<T: Real>(s: &CpuStorage, l: &Layout, targets: &[u32]) -> Result<(CpuStorage, Shape)> {
     let x = data::<T>(s, l, "cross_entropy")?;
     let v = l.dims()[1];
-    let loss: Vec<T> = x
-        .par_chunks(v)
-        .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let (max, sum) = max_sumexp(row);
-            max + sum.ln() - row[t as usize]
-        })
-        .collect();
+    let loss: Vec<T> = x.par_chunks(v).zip(targets.par_iter()).map(|(row, &t)| ce_row_loss(row, t as usize)).collect();
     let n = loss.len();
     Ok((T::to_cpu_storage_owned(loss), Shape::from(n)))
 }
@@ -192,12 +218,7 @@ fn ce_bwd<T: Real>(
     let v = l.dims()[1];
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(v).zip(x.par_chunks(v)).enumerate().for_each(|(i, (o, row))| {
-        let t = targets[i] as usize;
-        let lse = loss[i] + row[t];
-        for (o, &x) in o.iter_mut().zip(row) {
-            *o = g[i] * (x - lse).fast_exp();
-        }
-        o[t] -= g[i];
+        ce_row_grad(o, row, loss[i], g[i], targets[i] as usize);
     });
     Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
 }
@@ -206,17 +227,7 @@ impl CustomOp3 for CrossEntropyBwd {
     fn name(&self) -> &'static str {
         "fused-cross-entropy-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        float_dispatch!(s1, self.name(), ce_bwd(s1, l1, s2, l2, s3, l3, &self.targets))
-    }
+    cpu_fwd3!(self, ce_bwd(&self.targets));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -236,17 +247,8 @@ struct RmsNorm {
 }
 
 fn inv_rms<T: Real>(row: &[T], eps: T) -> T {
-    let ms = row.iter().fold(T::zero(), |acc, &x| acc + x * x) / T::from_usize(row.len());
+    let ms = row.iter().fold(T::zero(), |acc, &x| acc + x * x) / T::from_f64(row.len() as f64);
     (ms + eps).sqrt().recip()
-}
-
-trait FromUsize {
-    fn from_usize(n: usize) -> Self;
-}
-impl<T: Real> FromUsize for T {
-    fn from_usize(n: usize) -> Self {
-        T::from_f64(n as f64)
-    }
 }
 
 fn rms_fwd<T: Real>(s: &CpuStorage, l: &Layout, gs: &CpuStorage, gl: &Layout, eps: f64) -> Result<(CpuStorage, Shape)> {
@@ -301,7 +303,7 @@ fn rms_bwd<T: Real>(
     let dy = data::<T>(dys, dyl, "rms_norm backward")?;
     let d = gain.len();
     let eps = T::from_f64(eps);
-    let df = T::from_usize(d);
+    let df = T::from_f64(d as f64);
     let mut out = vec![T::zero(); x.len() + d];
     let (dx, dgain) = out.split_at_mut(x.len());
     let chunk = rows_per_task(d) * d;
@@ -336,17 +338,7 @@ impl CustomOp3 for RmsNormBwd {
     fn name(&self) -> &'static str {
         "fused-rms-norm-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        float_dispatch!(s1, self.name(), rms_bwd(s1, l1, s2, l2, s3, l3, self.eps))
-    }
+    cpu_fwd3!(self, rms_bwd(self.eps));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -412,17 +404,7 @@ impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "fused-rope-transpose"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        float_dispatch!(s1, self.name(), rope_kernel(s1, l1, s2, l2, s3, l3, self.inverse))
-    }
+    cpu_fwd3!(self, rope_kernel(self.inverse));
     fn bwd(
         &self,
         _x: &Tensor,
@@ -517,17 +499,7 @@ impl CustomOp3 for SwiGluBwd {
     fn name(&self) -> &'static str {
         "fused-swiglu-bwd"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        float_dispatch!(s1, self.name(), swiglu_bwd(s1, l1, s2, l2, s3, l3))
-    }
+    cpu_fwd3!(self, swiglu_bwd());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -699,18 +671,6 @@ fn matmul_ext<T: Real>(
     }
 }
 
-/// Σ x with eight partial sums (vectorisable).
-fn sum8<T: Real>(x: &[T]) -> T {
-    let mut acc = [T::zero(); 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v;
-        }
-    }
-    acc.iter().fold(chunks.remainder().iter().fold(T::zero(), |s, &v| s + v), |s, &a| s + a)
-}
-
 /// Rows of n scores each: row r becomes `softmax(scale · x)` over its first `visible0 + r`
 /// entries (the keys its query may see), zeros after.
 fn causal_softmax_rows<T: Real>(s: &mut [T], n: usize, visible0: usize, scale: T) {
@@ -721,7 +681,7 @@ fn causal_softmax_rows<T: Real>(s: &mut [T], n: usize, visible0: usize, scale: T
         for x in live.iter_mut() {
             *x = (*x * scale - max).fast_exp();
         }
-        let inv = sum8(live).recip();
+        let inv = sum8_by(live, |v| v).recip();
         live.iter_mut().for_each(|x| *x *= inv);
         masked.iter_mut().for_each(|x| *x = T::zero());
     }
@@ -861,11 +821,11 @@ fn attn_bwd<T: Real>(
     (dq, dk, dv)
 }
 
-/// Run `f` on the contiguous data of a CPU tensor.
-fn tensor_data<T: Real, R>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-    let (s, l) = x.storage_and_layout();
-    match &*s {
-        candle_core::Storage::Cpu(c) => f(data::<T>(c, l, "attention backward")?),
+/// The contiguous data of a tensor's storage (held through `Tensor::storage_and_layout`),
+/// for the backward passes that run outside a custom op.
+fn cpu_data<'a, T: Real>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [T]> {
+    match s {
+        candle_core::Storage::Cpu(c) => data::<T>(c, l, "fused backward"),
         _ => bail!("the fused kernels run on the CPU only"),
     }
 }
@@ -879,13 +839,16 @@ fn attn_bwd_tensors<T: Real>(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, h, t, hd) = q.dims4()?;
     let (_, hkv, s, _) = k.dims4()?;
-    let (dq, dk, dv) = tensor_data::<T, _>(q, |q| {
-        tensor_data::<T, _>(k, |k| {
-            tensor_data::<T, _>(v, |v| {
-                tensor_data::<T, _>(dy, |dy| Ok(attn_bwd(q, k, v, dy, (b, h, t, s, hd, hkv), scale)))
-            })
-        })
-    })?;
+    let ((qs, ql), (ks, kl)) = (q.storage_and_layout(), k.storage_and_layout());
+    let ((vs, vl), (ds, dl)) = (v.storage_and_layout(), dy.storage_and_layout());
+    let (dq, dk, dv) = attn_bwd(
+        cpu_data::<T>(&qs, ql)?,
+        cpu_data(&ks, kl)?,
+        cpu_data(&vs, vl)?,
+        cpu_data(&ds, dl)?,
+        (b, h, t, s, hd, hkv),
+        scale,
+    );
     let dev = q.device();
     Ok((
         Tensor::from_vec(dq, q.shape(), dev)?,
@@ -898,17 +861,7 @@ impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "fused-causal-attention"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        float_dispatch!(s1, self.name(), attn_fwd(s1, l1, s2, l2, s3, l3, self.scale))
-    }
+    cpu_fwd3!(self, attn_fwd(self.scale));
     fn bwd(
         &self,
         q: &Tensor,
@@ -978,8 +931,7 @@ fn lce_fwd<T: Real>(
         let r0 = c * CE_BLOCK;
         matmul(lg, v, Mat::at(x, r0 * d, rows, d, d), Mat::at(w, 0, v, d, d).t(), false);
         for (i, (row, l)) in lg.chunks(v).zip(loss.iter_mut()).enumerate() {
-            let (max, sum) = max_sumexp(row);
-            *l = max + sum.ln() - row[targets[r0 + i] as usize];
+            *l = ce_row_loss(row, targets[r0 + i] as usize);
         }
     });
     Ok((T::to_cpu_storage_owned(loss), T::to_cpu_storage_owned(logits)))
@@ -1009,13 +961,7 @@ fn lce_bwd<T: Real>(
                 let dl = &mut scratch[..rows * v];
                 for (i, (drow, row)) in dl.chunks_mut(v).zip(logits[r0 * v..(r0 + rows) * v].chunks(v)).enumerate() {
                     let r = r0 + i;
-                    let t = targets[r] as usize;
-                    let lse = loss[r] + row[t];
-                    let gr = g[r];
-                    for (o, &z) in drow.iter_mut().zip(row) {
-                        *o = gr * (z - lse).fast_exp();
-                    }
-                    drow[t] -= g[r];
+                    ce_row_grad(drow, row, loss[r], g[r], targets[r] as usize);
                 }
                 let dlm = Mat::at(dl, 0, rows, v, v);
                 matmul(dx, d, dlm, Mat::at(w, 0, v, d, d), false);
@@ -1054,13 +1000,11 @@ impl CustomOp2 for LinearCrossEntropy {
         macro_rules! run {
             ($t:ty) => {{
                 let lg = <$t>::cpu_storage_as_slice(logits)?;
-                let (dx, dw) = tensor_data::<$t, _>(x, |x| {
-                    tensor_data::<$t, _>(w, |w| {
-                        tensor_data::<$t, _>(loss, |loss| {
-                            tensor_data::<$t, _>(&grad, |g| Ok(lce_bwd(x, w, lg, loss, g, &self.targets, (n, d, v))))
-                        })
-                    })
-                })?;
+                let ((xs, xl), (ws, wl)) = (x.storage_and_layout(), w.storage_and_layout());
+                let ((ls, ll), (gs, gl)) = (loss.storage_and_layout(), grad.storage_and_layout());
+                let (xd, wd) = (cpu_data::<$t>(&xs, xl)?, cpu_data::<$t>(&ws, wl)?);
+                let (ld, gd) = (cpu_data::<$t>(&ls, ll)?, cpu_data::<$t>(&gs, gl)?);
+                let (dx, dw) = lce_bwd(xd, wd, lg, ld, gd, &self.targets, (n, d, v));
                 (Tensor::from_vec(dx, (n, d), x.device())?, Tensor::from_vec(dw, (v, d), w.device())?)
             }};
         }
@@ -1120,17 +1064,7 @@ impl CustomOp3 for LorsMerge {
     fn name(&self) -> &'static str {
         "fused-lors-merge"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        float_dispatch!(s1, self.name(), merge_fwd(s1, l1, s2, l2, s3, l3, self.scale))
-    }
+    cpu_fwd3!(self, merge_fwd(self.scale));
     fn bwd(
         &self,
         _w: &Tensor,
