@@ -5,7 +5,11 @@ W_l = W_shared + B_l A_l merged per step), the same init scheme, AdamW, batch, s
 and thread count. Prints tokens/s of both and the ratio lors-lm / PyTorch, for vanilla and LORS
 at each benchmark config.
 
-Usage: scripts/bench_vs_torch.py [--threads 2] [--steps 8] [CONFIG...]
+Each round measures, per mode, lors-lm (a fresh `lors-lm bench` process) and then PyTorch, so
+that a slow spell of the machine hits both; the ratio reported is the median of the per-round
+ratios, with their range.
+
+Usage: scripts/bench_vs_torch.py [--threads 2] [--steps 8] [--rounds 3] [CONFIG...]
 PyTorch is installed into .venv-torch by this script unless TORCH_PYTHON names a Python that
 already has torch (it is not a test dependency). The script re-runs itself under that Python.
 """
@@ -125,13 +129,13 @@ def torch_bench(cfg, mode, steps, warmup, threads):
     return B * T / statistics.median(times)
 
 
-def lors_lm_bench(config, steps, warmup, threads):
+def lors_lm_bench(config, mode, steps, warmup, threads):
     exe = os.environ.get("LORS_LM", str(ROOT / "target" / "release" / "lors-lm"))
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    out = subprocess.run([exe, "bench", "--config", str(config), "--json", "--modes", "vanilla,lors",
+    out = subprocess.run([exe, "bench", "--config", str(config), "--json", "--modes", mode, "--rounds", "1",
                           "--steps", str(steps), "--warmup", str(warmup), "--prompt-tokens", "0"],
                          check=True, capture_output=True, text=True, env=env).stdout
-    return {r["mode"]: r["train_tokens_per_sec"] for r in map(json.loads, out.strip().splitlines())}
+    return json.loads(out.strip().splitlines()[-1])["train_tokens_per_sec"]
 
 
 def main():
@@ -140,20 +144,27 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     ensure_torch()
     import torch
-    print(f"torch {torch.__version__}, {a.threads} threads, median of {a.steps} steps after {a.warmup} warm-up")
-    print(f"{'config':<20} {'mode':<8} {'lors-lm tok/s':>14} {'torch tok/s':>12} {'ratio':>7}")
+    print(f"torch {torch.__version__}, {a.threads} threads, median of {a.steps} steps after {a.warmup} warm-up, "
+          f"{a.rounds} interleaved rounds")
+    print(f"{'config':<20} {'mode':<8} {'lors-lm tok/s':>14} {'torch tok/s':>12} {'ratio (range)':>20}")
     for c in a.configs:
         cfg = tomllib.loads(Path(c).read_text())
-        ours = lors_lm_bench(c, a.steps, a.warmup, a.threads)
         for mode in ("vanilla", "lors"):
-            theirs = torch_bench(cfg, mode, a.steps, a.warmup, a.threads)
-            print(f"{Path(c).stem:<20} {mode:<8} {ours[mode]:>14.0f} {theirs:>12.0f} {ours[mode] / theirs:>6.2f}x")
-            print(json.dumps({"config": Path(c).stem, "mode": mode, "lors_lm_tokens_per_sec": ours[mode],
-                              "torch_tokens_per_sec": theirs, "ratio": ours[mode] / theirs}))
-
+            ours, theirs = [], []
+            for _ in range(a.rounds):
+                ours.append(lors_lm_bench(c, mode, a.steps, a.warmup, a.threads))
+                theirs.append(torch_bench(cfg, mode, a.steps, a.warmup, a.threads))
+            ratios = [o / t for o, t in zip(ours, theirs)]
+            r = statistics.median(ratios)
+            o, t = statistics.median(ours), statistics.median(theirs)
+            print(f"{Path(c).stem:<20} {mode:<8} {o:>14.0f} {t:>12.0f} "
+                  f"{f'{r:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})':>20}")
+            print(json.dumps({"config": Path(c).stem, "mode": mode, "lors_lm_tokens_per_sec": o,
+                              "torch_tokens_per_sec": t, "ratio": r, "ratios": ratios}))
 
 if __name__ == "__main__":
     main()

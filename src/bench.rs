@@ -1,7 +1,12 @@
 //! `lors-lm bench`: training-step and generation throughput of a config, per sharing mode, on
-//! random tokens, in one process: median of several repetitions after warm-up. Prints a table
-//! and one JSON line per mode. Peak RSS is measured per mode (the kernel's high-water mark is
-//! reset between modes through /proc/self/clear_refs on Linux).
+//! random tokens: median of several steps after warm-up. Prints a table and one JSON line per
+//! mode.
+//!
+//! Each mode of each round is measured in a fresh child process (this binary, `bench
+//! --child`): the allocator keeps freed memory for reuse (`device::tune_allocator`), so a
+//! second mode measured in the same process would inherit the first one's heap and its peak
+//! RSS. Rounds alternate the modes (vanilla, lors, vanilla, lors, ...) so that a slow spell
+//! of the machine hits both; the lors/vanilla line is the median of the per-round ratios.
 
 use crate::config::{Config, Mode};
 use crate::generate::{generate_tokens, Sampler};
@@ -47,9 +52,15 @@ pub struct BenchArgs {
     /// compositions instead of the fused CPU kernels (to measure what the kernels buy).
     #[arg(long)]
     pub plain_ops: bool,
+    /// Rounds over the mode list, alternating modes; the table gives medians over rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Internal: measure the one mode of --modes in this process and print its JSON line.
+    #[arg(long, hide = true)]
+    pub child: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BenchResult {
     pub mode: String,
     pub params_unique: usize,
@@ -66,6 +77,11 @@ pub struct BenchResult {
     pub threads: usize,
     /// "fused" (the kernels of ops.rs) or "plain" (candle compositions).
     pub ops: String,
+    /// Rounds the medians are taken over, and each round's median step (ms).
+    #[serde(default)]
+    pub rounds: usize,
+    #[serde(default)]
+    pub step_ms_rounds: Vec<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -163,7 +179,89 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
         decode_tokens_per_sec: decode,
         threads: candle_core::utils::get_num_threads(),
         ops: if args.plain_ops { "plain" } else { "fused" }.into(),
+        rounds: 1,
+        step_ms_rounds: vec![step_ms],
     })
+}
+
+fn parse_mode(m: &str) -> Result<Mode> {
+    Ok(match m.trim() {
+        "vanilla" => Mode::Vanilla,
+        "shared" => Mode::Shared,
+        "lors" => Mode::Lors,
+        other => bail!("--modes: unknown mode {other:?} (vanilla, shared, lors)"),
+    })
+}
+
+/// Measure one mode in a fresh process of this binary (`bench --child`).
+fn bench_in_child(args: &BenchArgs, mode: &str) -> Result<BenchResult> {
+    let exe = std::env::current_exe().context("bench: cannot find this program's executable")?;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("bench").arg("--child").arg("--json").arg("--config").arg(&args.config);
+    for s in &args.sets {
+        cmd.arg("--set").arg(s);
+    }
+    for (flag, v) in [
+        ("--modes", mode.to_string()),
+        ("--vocab-size", args.vocab_size.to_string()),
+        ("--steps", args.steps.to_string()),
+        ("--warmup", args.warmup.to_string()),
+        ("--prompt-tokens", args.prompt_tokens.to_string()),
+        ("--gen-tokens", args.gen_tokens.to_string()),
+    ] {
+        cmd.arg(flag).arg(v);
+    }
+    if args.plain_ops {
+        cmd.arg("--plain-ops");
+    }
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("bench: running {}", exe.display()))?;
+    if !out.status.success() {
+        bail!("bench: measuring mode {mode} failed ({}); its error is above", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().with_context(|| format!("bench: mode {mode} printed no result"))?;
+    serde_json::from_str(line).with_context(|| format!("bench: mode {mode} printed {line:?}, not a result"))
+}
+
+/// Median over rounds of every measured field.
+fn combine(rounds: &[BenchResult]) -> BenchResult {
+    let med = |f: &dyn Fn(&BenchResult) -> f64| median(rounds.iter().map(f).collect());
+    let opt = |f: &dyn Fn(&BenchResult) -> Option<f64>| {
+        let v: Vec<f64> = rounds.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    let step_ms = med(&|r| r.step_ms_median);
+    BenchResult {
+        step_ms_median: step_ms,
+        forward_ms: med(&|r| r.forward_ms),
+        backward_ms: med(&|r| r.backward_ms),
+        optimizer_ms: med(&|r| r.optimizer_ms),
+        train_tokens_per_sec: rounds[0].tokens_per_step as f64 / (step_ms / 1e3),
+        peak_rss_mb: opt(&|r| r.peak_rss_mb),
+        prefill_tokens_per_sec: opt(&|r| r.prefill_tokens_per_sec),
+        decode_tokens_per_sec: opt(&|r| r.decode_tokens_per_sec),
+        rounds: rounds.len(),
+        step_ms_rounds: rounds.iter().map(|r| r.step_ms_median).collect(),
+        ..rounds[0].clone()
+    }
+}
+
+/// Median and range over rounds of lors/vanilla for one measure, as "1.02x (0.98-1.05)".
+fn ratio(l: &[BenchResult], v: &[BenchResult], f: impl Fn(&BenchResult) -> Option<f64>) -> String {
+    let r: Vec<f64> = l.iter().zip(v).filter_map(|(l, v)| Some(f(l)? / f(v)?)).collect();
+    if r.is_empty() {
+        return "-".into();
+    }
+    let (lo, hi) = r.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let m = median(r.clone());
+    if r.len() == 1 {
+        format!("{m:.2}x")
+    } else {
+        format!("{m:.2}x ({lo:.2}-{hi:.2})")
+    }
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -171,23 +269,38 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be > 0");
     }
-    let mut results = vec![];
+    if args.rounds == 0 {
+        bail!("--rounds must be > 0");
+    }
+    let mut modes = vec![];
     for m in &args.modes {
-        let mode = match m.trim() {
-            "vanilla" => Mode::Vanilla,
-            "shared" => Mode::Shared,
-            "lors" => Mode::Lors,
-            other => bail!("--modes: unknown mode {other:?} (vanilla, shared, lors)"),
-        };
         let mut cfg = base.clone();
-        cfg.lors.mode = mode;
+        cfg.lors.mode = parse_mode(m)?;
         if cfg.model.vocab_size == 0 {
             cfg.model.vocab_size = args.vocab_size;
         }
         cfg.validate()?;
-        let r = bench_one(&cfg, args)?;
-        println!("{}", serde_json::to_string(&r)?);
-        results.push(r);
+        modes.push((m.trim().to_string(), cfg));
+    }
+    if args.child {
+        let [(_, cfg)] = modes.as_slice() else { bail!("bench --child measures exactly one mode") };
+        println!("{}", serde_json::to_string(&bench_one(cfg, args)?)?);
+        return Ok(());
+    }
+    // per_mode[i][round]
+    let mut per_mode: Vec<Vec<BenchResult>> = vec![vec![]; modes.len()];
+    for round in 0..args.rounds {
+        for (i, (m, _)) in modes.iter().enumerate() {
+            let r = bench_in_child(args, m)?;
+            if !args.json {
+                eprintln!("bench: round {}/{} {m:<8} {:.1} ms/step", round + 1, args.rounds, r.step_ms_median);
+            }
+            per_mode[i].push(r);
+        }
+    }
+    let results: Vec<BenchResult> = per_mode.iter().map(|r| combine(r)).collect();
+    for r in &results {
+        println!("{}", serde_json::to_string(r)?);
     }
     if !args.json {
         println!(
@@ -208,20 +321,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 opt(r.decode_tokens_per_sec)
             );
         }
-        if let (Some(v), Some(l)) =
-            (results.iter().find(|r| r.mode == "vanilla"), results.iter().find(|r| r.mode == "lors"))
-        {
+        let find = |name: &str| modes.iter().position(|(m, _)| m == name).map(|i| &per_mode[i]);
+        if let (Some(v), Some(l)) = (find("vanilla"), find("lors")) {
             println!(
-                "lors / vanilla: step time {:.2}x, peak RSS {}, decode speed {}",
-                l.step_ms_median / v.step_ms_median,
-                match (l.peak_rss_mb, v.peak_rss_mb) {
-                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
-                    _ => "-".into(),
-                },
-                match (l.decode_tokens_per_sec, v.decode_tokens_per_sec) {
-                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
-                    _ => "-".into(),
-                }
+                "lors / vanilla (median of {} rounds, range): step time {}, peak RSS {}, decode speed {}",
+                args.rounds,
+                ratio(l, v, |r| Some(r.step_ms_median)),
+                ratio(l, v, |r| r.peak_rss_mb),
+                ratio(l, v, |r| r.decode_tokens_per_sec)
             );
         }
     }

@@ -259,6 +259,8 @@ fn bench_reports_every_mode_as_json() {
         "4",
         "--gen-tokens",
         "4",
+        "--rounds",
+        "2",
     ]));
     let rows: Vec<serde_json::Value> =
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -267,5 +269,18 @@ fn bench_reports_every_mode_as_json() {
         for k in ["train_tokens_per_sec", "step_ms_median", "prefill_tokens_per_sec", "decode_tokens_per_sec"] {
             assert!(r[k].as_f64().unwrap() > 0.0, "{k} in {r}");
         }
+        // Every mode measured once per round (each in its own process), the median reported.
+        assert_eq!(r["rounds"], 2, "{r}");
+        let per_round: Vec<f64> = r["step_ms_rounds"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert_eq!(per_round.len(), 2, "{r}");
+        assert!(per_round.contains(&r["step_ms_median"].as_f64().unwrap()), "{r}");
+        #[cfg(target_os = "linux")]
+        assert!(r["peak_rss_mb"].as_f64().unwrap() > 0.0, "{r}");
     }
+    // Bad flags are refused before anything runs.
+    let tiny = repo("configs/tiny.toml");
+    let e = run_err(bin().args(["bench", "--rounds", "0", "--config"]).arg(&tiny));
+    assert!(e.contains("--rounds"), "{e}");
+    let e = run_err(bin().args(["bench", "--modes", "vanilla,lora", "--config"]).arg(&tiny));
+    assert!(e.contains("--modes") && e.contains("lora"), "{e}");
 }
