@@ -4,31 +4,14 @@
 
 mod common;
 
+use common::{bin, repo, run_ok, train_tiny};
+
 use candle_core::{Device, Tensor};
 use lors_lm::checkpoint;
 use lors_lm::generate::{generate_tokens, Sampler};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lors-lm"))
-}
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
@@ -40,28 +23,22 @@ fn prepared(dir: &Path) -> PathBuf {
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, text.repeat(30)).unwrap();
     let data = dir.join("data");
-    ok(bin().args(["prepare", "--vocab-size", "400", "--input"]).arg(&corpus).arg("--out").arg(&data));
+    run_ok(bin().args(["prepare", "--vocab-size", "400", "--input"]).arg(&corpus).arg("--out").arg(&data));
     data
 }
 
 /// Train a tiny model of `mode` (30 steps, so the private factors are non-zero).
 fn train(data: &Path, run: &Path, sets: &[&str]) {
-    let mut c = bin();
-    c.args(["train", "--quiet", "--config"])
-        .arg(repo("configs/tiny.toml"))
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(run);
+    let mut c = train_tiny(data, run);
     c.args(["--set", "train.max_steps=30", "--set", "model.max_seq_len=64"]);
     for s in sets {
         c.args(["--set", s]);
     }
-    ok(&mut c);
+    run_ok(&mut c);
 }
 
 fn reference(python: &Path, args: &[&str]) -> Value {
-    json(&ok(Command::new(python).arg(repo("tests/reference/llama_ref.py")).args(args)))
+    json(&run_ok(Command::new(python).arg(repo("tests/reference/llama_ref.py")).args(args)))
 }
 
 fn ids_arg(ids: &[u32]) -> String {
@@ -83,7 +60,7 @@ fn exports_match_the_independent_reference_for_every_mode() {
         let run = tmp.path().join(name);
         train(&data, &run, &sets);
         let hf = tmp.path().join(format!("{name}-hf"));
-        ok(bin().args(["export", "--run"]).arg(&run).arg("--out").arg(&hf));
+        run_ok(bin().args(["export", "--run"]).arg(&run).arg("--out").arg(&hf));
         for f in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json"] {
             assert!(hf.join(f).is_file(), "{name}: {f} missing");
         }
@@ -99,13 +76,15 @@ fn exports_match_the_independent_reference_for_every_mode() {
         let merged = loaded.model.merged().unwrap();
         let mut greedy = Sampler::new(0.0, None, None, 0).unwrap();
         let our_ids = generate_tokens(&merged, &prompt, 32, &mut greedy, None, |_| Ok(()), || {}).unwrap();
-        let our_eval = json(&ok(bin().args(["eval", "--json", "--run"]).arg(&run).arg("--data").arg(&data)));
+        let our_eval = json(&run_ok(bin().args(["eval", "--json", "--run"]).arg(&run).arg("--data").arg(&data)));
 
         // Round trip: generate --hf on the export gives generate --run's greedy text.
         let gen = |src: &[&str]| -> String {
-            let out = ok(bin()
-                .args(["generate", "--temperature", "0", "--max-new-tokens", "24", "--prompt", "whenever I"])
-                .args(src));
+            let out = run_ok(
+                bin()
+                    .args(["generate", "--temperature", "0", "--max-new-tokens", "24", "--prompt", "whenever I"])
+                    .args(src),
+            );
             String::from_utf8(out.stdout).unwrap()
         };
         let (from_run, from_hf) = (gen(&["--run", run.to_str().unwrap()]), gen(&["--hf", hf.to_str().unwrap()]));
@@ -152,16 +131,16 @@ fn export_refuses_to_overwrite_and_bf16_exports_load() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
     assert!(!out.join("model.safetensors").exists(), "nothing may be written on refusal");
-    ok(bin().args(["export", "--force", "--dtype", "bf16", "--run"]).arg(&run).arg("--out").arg(&out));
+    run_ok(bin().args(["export", "--force", "--dtype", "bf16", "--run"]).arg(&run).arg("--out").arg(&out));
     assert!(out.join("keep.txt").is_file());
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["torch_dtype"], "bfloat16");
     // The bf16 export is half the size of an f32 one and still evaluates close to the run.
     let f32_dir = tmp.path().join("f32");
-    ok(bin().args(["export", "--run"]).arg(&run).arg("--out").arg(&f32_dir));
+    run_ok(bin().args(["export", "--run"]).arg(&run).arg("--out").arg(&f32_dir));
     let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len() as f64;
     assert!((size(&out) / size(&f32_dir) - 0.5).abs() < 0.05);
-    ok(bin().args(["generate", "--max-new-tokens", "8", "--prompt", "whenever", "--hf"]).arg(&out));
+    run_ok(bin().args(["generate", "--max-new-tokens", "8", "--prompt", "whenever", "--hf"]).arg(&out));
     // eval: --text uses the run's tokenizer; too short a text is refused.
     let short = tmp.path().join("short.txt");
     std::fs::write(&short, "a few words").unwrap();
@@ -169,9 +148,9 @@ fn export_refuses_to_overwrite_and_bf16_exports_load() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("fewer than one window"));
     let long = tmp.path().join("long.txt");
     std::fs::write(&long, "whenever I find myself growing grim about the mouth; ".repeat(20)).unwrap();
-    let e = json(&ok(bin().args(["eval", "--json", "--run"]).arg(&run).arg("--text").arg(&long)));
+    let e = json(&run_ok(bin().args(["eval", "--json", "--run"]).arg(&run).arg("--text").arg(&long)));
     assert!(e["ppl"].as_f64().unwrap() > 1.0 && e["windows"].as_u64().unwrap() >= 1);
     // params --run reports the checkpoint vs merged export sizes.
-    let p = json(&ok(bin().args(["params", "--json", "--run"]).arg(&run)));
+    let p = json(&run_ok(bin().args(["params", "--json", "--run"]).arg(&run)));
     assert!(p["merged_export_bytes"].as_u64().unwrap() > p["checkpoint_bytes"].as_u64().unwrap());
 }

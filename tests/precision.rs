@@ -3,6 +3,10 @@
 //! count is the PaLM formula; MFU is logged exactly as tokens/s × FLOPs/token / peak;
 //! `check-device` passes for f32 and bf16 on the CPU.
 
+mod common;
+
+use common::{bin, repo};
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use lors_lm::config::Config;
@@ -10,12 +14,7 @@ use lors_lm::devcheck;
 use lors_lm::model::Model;
 use lors_lm::params::ParamCounts;
 use lors_lm::store::ParamStore;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
+use std::path::Path;
 
 fn tiny(sets: &[&str]) -> Config {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -99,7 +98,7 @@ fn mfu_is_logged_from_tokens_per_second_and_the_peak() {
     let tmp = tempfile::tempdir().unwrap();
     let (d, run) = (tmp.path().join("data"), tmp.path().join("run"));
     data(&d);
-    let out = Command::new(env!("CARGO_BIN_EXE_lors-lm"))
+    let out = bin()
         .args(["train", "--config"])
         .arg(repo("configs/tiny.toml"))
         .arg("--data")
@@ -132,7 +131,7 @@ fn mfu_is_logged_from_tokens_per_second_and_the_peak() {
 
 #[test]
 fn check_device_command_reports_ok_on_the_cpu() {
-    let out = Command::new(env!("CARGO_BIN_EXE_lors-lm"))
+    let out = bin()
         .args(["check-device", "--device", "cpu", "--json", "--set", "train.dtype=\"bf16\"", "--config"])
         .arg(repo("configs/tiny.toml"))
         .output()

@@ -2,30 +2,21 @@
 //! table for every command), SIGKILL at random moments loses nothing and resumes bit-exactly,
 //! and a diverging run stops cleanly with its last checkpoint intact.
 
+mod common;
+
+use common::{bin, repo_str, run_ok};
+
 use candle_core::Device;
 use lors_lm::checkpoint;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lors-lm"))
-}
-
-fn repo(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p).to_string_lossy().into_owned()
-}
-
-fn run_ok(args: &[&str]) {
-    let out = bin().args(args).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 fn prepared(dir: &Path) -> PathBuf {
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, "Call me Ishmael. Some years ago, never mind how long precisely. ".repeat(50)).unwrap();
     let data = dir.join("data");
-    run_ok(&["prepare", "--vocab-size", "300", "--input", corpus.to_str().unwrap(), "--out", data.to_str().unwrap()]);
+    run_ok(bin().args(["prepare", "--vocab-size", "300", "--input"]).arg(&corpus).arg("--out").arg(&data));
     data
 }
 
@@ -38,9 +29,10 @@ fn bad_input_is_refused_clearly_by_every_command() {
     let t = |p: &str| -> &'static str { Box::leak(tmp.path().join(p).to_string_lossy().into_owned().into_boxed_str()) };
     let data = prepared(tmp.path());
     let data = data.to_str().unwrap();
-    let tiny: &str = Box::leak(repo("configs/tiny.toml").into_boxed_str());
+    let tiny: &str = Box::leak(repo_str("configs/tiny.toml").into_boxed_str());
     let run = t("run");
-    run_ok(&["train", "--quiet", "--config", tiny, "--data", data, "--out", run, "--set", "train.max_steps=6"]);
+    let tiny_train = ["train", "--quiet", "--config", tiny, "--data", data];
+    run_ok(bin().args(tiny_train).args(["--out", run, "--set", "train.max_steps=6"]));
 
     // Files for the table.
     std::fs::write(t("bad.toml"), "[model\nd_model = 3").unwrap();
@@ -50,7 +42,7 @@ fn bad_input_is_refused_clearly_by_every_command() {
     std::fs::write(t("other-run/config.toml"), "").unwrap();
     // A run whose checkpoint file is truncated.
     let broken = t("broken");
-    run_ok(&["train", "--quiet", "--config", tiny, "--data", data, "--out", broken, "--set", "train.max_steps=6"]);
+    run_ok(bin().args(tiny_train).args(["--out", broken, "--set", "train.max_steps=6"]));
     let ckpt = format!("{broken}/checkpoints/6/model.safetensors");
     let bytes = std::fs::read(&ckpt).unwrap();
     std::fs::write(&ckpt, &bytes[..bytes.len() / 2]).unwrap();
@@ -166,7 +158,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights() {
         if resume {
             c.arg("--resume");
         } else {
-            c.arg("--config").arg(repo("configs/tiny.toml")).arg("--data").arg(&data);
+            c.arg("--config").arg(repo_str("configs/tiny.toml")).arg("--data").arg(&data);
             // A checkpoint every step, so kills land inside checkpoint writes too.
             c.args(["--set", &format!("train.max_steps={steps}"), "--set", "train.ckpt_interval=1"]);
             c.args(["--set", "train.eval_interval=7", "--set", "train.keep_checkpoints=2"]);
@@ -215,11 +207,11 @@ fn a_diverging_run_skips_bad_steps_then_stops_with_its_checkpoint_intact() {
     let data = prepared(tmp.path());
     let run = tmp.path().join("run");
     let r = run.to_str().unwrap();
-    let common = ["--config", &repo("configs/tiny.toml"), "--data", data.to_str().unwrap(), "--out", r];
+    let common = ["--config", &repo_str("configs/tiny.toml"), "--data", data.to_str().unwrap(), "--out", r];
     let mut a = vec!["train", "--quiet"];
     a.extend(common);
     a.extend(["--set", "train.max_steps=6"]);
-    run_ok(&a);
+    run_ok(bin().args(&a));
     let before = std::fs::read(run.join("checkpoints/6/model.safetensors")).unwrap();
     // An absurd learning rate and no clipping: the weights blow up to inf/NaN.
     let out = bin()
@@ -242,7 +234,7 @@ fn ctrl_c_saves_a_checkpoint_and_flushes_the_logs() {
     let data = prepared(tmp.path());
     let run = tmp.path().join("run");
     let mut child = bin()
-        .args(["train", "--config", &repo("configs/tiny.toml"), "--data", data.to_str().unwrap(), "--out"])
+        .args(["train", "--config", &repo_str("configs/tiny.toml"), "--data", data.to_str().unwrap(), "--out"])
         .arg(&run)
         .args([
             "--set",
@@ -303,7 +295,15 @@ fn a_full_disk_while_saving_gives_a_clear_error_and_keeps_the_previous_checkpoin
     }
     let run = mnt.join("run");
     let out = bin()
-        .args(["train", "--quiet", "--config", &repo("configs/tiny.toml"), "--data", data.to_str().unwrap(), "--out"])
+        .args([
+            "train",
+            "--quiet",
+            "--config",
+            &repo_str("configs/tiny.toml"),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+        ])
         .arg(&run)
         .args(["--set", "train.max_steps=200", "--set", "train.ckpt_interval=1", "--set", "train.keep_checkpoints=0"])
         .output()

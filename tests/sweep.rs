@@ -2,16 +2,11 @@
 //! seed trains a few steps, and the report (results.md with one row per configuration, two PNG
 //! charts that decode) comes out; a second call keeps finished runs; bad plans are refused.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lors-lm"))
-}
+use common::{bin, repo};
 
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
+use std::path::Path;
 
 /// Token data with the plan's vocabulary (4096), so parameter counts equal the real sweep's.
 fn data(dir: &Path) {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::tb_python;
+use common::{bin, repo, tb_python};
 use lors_lm::tb::{read_event_file, Board, EventFileContents};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
@@ -281,17 +281,13 @@ fn sigkill_mid_write() {
 
 // ------------------------------------------------------------ a real `lors-lm train` run
 
-fn lors_lm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lors-lm"))
-}
-
 /// A tiny prepared corpus with a tokenizer (so eval writes text samples too).
 fn prepared_corpus(dir: &Path) -> PathBuf {
     let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little money. ";
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, text.repeat(60)).unwrap();
     let data = dir.join("data");
-    let out = lors_lm()
+    let out = bin()
         .args(["prepare", "--vocab-size", "300", "--input"])
         .arg(&corpus)
         .arg("--out")
@@ -303,9 +299,9 @@ fn prepared_corpus(dir: &Path) -> PathBuf {
 }
 
 fn train_cmd(data: &Path, run: &Path, extra: &[&str]) -> Command {
-    let mut c = lors_lm();
+    let mut c = bin();
     c.args(["train", "--config"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml"))
+        .arg(repo("configs/tiny.toml"))
         .arg("--data")
         .arg(data)
         .arg("--out")
@@ -387,7 +383,7 @@ fn a_resumed_training_run_does_not_repeat_steps_in_tensorboard() {
     // steps 9..=12 are logged twice (once per process).
     std::fs::remove_dir_all(run.join("checkpoints/12")).unwrap();
     std::fs::write(run.join("checkpoints/latest"), "8").unwrap();
-    let out = lors_lm().args(["train", "--quiet", "--resume", "--out"]).arg(&run).output().unwrap();
+    let out = bin().args(["train", "--quiet", "--resume", "--out"]).arg(&run).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(read_all(&run.join("tb")).len(), 2);
     let Some(python) = tb_python() else { return };

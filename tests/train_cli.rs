@@ -1,35 +1,11 @@
 //! End-to-end tests of `lors-lm train` / `generate` / `params` through the real binary, on
 //! synthetic token data (fast) with the tiny config.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lors-lm"))
-}
+use common::{bin, repo, run_err, run_ok, train_tiny};
 
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run lors-lm");
-    assert!(
-        out.status.success(),
-        "command failed: {cmd:?}\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run lors-lm");
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure: {cmd:?}");
-    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
-    err
-}
+use std::path::Path;
 
 /// A learnable synthetic language: next = (7·prev + 3) mod 50, with a rare random token.
 fn synthetic_data(dir: &Path, n_train: usize, n_val: usize) {
@@ -42,18 +18,6 @@ fn synthetic_data(dir: &Path, n_train: usize, n_val: usize) {
         seq.push(t);
     }
     lors_lm::data::write_prepared_dir(dir, &seq[..n_train], &seq[n_train..], 50, None).unwrap();
-}
-
-/// `lors-lm train --quiet` with the tiny config on `data`, writing to `run`.
-fn train_tiny(data: &Path, run: &Path) -> Command {
-    let mut c = bin();
-    c.args(["train", "--quiet", "--config"])
-        .arg(repo("configs/tiny.toml"))
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(run);
-    c
 }
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {

@@ -2,6 +2,56 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `lors-lm` binary built for this test run.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lors-lm"))
+}
+
+/// A path inside the repository (e.g. `repo("configs/tiny.toml")`).
+pub fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// [`repo`] as a `String`, for argument lists of plain `&str`s.
+pub fn repo_str(p: &str) -> String {
+    repo(p).to_string_lossy().into_owned()
+}
+
+/// Runs `cmd`, asserts it succeeded (showing the command, stdout and stderr if not) and returns
+/// its output.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run lors-lm");
+    assert!(
+        out.status.success(),
+        "command failed: {cmd:?}\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `cmd`, asserts it failed with an error rather than a panic, and returns its stderr.
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run lors-lm");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "expected failure: {cmd:?}");
+    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    err
+}
+
+/// `lors-lm train --quiet` with the tiny config on `data`, writing to `run`.
+pub fn train_tiny(data: &Path, run: &Path) -> Command {
+    let mut c = bin();
+    c.args(["train", "--quiet", "--config"])
+        .arg(repo("configs/tiny.toml"))
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(run);
+    c
+}
 
 /// The test Python (`.venv-tb` from scripts/setup_tb_venv.sh: tensorboard, numpy, safetensors),
 /// from `LORS_LM_TB_PYTHON` or the repo's `.venv-tb`; `None` (test skipped) outside CI.
