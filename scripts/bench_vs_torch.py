@@ -135,7 +135,7 @@ def lors_lm_bench(config, mode, steps, warmup, threads):
     out = subprocess.run([exe, "bench", "--config", str(config), "--json", "--modes", mode, "--rounds", "1",
                           "--steps", str(steps), "--warmup", str(warmup), "--prompt-tokens", "0"],
                          check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["train_tokens_per_sec"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main():
@@ -151,20 +151,35 @@ def main():
     print(f"torch {torch.__version__}, {a.threads} threads, median of {a.steps} steps after {a.warmup} warm-up, "
           f"{a.rounds} interleaved rounds")
     print(f"{'config':<20} {'mode':<8} {'lors-lm tok/s':>14} {'torch tok/s':>12} {'ratio (range)':>20}")
+
+    def med_range(xs):
+        return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
+
+    modes = ("vanilla", "lors")
     for c in a.configs:
         cfg = tomllib.loads(Path(c).read_text())
-        for mode in ("vanilla", "lors"):
-            ours, theirs = [], []
-            for _ in range(a.rounds):
-                ours.append(lors_lm_bench(c, mode, a.steps, a.warmup, a.threads))
-                theirs.append(torch_bench(cfg, mode, a.steps, a.warmup, a.threads))
-            ratios = [o / t for o, t in zip(ours, theirs)]
-            r = statistics.median(ratios)
-            o, t = statistics.median(ours), statistics.median(theirs)
-            print(f"{Path(c).stem:<20} {mode:<8} {o:>14.0f} {t:>12.0f} "
-                  f"{f'{r:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})':>20}")
+        ours = {m: [] for m in modes}    # lors-lm JSON results, one per round
+        theirs = {m: [] for m in modes}  # PyTorch tokens/s, one per round
+        for _ in range(a.rounds):
+            for mode in modes:
+                ours[mode].append(lors_lm_bench(c, mode, a.steps, a.warmup, a.threads))
+                theirs[mode].append(torch_bench(cfg, mode, a.steps, a.warmup, a.threads))
+        for mode in modes:
+            o_tps = [r["train_tokens_per_sec"] for r in ours[mode]]
+            ratios = [o / t for o, t in zip(o_tps, theirs[mode])]
+            o, t = statistics.median(o_tps), statistics.median(theirs[mode])
+            print(f"{Path(c).stem:<20} {mode:<8} {o:>14.0f} {t:>12.0f} {med_range(ratios):>20}")
             print(json.dumps({"config": Path(c).stem, "mode": mode, "lors_lm_tokens_per_sec": o,
-                              "torch_tokens_per_sec": t, "ratio": r, "ratios": ratios}))
+                              "torch_tokens_per_sec": t, "ratio": statistics.median(ratios), "ratios": ratios,
+                              "lors_lm_peak_rss_mb": [r["peak_rss_mb"] for r in ours[mode]]}))
+        # LORS against vanilla within each round, for both implementations.
+        step = [lo["step_ms_median"] / va["step_ms_median"] for lo, va in zip(ours["lors"], ours["vanilla"])]
+        rss = [lo["peak_rss_mb"] / va["peak_rss_mb"] for lo, va in zip(ours["lors"], ours["vanilla"])
+               if lo.get("peak_rss_mb") and va.get("peak_rss_mb")]
+        torch_step = [v / l for l, v in zip(theirs["lors"], theirs["vanilla"])]
+        print(f"{Path(c).stem:<20} lors/vanilla step time: lors-lm {med_range(step)}, PyTorch {med_range(torch_step)}; "
+              f"lors-lm peak RSS {med_range(rss) if rss else '-'}")
+
 
 if __name__ == "__main__":
     main()
