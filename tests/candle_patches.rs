@@ -1,0 +1,89 @@
+//! The three patches to candle-core in vendor/ (vendor/README.md) keep candle's results:
+//! gradients that reach a node several times, or first through a strided view, still sum
+//! correctly, and matmuls on the row-band path, batched, strided or with k = 0 match a naive
+//! f64 product.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use lors_lm::rng::Rng;
+
+fn rand(rng: &mut Rng, shape: &[usize]) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// Naive (m×k)·(k×n) in f64.
+fn naive(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<Vec<f64>> {
+    let (m, k, n) = (a.len(), b.len(), b.first().map_or(0, |r| r.len()));
+    (0..m).map(|i| (0..n).map(|j| (0..k).map(|l| a[i][l] as f64 * b[l][j] as f64).sum()).collect()).collect()
+}
+
+fn assert_close(got: &Tensor, want: &[Vec<f64>], what: &str) -> Result<()> {
+    let got: Vec<Vec<f32>> = got.to_vec2()?;
+    assert_eq!(got.len(), want.len(), "{what}: rows");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        for (j, (g, w)) in g.iter().zip(w).enumerate() {
+            assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{what}: ({i}, {j}) is {g}, want {w}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn matmuls_match_a_naive_product_on_every_path() -> Result<()> {
+    let mut rng = Rng::new(5);
+    // 517 rows: the row-band path on 2+ threads, with a last band that is not a whole tile.
+    let (m, k, n) = (517, 70, 37);
+    let a = rand(&mut rng, &[m, k])?;
+    let b = rand(&mut rng, &[k, n])?;
+    let want = naive(&a.to_vec2()?, &b.to_vec2()?);
+    assert_close(&a.matmul(&b)?, &want, "contiguous")?;
+    // Strided operands: a stored transposed, b stored transposed.
+    let at = a.t()?.contiguous()?.t()?;
+    let bt = b.t()?.contiguous()?.t()?;
+    assert!(!at.is_contiguous() && !bt.is_contiguous());
+    assert_close(&at.matmul(&bt)?, &want, "strided")?;
+    // Few rows (gemm's own split) and a batch of three (the batched loop).
+    let small = a.narrow(0, 0, 9)?;
+    assert_close(&small.matmul(&b)?, &naive(&small.to_vec2()?, &b.to_vec2()?), "9 rows")?;
+    let batch = Tensor::stack(&[&a, &a, &a], 0)?.matmul(&Tensor::stack(&[&b, &b, &b], 0)?)?;
+    for i in 0..3 {
+        assert_close(&batch.get(i)?, &want, "batched")?;
+    }
+    // k = 0: the product is all zeros (the destination is zero-filled only then).
+    let empty =
+        Tensor::zeros((300, 0), DType::F32, &Device::Cpu)?.matmul(&Tensor::zeros((0, 4), DType::F32, &Device::Cpu)?)?;
+    assert_eq!(empty.sum_all()?.to_scalar::<f32>()?, 0.0);
+    assert_eq!(empty.dims(), [300, 4]);
+    Ok(())
+}
+
+#[test]
+fn gradients_sum_over_every_use_of_a_tensor() -> Result<()> {
+    let mut rng = Rng::new(6);
+    let x = Var::from_tensor(&rand(&mut rng, &[5, 3])?)?;
+    let w = Var::from_tensor(&rand(&mut rng, &[4, 3])?)?;
+    let xt = x.as_tensor();
+    // x reaches the loss four times: through a transposed view first (the first gradient
+    // stored for x is then a strided one), a matmul, a square and a sum with itself.
+    // loss = 2·Σx + Σ(x wᵀ) + Σx² + Σ(x + x)
+    let loss = ((xt.t()? * 2.0)?.sum_all()?
+        + xt.matmul(&w.as_tensor().t()?)?.sum_all()?
+        + xt.sqr()?.sum_all()?
+        + (xt + xt)?.sum_all()?)?;
+    let grads = loss.backward()?;
+    let gx = grads.get(xt).expect("x has a gradient");
+    // d/dx = 2 + Σ_rows(w) (each row of x meets every row of w) + 2x + 2
+    let wsum = w.as_tensor().sum(0)?; // (3,)
+    let want = ((xt * 2.0)? + 4.0)?.broadcast_add(&wsum)?;
+    let diff = (gx - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "x gradient off by {diff}");
+    // w is used once (through its transpose): dw = Σ_rows(x) for every row of w.
+    let gw = grads.get(w.as_tensor()).expect("w has a gradient");
+    let want_w = xt.sum(0)?.unsqueeze(0)?.broadcast_as((4, 3))?;
+    let diff = (gw - &want_w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "w gradient off by {diff}");
+    assert!(gx.is_contiguous() && gw.is_contiguous());
+    Ok(())
+}
