@@ -380,6 +380,14 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // lors-lm patch: computed once. `num_cpus::get_physical` parses /proc/cpuinfo on every
+    // call, and this runs for every matmul and elementwise op when RAYON_NUM_THREADS is unset
+    // (956 reads of /proc/cpuinfo for one small training step plus 8 generated tokens).
+    static DEFAULT: OnceLock<usize> = OnceLock::new();
+    *DEFAULT.get_or_init(default_num_threads_uncached)
+}
+
+fn default_num_threads_uncached() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
