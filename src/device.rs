@@ -101,3 +101,17 @@ pub fn tune_allocator() {
         }
     }
 }
+
+/// Make candle's elementwise worker threads park sooner after each op.
+///
+/// candle runs elementwise ops on its own small thread pool, next to rayon's pool that runs
+/// the matmuls and our fused kernels; with as many rayon threads as cores, a candle worker
+/// that spins 25,000 times (candle's default) after every op takes a core from the matmul
+/// running next. At 2,000 spins a bench-small step was 6 % faster and a bench-medium one 5 %
+/// (median of 3 interleaved runs each, docs/performance.md). A user's own
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` wins. Call at start-up, before other threads exist.
+pub fn tune_threads() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000");
+    }
+}

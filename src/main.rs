@@ -34,6 +34,7 @@ enum Command {
 
 fn main() {
     device::tune_allocator();
+    device::tune_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => data::run_prepare(&args),
