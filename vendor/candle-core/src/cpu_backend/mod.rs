@@ -1514,8 +1514,8 @@ impl Map2 for MatMul {
         };
         // lors-lm patch: a tall product (m rows ≥ ROWS_PER_THREAD_MIN per thread) runs as one
         // single-threaded gemm per thread on its own band of rows instead of gemm's own
-        // Rayon split: measured 1.0-1.3x faster on 2 cores for the matmuls of transformer
-        // training (the largest gain for long-k weight gradients), never slower.
+        // Rayon split: on 2 cores up to 1.3x faster for long-k weight gradients, level for
+        // the other matmuls of transformer training (lors-lm's benches/gemm_split.rs).
         const ROWS_PER_THREAD_MIN: usize = 128;
         if b == 1 && num_threads > 1 && m >= ROWS_PER_THREAD_MIN * num_threads {
             struct SendPtr<T>(*mut T);
