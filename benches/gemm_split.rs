@@ -1,7 +1,8 @@
 //! How to spread one f32 matmul over the cores: gemm's own Rayon split, or one single-threaded
 //! gemm per thread on a band of rows (split m) or of columns (split n)? The matmul shapes of a
 //! bench-medium training step (4096 tokens, d 384, ffn 1024, vocab 4096), the three strategies
-//! interleaved within each repetition, medians in GFLOP/s and as ratios to gemm's split.
+//! interleaved within each repetition, medians in GFLOP/s and as ratios to gemm's split; and
+//! single-threaded gemm, for scale.
 //! The patched candle (vendor/README.md) and `ops::matmul_bands` use split m.
 //! `cargo bench --bench gemm_split`
 use gemm::{gemm, Parallelism};
@@ -66,7 +67,7 @@ fn main() {
     lors_lm::device::tune_allocator();
     let threads = rayon::current_num_threads();
     println!("{threads} threads; GFLOP/s, median of 13 interleaved repetitions");
-    println!("{:<22} {:>8} {:>16} {:>16}", "m x n x k", "gemm", "split m", "split n");
+    println!("{:<22} {:>8} {:>16} {:>16} {:>9}", "m x n x k", "gemm", "split m", "split n", "1 thread");
     // (m, n, k, A stored transposed): forward x·Wᵀ and input gradients dy·W have m = tokens;
     // weight gradients dyᵀ·x have k = tokens and a transposed A.
     for (m, n, k, at) in [
@@ -86,12 +87,13 @@ fn main() {
         let p = Problem { m, n, k, a, a_rs, a_cs, b };
         let mut c = vec![0f32; m * n];
         let out = Out(c.as_mut_ptr(), c.len());
-        let mut times: [Vec<f64>; 3] = Default::default();
+        let mut times: [Vec<f64>; 4] = Default::default();
         for rep in 0..15 {
             for (s, t) in times.iter_mut().enumerate() {
                 let start = Instant::now();
                 match s {
                     0 => p.run(out, (0, m), (0, n), Parallelism::Rayon(threads)),
+                    3 => p.run(out, (0, m), (0, n), Parallelism::None),
                     _ => {
                         let [x, y] = if s == 1 { halves(m) } else { halves(n) };
                         let block = |h: (usize, usize)| {
@@ -116,12 +118,13 @@ fn main() {
         let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
         let shape = format!("{m} x {n} x {k}{}", if at { " (Aᵀ)" } else { "" });
         println!(
-            "{shape:<22} {:>8.1} {:>8.1} ({:.2}x) {:>8.1} ({:.2}x)",
+            "{shape:<22} {:>8.1} {:>8.1} ({:.2}x) {:>8.1} ({:.2}x) {:>9.1}",
             gf(med[0]),
             gf(med[1]),
             med[0] / med[1],
             gf(med[2]),
-            med[0] / med[2]
+            med[0] / med[2],
+            gf(med[3])
         );
     }
 }

@@ -1,4 +1,5 @@
-//! The three patches to candle-core in vendor/ (vendor/README.md) keep candle's results:
+//! The patches to candle-core in vendor/ (vendor/README.md) keep candle's results (the fourth,
+//! computing the default thread count once, changes no result):
 //! gradients that reach a node several times, or first through a strided view, still sum
 //! correctly, and matmuls on the row-band path, batched, strided or with k = 0 match a naive
 //! f64 product.
