@@ -9,7 +9,9 @@ Each round measures, per mode, lors-lm (a fresh `lors-lm bench` process) and the
 that a slow spell of the machine hits both; the ratio reported is the median of the per-round
 ratios, with their range.
 
-Usage: scripts/bench_vs_torch.py [--threads 2] [--steps 8] [--rounds 3] [CONFIG...]
+Usage: scripts/bench_vs_torch.py [--threads 2] [--steps 8] [--rounds 3] [--build LABEL=PATH]... [CONFIG...]
+Several --build binaries (say the default build and one with `--features openblas`) are
+measured in the same rounds against the same PyTorch runs.
 PyTorch is installed into .venv-torch by this script unless TORCH_PYTHON names a Python that
 already has torch (it is not a test dependency). The script re-runs itself under that Python.
 """
@@ -129,8 +131,7 @@ def torch_bench(cfg, mode, steps, warmup, threads):
     return B * T / statistics.median(times)
 
 
-def lors_lm_bench(config, mode, steps, warmup, threads):
-    exe = os.environ.get("LORS_LM", str(ROOT / "target" / "release" / "lors-lm"))
+def lors_lm_bench(exe, config, mode, steps, warmup, threads):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     out = subprocess.run([exe, "bench", "--config", str(config), "--json", "--modes", mode, "--rounds", "1",
                           "--steps", str(steps), "--warmup", str(warmup), "--prompt-tokens", "0"],
@@ -145,12 +146,21 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--build", action="append", metavar="LABEL=PATH",
+                    help="a lors-lm binary to measure (repeatable), e.g. gemm=target/release/lors-lm "
+                         "openblas=target-openblas/release/lors-lm; default: $LORS_LM or target/release/lors-lm")
     a = ap.parse_args()
+    builds = {}
+    for spec in a.build or [f"lors-lm={os.environ.get('LORS_LM', ROOT / 'target' / 'release' / 'lors-lm')}"]:
+        label, sep, path = spec.partition("=")
+        if not sep or not Path(path).is_file():
+            sys.exit(f"--build {spec!r}: expected LABEL=PATH naming a lors-lm binary")
+        builds[label] = path
     ensure_torch()
     import torch
     print(f"torch {torch.__version__}, {a.threads} threads, median of {a.steps} steps after {a.warmup} warm-up, "
           f"{a.rounds} interleaved rounds")
-    print(f"{'config':<20} {'mode':<8} {'lors-lm tok/s':>14} {'torch tok/s':>12} {'ratio (range)':>20}")
+    print(f"{'config':<20} {'build':<10} {'mode':<8} {'lors-lm tok/s':>14} {'torch tok/s':>12} {'ratio (range)':>20}")
 
     def med_range(xs):
         return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
@@ -158,27 +168,29 @@ def main():
     modes = ("vanilla", "lors")
     for c in a.configs:
         cfg = tomllib.loads(Path(c).read_text())
-        ours = {m: [] for m in modes}    # lors-lm JSON results, one per round
-        theirs = {m: [] for m in modes}  # PyTorch tokens/s, one per round
+        ours = {(b, m): [] for b in builds for m in modes}  # lors-lm JSON results, one per round
+        theirs = {m: [] for m in modes}                      # PyTorch tokens/s, one per round
         for _ in range(a.rounds):
             for mode in modes:
-                ours[mode].append(lors_lm_bench(c, mode, a.steps, a.warmup, a.threads))
+                for label, exe in builds.items():
+                    ours[label, mode].append(lors_lm_bench(exe, c, mode, a.steps, a.warmup, a.threads))
                 theirs[mode].append(torch_bench(cfg, mode, a.steps, a.warmup, a.threads))
-        for mode in modes:
-            o_tps = [r["train_tokens_per_sec"] for r in ours[mode]]
-            ratios = [o / t for o, t in zip(o_tps, theirs[mode])]
-            o, t = statistics.median(o_tps), statistics.median(theirs[mode])
-            print(f"{Path(c).stem:<20} {mode:<8} {o:>14.0f} {t:>12.0f} {med_range(ratios):>20}")
-            print(json.dumps({"config": Path(c).stem, "mode": mode, "lors_lm_tokens_per_sec": o,
-                              "torch_tokens_per_sec": t, "ratio": statistics.median(ratios), "ratios": ratios,
-                              "lors_lm_peak_rss_mb": [r["peak_rss_mb"] for r in ours[mode]]}))
-        # LORS against vanilla within each round, for both implementations.
-        step = [lo["step_ms_median"] / va["step_ms_median"] for lo, va in zip(ours["lors"], ours["vanilla"])]
-        rss = [lo["peak_rss_mb"] / va["peak_rss_mb"] for lo, va in zip(ours["lors"], ours["vanilla"])
-               if lo.get("peak_rss_mb") and va.get("peak_rss_mb")]
-        torch_step = [v / l for l, v in zip(theirs["lors"], theirs["vanilla"])]
-        print(f"{Path(c).stem:<20} lors/vanilla step time: lors-lm {med_range(step)}, PyTorch {med_range(torch_step)}; "
-              f"lors-lm peak RSS {med_range(rss) if rss else '-'}")
+        for label in builds:
+            for mode in modes:
+                o_tps = [r["train_tokens_per_sec"] for r in ours[label, mode]]
+                ratios = [o / t for o, t in zip(o_tps, theirs[mode])]
+                o, t = statistics.median(o_tps), statistics.median(theirs[mode])
+                print(f"{Path(c).stem:<20} {label:<10} {mode:<8} {o:>14.0f} {t:>12.0f} {med_range(ratios):>20}")
+                print(json.dumps({"config": Path(c).stem, "build": label, "mode": mode, "lors_lm_tokens_per_sec": o,
+                                  "torch_tokens_per_sec": t, "ratio": statistics.median(ratios), "ratios": ratios,
+                                  "lors_lm_peak_rss_mb": [r["peak_rss_mb"] for r in ours[label, mode]]}))
+            # LORS against vanilla within each round, for both implementations.
+            lo_va = list(zip(ours[label, "lors"], ours[label, "vanilla"]))
+            step = [lo["step_ms_median"] / va["step_ms_median"] for lo, va in lo_va]
+            rss = [lo["peak_rss_mb"] / va["peak_rss_mb"] for lo, va in lo_va if lo.get("peak_rss_mb") and va.get("peak_rss_mb")]
+            torch_step = [v / l for l, v in zip(theirs["lors"], theirs["vanilla"])]
+            print(f"{Path(c).stem:<20} {label:<10} lors/vanilla step time: lors-lm {med_range(step)}, "
+                  f"PyTorch {med_range(torch_step)}; lors-lm peak RSS {med_range(rss) if rss else '-'}")
 
 
 if __name__ == "__main__":

@@ -646,8 +646,32 @@ impl<'a, T> Mat<'a, T> {
 }
 
 /// `dst (m×n, row-major, rows ld apart) [+]= a (m×k) · b (k×n)`, single-threaded (the callers
-/// parallelise over heads).
+/// parallelise over heads or row bands). With the `openblas` feature, f32 overwrites go
+/// through OpenBLAS.
 fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>, accumulate: bool) {
+    #[cfg(feature = "openblas")]
+    if !accumulate && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        let (m, n) = (a.rows, b.cols);
+        assert!(a.cols == b.rows && a.in_bounds() && b.in_bounds(), "matmul: bad operand views");
+        assert!(m == 0 || n == 0 || (m - 1) * ld + n <= dst.len(), "matmul: destination too small");
+        let f = |x: Mat<T>| x.d.as_ptr() as *const f32;
+        // SAFETY: T is f32, the asserts keep both operands and the m rows of dst inside their
+        // slices, and dst is borrowed mutably, so it aliases neither operand.
+        let done = unsafe {
+            candle_core::cpu_backend::openblas::sgemm(
+                (m, n, a.cols),
+                f(a),
+                (a.rs, a.cs),
+                f(b),
+                (b.rs, b.cs),
+                dst.as_mut_ptr() as *mut f32,
+                ld,
+            )
+        };
+        if done {
+            return;
+        }
+    }
     matmul_ext(dst, ld, a, b, accumulate, T::one(), gemm::Parallelism::None)
 }
 

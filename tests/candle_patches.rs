@@ -2,7 +2,8 @@
 //! computing the default thread count once, changes no result):
 //! gradients that reach a node several times, or first through a strided view, still sum
 //! correctly, and matmuls on the row-band path, batched, strided or with k = 0 match a naive
-//! f64 product.
+//! f64 product (with `--features openblas`, also the OpenBLAS band path and the layouts it
+//! declines).
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -86,5 +87,57 @@ fn gradients_sum_over_every_use_of_a_tensor() -> Result<()> {
     let diff = (gw - &want_w)?.abs()?.max_all()?.to_scalar::<f32>()?;
     assert!(diff < 1e-5, "w gradient off by {diff}");
     assert!(gx.is_contiguous() && gw.is_contiguous());
+    Ok(())
+}
+
+/// With `--features openblas` the row bands of f32 matmuls go through OpenBLAS: it must take
+/// every layout candle and the fused kernels pass (row-major or transposed operands, a leading
+/// dimension wider than the row) and decline, touching nothing, what CBLAS cannot express.
+#[cfg(feature = "openblas")]
+#[test]
+fn openblas_bands_match_a_naive_product_and_decline_other_layouts() -> Result<()> {
+    use candle_core::cpu_backend::openblas::sgemm;
+    let mut rng = Rng::new(9);
+    // 300 rows: enough for the row-band path on 2 threads in the candle check at the end.
+    let (m, k, n) = (300, 90, 21);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+    let rows =
+        |v: &[f32], r: usize, c: usize| -> Vec<Vec<f32>> { (0..r).map(|i| v[i * c..(i + 1) * c].to_vec()).collect() };
+    let want = naive(&rows(&a, m, k), &rows(&b, k, n));
+    let transpose =
+        |v: &[f32], r: usize, c: usize| -> Vec<f32> { (0..c * r).map(|i| v[(i % r) * c + i / r]).collect() };
+    let (at, bt) = (transpose(&a, m, k), transpose(&b, k, n));
+    let ldc = n + 5;
+    for (what, a, a_st, b, b_st) in [
+        ("row-major", &a, (k, 1), &b, (n, 1)),
+        ("A transposed", &at, (1, m), &b, (n, 1)),
+        ("B transposed", &a, (k, 1), &bt, (1, k)),
+        ("both transposed", &at, (1, m), &bt, (1, k)),
+    ] {
+        let mut c = vec![f32::NAN; m * ldc];
+        // SAFETY: A is m×k and B k×n with the strides given, C holds m rows of ldc.
+        let done = unsafe { sgemm((m, n, k), a.as_ptr(), a_st, b.as_ptr(), b_st, c.as_mut_ptr(), ldc) };
+        assert!(done, "{what}: declined");
+        for (i, row) in want.iter().enumerate() {
+            for (j, w) in row.iter().enumerate() {
+                let g = c[i * ldc + j] as f64;
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{what}: ({i}, {j}) is {g}, want {w}");
+            }
+            assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()), "{what}: wrote past row {i}");
+        }
+    }
+    // A with neither stride 1 (every other column of a 2k-wide matrix): not a CBLAS layout.
+    let wide: Vec<f32> = (0..m * 2 * k).map(|_| rng.normal() as f32).collect();
+    let mut c = vec![f32::NAN; m * n];
+    // SAFETY: element (i, p) at i * 2k + 2p lies inside `wide`.
+    let done = unsafe { sgemm((m, n, k), wide.as_ptr(), (2 * k, 2), b.as_ptr(), (n, 1), c.as_mut_ptr(), n) };
+    assert!(!done && c.iter().all(|x| x.is_nan()), "a non-unit-stride operand must be declined untouched");
+    // The same product through candle: the band path falls back to gemm for it.
+    let wide_t = Tensor::from_vec(wide.clone(), (m, 2 * k), &Device::Cpu)?;
+    let strided = wide_t.reshape((m, k, 2))?.narrow(2, 0, 1)?.squeeze(2)?;
+    let b_t = Tensor::from_vec(b.clone(), (k, n), &Device::Cpu)?;
+    let want = naive(&strided.to_vec2()?, &rows(&b, k, n));
+    assert_close(&strided.matmul(&b_t)?, &want, "non-unit-stride lhs")?;
     Ok(())
 }

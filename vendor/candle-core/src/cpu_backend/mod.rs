@@ -12,6 +12,9 @@ pub use utils::{
     Map1, Map1Any, Map2, Map2InPlace, Map2U8,
 };
 mod conv2d;
+// lors-lm patch: f32 matmul bands through a system OpenBLAS (`openblas` feature).
+#[cfg(feature = "openblas")]
+pub mod openblas;
 use conv2d::Conv2D;
 
 const USE_IM2COL_CONV1D: bool = true;
@@ -1528,6 +1531,25 @@ impl Map2 for MatMul {
                 let r0 = i * band;
                 let rows = band.min(m - r0);
                 let dst_ptr = &dst_ptr;
+                // lors-lm patch (`openblas` feature): f32 bands through OpenBLAS.
+                #[cfg(feature = "openblas")]
+                if T::DTYPE == DType::F32 {
+                    // SAFETY: T is f32; the same elements as the gemm call below.
+                    let done = unsafe {
+                        openblas::sgemm(
+                            (rows, n, k),
+                            lhs.as_ptr().add(r0 * lhs_rs) as *const f32,
+                            (lhs_rs, lhs_cs),
+                            rhs.as_ptr() as *const f32,
+                            (rhs_rs, rhs_cs),
+                            dst_ptr.0.add(r0 * dst_rs) as *mut f32,
+                            dst_rs,
+                        )
+                    };
+                    if done {
+                        return;
+                    }
+                }
                 // SAFETY: bands are disjoint row ranges of dst; lhs rows r0.. exist.
                 unsafe {
                     gemm(
