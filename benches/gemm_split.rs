@@ -4,7 +4,9 @@
 //! interleaved within each repetition, medians in GFLOP/s and as ratios to gemm's split; and
 //! single-threaded gemm, for scale.
 //! The patched candle (vendor/README.md) and `ops::matmul_bands` use split m.
-//! `cargo bench --bench gemm_split`
+//! With `--features openblas`, a last column: split m with one single-threaded OpenBLAS
+//! sgemm per band (what that feature runs instead of gemm), as a ratio to gemm's split.
+//! `cargo bench --bench gemm_split [--features openblas]`
 use gemm::{gemm, Parallelism};
 use std::time::Instant;
 
@@ -51,6 +53,27 @@ impl Problem {
     }
 }
 
+#[cfg(feature = "openblas")]
+impl Problem {
+    /// C rows r0..r0+rows with the `openblas` feature's single-threaded OpenBLAS sgemm.
+    fn run_openblas(&self, c: Out, (r0, rows): (usize, usize)) {
+        assert!(r0 + rows <= self.m && c.1 == self.m * self.n);
+        // SAFETY: as in `run`: rows r0.. of C and A exist, the bands written at once are disjoint.
+        let done = unsafe {
+            candle_core::cpu_backend::openblas::sgemm(
+                (rows, self.n, self.k),
+                self.a.as_ptr().add(r0 * self.a_rs),
+                (self.a_rs, self.a_cs),
+                self.b.as_ptr(),
+                (self.n, 1),
+                c.0.add(r0 * self.n),
+                self.n,
+            )
+        };
+        assert!(done, "OpenBLAS declined a row-major or transposed operand");
+    }
+}
+
 /// The output matrix (pointer, length), shared by threads that write disjoint blocks.
 #[derive(Clone, Copy)]
 struct Out(*mut f32, usize);
@@ -67,7 +90,16 @@ fn main() {
     lors_lm::device::tune_allocator();
     let threads = rayon::current_num_threads();
     println!("{threads} threads; GFLOP/s, median of 13 interleaved repetitions");
-    println!("{:<22} {:>8} {:>16} {:>16} {:>9}", "m x n x k", "gemm", "split m", "split n", "1 thread");
+    let openblas = cfg!(feature = "openblas");
+    println!(
+        "{:<22} {:>8} {:>16} {:>16} {:>9}{}",
+        "m x n x k",
+        "gemm",
+        "split m",
+        "split n",
+        "1 thread",
+        if openblas { "   OpenBLAS split m" } else { "" }
+    );
     // (m, n, k, A stored transposed): forward x·Wᵀ and input gradients dy·W have m = tokens;
     // weight gradients dyᵀ·x have k = tokens and a transposed A.
     for (m, n, k, at) in [
@@ -87,14 +119,20 @@ fn main() {
         let p = Problem { m, n, k, a, a_rs, a_cs, b };
         let mut c = vec![0f32; m * n];
         let out = Out(c.as_mut_ptr(), c.len());
-        let mut times: [Vec<f64>; 4] = Default::default();
+        // Five strategies with the openblas feature, four without.
+        let mut times: Vec<Vec<f64>> = vec![vec![]; if openblas { 5 } else { 4 }];
         for rep in 0..15 {
             for (s, t) in times.iter_mut().enumerate() {
                 let start = Instant::now();
                 match s {
                     0 => p.run(out, (0, m), (0, n), Parallelism::Rayon(threads)),
                     3 => p.run(out, (0, m), (0, n), Parallelism::None),
-                    _ => {
+                    #[cfg(feature = "openblas")]
+                    4 => {
+                        let [x, y] = halves(m);
+                        rayon::join(|| p.run_openblas(out, x), || p.run_openblas(out, y));
+                    }
+                    1 | 2 => {
                         let [x, y] = if s == 1 { halves(m) } else { halves(n) };
                         let block = |h: (usize, usize)| {
                             let (rows, cols) = if s == 1 { (h, (0, n)) } else { ((0, m), h) };
@@ -102,6 +140,7 @@ fn main() {
                         };
                         rayon::join(|| block(x), || block(y));
                     }
+                    _ => unreachable!("strategy {s}"),
                 }
                 if rep >= 2 {
                     t.push(start.elapsed().as_secs_f64());
@@ -117,8 +156,9 @@ fn main() {
             .collect();
         let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
         let shape = format!("{m} x {n} x {k}{}", if at { " (Aᵀ)" } else { "" });
+        let ob = if openblas { format!(" {:>9.1} ({:.2}x)", gf(med[4]), med[0] / med[4]) } else { String::new() };
         println!(
-            "{shape:<22} {:>8.1} {:>8.1} ({:.2}x) {:>8.1} ({:.2}x) {:>9.1}",
+            "{shape:<22} {:>8.1} {:>8.1} ({:.2}x) {:>8.1} ({:.2}x) {:>9.1}{ob}",
             gf(med[0]),
             gf(med[1]),
             med[0] / med[1],

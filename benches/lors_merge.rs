@@ -1,6 +1,7 @@
 //! Merge `W + B A` per step, or run the factored `x Wᵀ + (x Aᵀ) Bᵀ`? Forward + backward of one
 //! LORS projection at training shapes, median of several repetitions, both forms in the same
-//! process. `cargo bench --bench lors_merge`
+//! process, beside a vanilla projection (`x Wᵀ`, W private) of the same shape: what LORS
+//! costs per projection. `cargo bench --bench lors_merge`
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 use lors_lm::lors::LorsLinear;
@@ -21,8 +22,8 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 fn main() -> Result<()> {
     let dev = Device::Cpu;
     println!(
-        "{:>6} {:>6} {:>6} {:>4} | {:>10} {:>10} {:>8}",
-        "tokens", "out", "in", "r", "merged ms", "factored ms", "ratio"
+        "{:>6} {:>6} {:>6} {:>4} | {:>10} {:>10} {:>8} | {:>10} {:>8}",
+        "tokens", "out", "in", "r", "merged ms", "factored ms", "ratio", "vanilla ms", "merged/vanilla"
     );
     for (n, out, inp, r) in
         [(2048, 128, 128, 16), (2048, 344, 128, 16), (4096, 384, 384, 32), (4096, 1024, 384, 64), (64, 384, 384, 32)]
@@ -42,8 +43,19 @@ fn main() -> Result<()> {
             assert!(g.get(a.as_tensor()).is_some());
             Ok(())
         })?;
-        println!("{n:>6} {out:>6} {inp:>6} {r:>4} | {merged:>10.3} {factored:>10.3} {:>7.2}x", factored / merged);
+        let plain = LorsLinear::from_parts(w.as_tensor().clone(), None);
+        let vanilla = median_ms(9, || {
+            let g = plain.forward(&x)?.sqr()?.sum_all()?.backward()?;
+            assert!(g.get(w.as_tensor()).is_some());
+            Ok(())
+        })?;
+        println!(
+            "{n:>6} {out:>6} {inp:>6} {r:>4} | {merged:>10.3} {factored:>10.3} {:>7.2}x | {vanilla:>10.3} {:>13.2}x",
+            factored / merged,
+            merged / vanilla
+        );
     }
     println!("ratio = factored / merged time for forward + backward (> 1: merging is faster)");
+    println!("merged/vanilla = what the LORS projection costs against a private weight of the same shape");
     Ok(())
 }
