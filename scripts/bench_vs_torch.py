@@ -175,6 +175,7 @@ def main():
                 for label, exe in builds.items():
                     ours[label, mode].append(lors_lm_bench(exe, c, mode, a.steps, a.warmup, a.threads))
                 theirs[mode].append(torch_bench(cfg, mode, a.steps, a.warmup, a.threads))
+        torch_step = [v / l for l, v in zip(theirs["lors"], theirs["vanilla"])]
         for label in builds:
             for mode in modes:
                 o_tps = [r["train_tokens_per_sec"] for r in ours[label, mode]]
@@ -184,11 +185,10 @@ def main():
                 print(json.dumps({"config": Path(c).stem, "build": label, "mode": mode, "lors_lm_tokens_per_sec": o,
                                   "torch_tokens_per_sec": t, "ratio": statistics.median(ratios), "ratios": ratios,
                                   "lors_lm_peak_rss_mb": [r["peak_rss_mb"] for r in ours[label, mode]]}))
-            # LORS against vanilla within each round, for both implementations.
+            # LORS against vanilla within each round, for this build and for PyTorch.
             lo_va = list(zip(ours[label, "lors"], ours[label, "vanilla"]))
             step = [lo["step_ms_median"] / va["step_ms_median"] for lo, va in lo_va]
             rss = [lo["peak_rss_mb"] / va["peak_rss_mb"] for lo, va in lo_va if lo.get("peak_rss_mb") and va.get("peak_rss_mb")]
-            torch_step = [v / l for l, v in zip(theirs["lors"], theirs["vanilla"])]
             print(f"{Path(c).stem:<20} {label:<10} lors/vanilla step time: lors-lm {med_range(step)}, "
                   f"PyTorch {med_range(torch_step)}; lors-lm peak RSS {med_range(rss) if rss else '-'}")
 

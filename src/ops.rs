@@ -646,37 +646,13 @@ impl<'a, T> Mat<'a, T> {
 }
 
 /// `dst (m×n, row-major, rows ld apart) [+]= a (m×k) · b (k×n)`, single-threaded (the callers
-/// parallelise over heads or row bands). With the `openblas` feature, f32 overwrites go
-/// through OpenBLAS.
+/// parallelise over heads or row bands).
 fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>, accumulate: bool) {
-    #[cfg(feature = "openblas")]
-    if !accumulate && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        let (m, n) = (a.rows, b.cols);
-        assert!(a.cols == b.rows && a.in_bounds() && b.in_bounds(), "matmul: bad operand views");
-        assert!(m == 0 || n == 0 || (m - 1) * ld + n <= dst.len(), "matmul: destination too small");
-        let f = |x: Mat<T>| x.d.as_ptr() as *const f32;
-        // SAFETY: T is f32, the asserts keep both operands and the m rows of dst inside their
-        // slices, and dst is borrowed mutably, so it aliases neither operand.
-        let done = unsafe {
-            candle_core::cpu_backend::openblas::sgemm(
-                (m, n, a.cols),
-                f(a),
-                (a.rs, a.cs),
-                f(b),
-                (b.rs, b.cs),
-                dst.as_mut_ptr() as *mut f32,
-                ld,
-            )
-        };
-        if done {
-            return;
-        }
-    }
     matmul_ext(dst, ld, a, b, accumulate, T::one(), gemm::Parallelism::None)
 }
 
 /// `dst (m×n, rows ld apart) = a (m×k) · b (k×n)` on every rayon thread: the rows are split
-/// into one band per thread, each a single-threaded gemm. On 2 cores this is up to 1.3x
+/// into one band per thread, each a single-threaded `matmul`. On 2 cores this is up to 1.3x
 /// faster than gemm's own Rayon split for long k (weight gradients) and level with it for the
 /// other training shapes (`cargo bench --bench gemm_split`).
 fn matmul_bands<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>) {
@@ -705,6 +681,32 @@ fn matmul_ext<T: Real>(
     assert!(m == 0 || n == 0 || (m - 1) * ld + n <= dst.len(), "matmul: destination too small");
     if m == 0 || n == 0 {
         return;
+    }
+    // With the `openblas` feature, single-threaded f32 overwrites of the plain product go
+    // through OpenBLAS (its `sgemm` declines layouts CBLAS cannot express; gemm runs those).
+    #[cfg(feature = "openblas")]
+    if !accumulate
+        && beta == T::one()
+        && matches!(parallelism, gemm::Parallelism::None)
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+    {
+        let f = |x: Mat<T>| x.d.as_ptr() as *const f32;
+        // SAFETY: T is f32, the asserts above keep both operands and the m rows of dst inside
+        // their slices, and dst is borrowed mutably, so it aliases neither operand.
+        let done = unsafe {
+            candle_core::cpu_backend::openblas::sgemm(
+                (m, n, k),
+                f(a),
+                (a.rs, a.cs),
+                f(b),
+                (b.rs, b.cs),
+                dst.as_mut_ptr() as *mut f32,
+                ld,
+            )
+        };
+        if done {
+            return;
+        }
     }
     // SAFETY: the asserts above keep every index gemm touches inside the three slices, and dst
     // is borrowed mutably, so it aliases neither operand.

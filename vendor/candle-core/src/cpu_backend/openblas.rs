@@ -48,7 +48,6 @@ fn layout(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<(i32, i32)> 
 /// # Safety
 /// A, B and the m rows of C must be valid for the given sizes and strides, C writable and
 /// disjoint from A and B.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm(
     (m, n, k): (usize, usize, usize),
     a: *const f32,
