@@ -68,6 +68,7 @@ impl Problem {
                 (self.n, 1),
                 c.0.add(r0 * self.n),
                 self.n,
+                false,
             )
         };
         assert!(done, "OpenBLAS declined a row-major or transposed operand");

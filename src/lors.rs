@@ -100,13 +100,17 @@ impl LorsLinear {
     /// With `fused` (CPU, f32/f64) the merge `W + s·B A` is one op (`ops::lors_merge`) that
     /// stores no `B A` intermediate.
     pub fn forward_as(&self, x: &Tensor, dtype: DType, fused: bool) -> Result<Tensor> {
-        let w = match &self.residual {
+        linear_as(x, &self.weight_as(fused)?, dtype)
+    }
+
+    /// `weight`, with the merge as one op (`ops::lors_merge`) when `fused` (CPU, f32/f64).
+    pub fn weight_as(&self, fused: bool) -> Result<Tensor> {
+        match &self.residual {
             Some((a, b)) if fused && crate::ops::supported(&self.base) => {
-                crate::ops::lors_merge(&self.base, b, a, self.scale)?
+                Ok(crate::ops::lors_merge(&self.base, b, a, self.scale)?)
             }
-            _ => self.weight()?,
-        };
-        linear_as(x, &w, dtype)
+            _ => self.weight(),
+        }
     }
 
     /// `x Wᵀ + (x Aᵀ) Bᵀ`: the same map without forming `B A` (for the benchmark and tests).

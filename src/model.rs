@@ -6,7 +6,8 @@
 //!       → RMSNorm → LM head (tied to the embedding by default).
 //!
 //! On the CPU (f32/f64) RMSNorm, RoPE, attention, SwiGLU, the LORS merge and the LM head +
-//! loss run as our own fused kernels with hand-written backward passes (`ops.rs`); elsewhere,
+//! loss run as our own fused kernels with hand-written backward passes (`ops.rs`), and in
+//! training the q, k, v projections run as one matmul (as do gate and up); elsewhere,
 //! and with `with_fused_ops(false)`, every op is a differentiable composition of basic candle
 //! ops.
 //! (candle's own fused `softmax_last_dim`, `rms_norm` and `rope` build no backward op and
@@ -230,34 +231,57 @@ impl Block {
         let Pass { cfg, rope, mask, mm, fused } = *ctx;
         let (b, t, d) = x.dims3()?;
         let (h, hkv, hd) = (cfg.n_heads, cfg.kv_heads(), cfg.head_dim());
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Without a cache (training, evaluation) the fused kernels take q, k, v from one
+        // matmul against the stacked weights [Wq; Wk; Wv], and gate, up from one against
+        // [Wgate; Wup]: fewer, larger matmuls. Decoding keeps them apart (stacking the
+        // weights for every token would cost more than it saves).
+        let packed = fused && cache.is_none();
+        let stacked = |ps: &[&LorsLinear]| -> Result<Tensor> {
+            let ws = ps.iter().map(|p| p.weight_as(true)).collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&ws, 0)?)
+        };
 
         // --- attention ---
         let xn = rms_norm(x, &self.attn_norm, cfg.norm_eps, fused)?;
-        // (B, T, H*hd) -> (B, T, H, hd) -> (B, H, T, hd); q and k rotated on the way.
-        let q = rope.apply_t(&self.q.forward_as(&xn, mm, fused)?.reshape((b, t, h, hd))?, offset, fused)?;
-        let mut k = rope.apply_t(&self.k.forward_as(&xn, mm, fused)?.reshape((b, t, hkv, hd))?, offset, fused)?;
-        let v = self.v.forward_as(&xn, mm, fused)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let mut v = v;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?; // (B, Hkv, T_past + T, hd)
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let scale = 1.0 / (hd as f64).sqrt();
-        let y = if fused {
-            // One fused kernel: scores, causal softmax and P·v per head, GQA included.
-            ops::attention(&q, &k, &v, scale)?.reshape((b, t, d))? // (B, T, H, hd) -> (B, T, d)
+        let y = if packed {
+            let qkv = linear_as(&xn, &stacked(&[&self.q, &self.k, &self.v])?, mm)?; // (B, T, (H + 2·Hkv)·hd)
+            ops::attention_qkv(&qkv, &rope.cos, &rope.sin, offset, (h, hkv), scale)?
+        // (B, T, d)
         } else {
-            self.attention_plain(&q, &k, &v, mask, scale, mm)?.transpose(1, 2)?.reshape((b, t, d))?
+            // (B, T, H*hd) -> (B, T, H, hd) -> (B, H, T, hd); q and k rotated on the way.
+            let q = rope.apply_t(&self.q.forward_as(&xn, mm, fused)?.reshape((b, t, h, hd))?, offset, fused)?;
+            let mut k = rope.apply_t(&self.k.forward_as(&xn, mm, fused)?.reshape((b, t, hkv, hd))?, offset, fused)?;
+            let mut v = self.v.forward_as(&xn, mm, fused)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+            if let Some(slot) = cache {
+                if let Some((pk, pv)) = slot.as_ref() {
+                    k = Tensor::cat(&[pk, &k], 2)?; // (B, Hkv, T_past + T, hd)
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                *slot = Some((k.clone(), v.clone()));
+            }
+            if fused {
+                // One fused kernel: scores, causal softmax and P·v per head, GQA included.
+                ops::attention(&q, &k, &v, scale)?.reshape((b, t, d))? // (B, T, H, hd) -> (B, T, d)
+            } else {
+                self.attention_plain(&q, &k, &v, mask, scale, mm)?.transpose(1, 2)?.reshape((b, t, d))?
+            }
         };
         let x = (x + self.o.forward_as(&y, mm, fused)?)?;
 
         // --- SwiGLU FFN ---
         let xn = rms_norm(&x, &self.ffn_norm, cfg.norm_eps, fused)?;
-        let (gate, up) = (self.gate.forward_as(&xn, mm, fused)?, self.up.forward_as(&xn, mm, fused)?);
-        let hdn = if fused { ops::swiglu(&gate, &up)? } else { (gate.silu()? * up)? }; // (B, T, ffn)
+        let hdn = if packed {
+            ops::swiglu_packed(&linear_as(&xn, &stacked(&[&self.gate, &self.up])?, mm)?)?
+        // (B, T, 2·ffn) -> (B, T, ffn)
+        } else {
+            let (gate, up) = (self.gate.forward_as(&xn, mm, fused)?, self.up.forward_as(&xn, mm, fused)?);
+            if fused {
+                ops::swiglu(&gate, &up)?
+            } else {
+                (gate.silu()? * up)?
+            }
+        };
         Ok((x + self.down.forward_as(&hdn, mm, fused)?)?)
     }
 }

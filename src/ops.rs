@@ -15,10 +15,13 @@
 //! | [`rms_norm`] | sqr, mean, add, sqrt, recip, mul, mul | `x·inv·g` | dx and dg in one op |
 //! | [`rope_t`] | transpose, contiguous, narrow, neg, cat, mul, mul, add | rotate | rotate by −θ |
 //! | [`swiglu`] | silu, mul | `silu(g)·u` | dg and du in one op |
+//! | [`attention_qkv`] | narrow ×3, [`rope_t`] ×2, transpose, [`attention`] on packed q, k, v | rotate, attend | packed dqkv |
+//! | [`swiglu_packed`] | narrow ×2, [`swiglu`] on packed [gate, up] | `silu(g)·u` | packed [dg, du] |
 //!
 //! [`attention`] is FlashAttention's idea on a CPU: one task per head computes its scores,
 //! masks and normalises them and multiplies by v without storing the (T, S) probabilities;
-//! the backward pass recomputes them. Its matmuls call `gemm` single-threaded per head.
+//! the backward pass recomputes them. Its matmuls run single-threaded per head (`gemm`, or
+//! OpenBLAS with the `openblas` feature).
 //!
 //! They run on the CPU in f32 or f64 only; the model uses the plain candle compositions
 //! (kept in `model.rs`, and the reference in the tests) on other devices. Each op has a
@@ -397,7 +400,6 @@ fn rope_kernel<T: Real>(
     let (b, d1, d2, hd) = l.shape().dims4()?;
     // Forward: input (B, T, H, hd); inverse: input (B, H, T, hd).
     let (t, h) = if inverse { (d2, d1) } else { (d1, d2) };
-    let half = hd / 2;
     let mut out = vec![T::zero(); x.len()];
     // One output row of hd values per (b, d1', d2') of the output layout.
     out.par_chunks_mut(hd).enumerate().with_min_len(rows_per_task(hd)).for_each(|(r, o)| {
@@ -405,18 +407,24 @@ fn rope_kernel<T: Real>(
         // Output index (b, h, t) forward, (b, t, h) inverse; source is the other layout.
         let (hi, ti) = if inverse { (rest % h, rest / h) } else { (rest / t, rest % t) };
         let src = if inverse { ((bi * h + hi) * t + ti) * hd } else { ((bi * t + ti) * h + hi) * hd };
-        let x = &x[src..src + hd];
-        let (c, sn) = (&cos[ti * hd..ti * hd + hd], &sin[ti * hd..ti * hd + hd]);
-        for j in 0..half {
-            let (x1, x2) = (x[j], x[j + half]);
-            let (c1, c2) = (c[j], c[j + half]);
-            let (s1, s2) = if inverse { (-sn[j], -sn[j + half]) } else { (sn[j], sn[j + half]) };
-            o[j] = x1 * c1 - x2 * s1;
-            o[j + half] = x2 * c2 + x1 * s2;
-        }
+        rotate_row(o, &x[src..src + hd], &cos[ti * hd..ti * hd + hd], &sin[ti * hd..ti * hd + hd], inverse);
     });
     let shape = if inverse { (b, t, h, hd) } else { (b, h, t, hd) };
     Ok((T::to_cpu_storage_owned(out), Shape::from(shape)))
+}
+
+/// One head row x (hd values) rotated by +θ (by −θ when `inverse`) into o, rotate_half
+/// convention; c and sn are the position's table rows (each frequency in both halves).
+#[inline]
+fn rotate_row<T: Real>(o: &mut [T], x: &[T], c: &[T], sn: &[T], inverse: bool) {
+    let half = x.len() / 2;
+    for j in 0..half {
+        let (x1, x2) = (x[j], x[j + half]);
+        let (c1, c2) = (c[j], c[j + half]);
+        let (s1, s2) = if inverse { (-sn[j], -sn[j + half]) } else { (sn[j], sn[j + half]) };
+        o[j] = x1 * c1 - x2 * s1;
+        o[j + half] = x2 * c2 + x1 * s2;
+    }
 }
 
 impl CustomOp3 for Rope {
@@ -459,11 +467,24 @@ fn swiglu_fwd<T: Real>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layou
     let u = data::<T>(s2, l2, "swiglu")?;
     let mut out = vec![T::zero(); g.len()];
     out.par_chunks_mut(16384).zip(g.par_chunks(16384).zip(u.par_chunks(16384))).for_each(|(o, (g, u))| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g * sigmoid(g) * u;
-        }
+        swiglu_slice(o, g, u);
     });
     Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+}
+
+fn swiglu_slice<T: Real>(o: &mut [T], g: &[T], u: &[T]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+/// With s = σ(g): dgate = dy·u·s·(1 + g·(1 − s)), dup = dy·g·s.
+fn swiglu_bwd_slice<T: Real>(dg: &mut [T], du: &mut [T], g: &[T], u: &[T], dy: &[T]) {
+    for i in 0..g.len() {
+        let s = sigmoid(g[i]);
+        dg[i] = dy[i] * u[i] * s * (T::one() + g[i] * (T::one() - s));
+        du[i] = dy[i] * g[i] * s;
+    }
 }
 
 impl CustomOp2 for SwiGlu {
@@ -483,7 +504,7 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// With s = σ(g): dgate = dy·u·s·(1 + g·(1 − s)), dup = dy·g·s.
+/// Packed [dgate ; dup] (see `swiglu_bwd_slice`).
 struct SwiGluBwd;
 
 fn swiglu_bwd<T: Real>(
@@ -504,13 +525,7 @@ fn swiglu_bwd<T: Real>(
     dg.par_chunks_mut(C)
         .zip(du.par_chunks_mut(C))
         .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
-        .for_each(|((dg, du), ((g, u), dy))| {
-            for i in 0..g.len() {
-                let s = sigmoid(g[i]);
-                dg[i] = dy[i] * u[i] * s * (T::one() + g[i] * (T::one() - s));
-                du[i] = dy[i] * g[i] * s;
-            }
-        });
+        .for_each(|((dg, du), ((g, u), dy))| swiglu_bwd_slice(dg, du, g, u, dy));
     Ok((T::to_cpu_storage_owned(out), Shape::from(2 * n)))
 }
 
@@ -519,6 +534,75 @@ impl CustomOp3 for SwiGluBwd {
         "fused-swiglu-bwd"
     }
     cpu_fwd3!(self, swiglu_bwd());
+}
+
+/// `silu(gate) ⊙ up` from one packed projection gu (..., 2F) whose rows are [gate | up]
+/// → (..., F). The backward pass returns the packed gradient [dgate | dup] (..., 2F), so the
+/// gate and up projections run as one matmul with nothing split or concatenated.
+pub fn swiglu_packed(gu: &Tensor) -> Result<Tensor> {
+    let w = gu.dims().last().copied().unwrap_or(0);
+    if w == 0 || w % 2 != 0 {
+        bail!("swiglu_packed: the last dim of {:?} must be 2·ffn_hidden, [gate | up]", gu.dims());
+    }
+    gu.contiguous()?.apply_op1(SwiGluPacked)
+}
+
+struct SwiGluPacked;
+
+fn swiglu_packed_fwd<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s, l, "swiglu_packed")?;
+    let mut dims = l.dims().to_vec();
+    let f = dims[dims.len() - 1] / 2;
+    let mut out = vec![T::zero(); x.len() / 2];
+    out.par_chunks_mut(f)
+        .zip(x.par_chunks(2 * f))
+        .with_min_len(rows_per_task(f))
+        .for_each(|(o, row)| swiglu_slice(o, &row[..f], &row[f..]));
+    *dims.last_mut().expect("checked non-empty") = f;
+    Ok((T::to_cpu_storage_owned(out), Shape::from(dims)))
+}
+
+impl CustomOp1 for SwiGluPacked {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-packed"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s, self.name(), swiglu_packed_fwd(s, l))
+    }
+    fn bwd(&self, gu: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(gu.apply_op2_no_bwd(&grad.contiguous()?, &SwiGluPackedBwd)?))
+    }
+}
+
+/// [dgate | dup] (..., 2F) from gu (..., 2F) and dy (..., F).
+struct SwiGluPackedBwd;
+
+fn swiglu_packed_bwd<T: Real>(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s1, l1, "swiglu_packed backward")?;
+    let dy = data::<T>(s2, l2, "swiglu_packed backward")?;
+    let f = l1.dims()[l1.dims().len() - 1] / 2;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(2 * f).zip(x.par_chunks(2 * f).zip(dy.par_chunks(f))).with_min_len(rows_per_task(f)).for_each(
+        |(o, (row, dy))| {
+            let (dg, du) = o.split_at_mut(f);
+            swiglu_bwd_slice(dg, du, &row[..f], &row[f..], dy);
+        },
+    );
+    Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+}
+
+impl CustomOp2 for SwiGluPackedBwd {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-packed-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), swiglu_packed_bwd(s1, l1, s2, l2))
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -651,10 +735,11 @@ fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>, accumulate: b
     matmul_ext(dst, ld, a, b, accumulate, T::one(), gemm::Parallelism::None)
 }
 
-/// `dst (m×n, rows ld apart) = a (m×k) · b (k×n)` on every rayon thread: the rows are split
+/// `dst (m×n, rows ld apart) += a (m×k) · b (k×n)` on every rayon thread: the rows are split
 /// into one band per thread, each a single-threaded `matmul`. On 2 cores this is up to 1.3x
 /// faster than gemm's own Rayon split for long k (weight gradients) and level with it for the
-/// other training shapes (`cargo bench --bench gemm_split`).
+/// other training shapes (`cargo bench --bench gemm_split`). The callers pass a zeroed dst:
+/// accumulating into it spares OpenBLAS (`openblas` feature) the pass that zeroes C.
 fn matmul_bands<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>) {
     let (m, n) = (a.rows, b.cols);
     assert!(n <= ld && m * ld <= dst.len(), "matmul: destination too small");
@@ -662,7 +747,7 @@ fn matmul_bands<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>) {
     let band = m.div_ceil(rayon::current_num_threads()).div_ceil(16).max(1) * 16;
     dst[..m * ld].par_chunks_mut(band * ld).enumerate().for_each(|(i, d)| {
         let rows = band.min(m - i * band);
-        matmul(d, ld, a.rows(i * band, rows), b, false);
+        matmul(d, ld, a.rows(i * band, rows), b, true);
     });
 }
 
@@ -682,11 +767,10 @@ fn matmul_ext<T: Real>(
     if m == 0 || n == 0 {
         return;
     }
-    // With the `openblas` feature, single-threaded f32 overwrites of the plain product go
-    // through OpenBLAS (its `sgemm` declines layouts CBLAS cannot express; gemm runs those).
+    // With the `openblas` feature, single-threaded f32 products (scaled by 1) go through
+    // OpenBLAS (its `sgemm` declines layouts CBLAS cannot express; gemm runs those).
     #[cfg(feature = "openblas")]
-    if !accumulate
-        && beta == T::one()
+    if beta == T::one()
         && matches!(parallelism, gemm::Parallelism::None)
         && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
     {
@@ -702,6 +786,7 @@ fn matmul_ext<T: Real>(
                 (b.rs, b.cs),
                 dst.as_mut_ptr() as *mut f32,
                 ld,
+                accumulate,
             )
         };
         if done {
@@ -804,7 +889,20 @@ fn attn_fwd<T: Real>(
     scale: f64,
 ) -> Result<(CpuStorage, Shape)> {
     let (q, k, v) = (data::<T>(qs, ql, "attention")?, data::<T>(ks, kl, "attention")?, data::<T>(vs, vl, "attention")?);
-    let (b, h, t, s, hd, hkv) = attn_dims(ql, kl)?;
+    let dims = attn_dims(ql, kl)?;
+    let (b, h, t, _, hd, _) = dims;
+    Ok((T::to_cpu_storage_owned(attn_forward(q, k, v, dims, scale)), Shape::from((b, t, h, hd))))
+}
+
+/// The attention output (B, T, H, hd) of q (B, H, T, hd) and k, v (B, Hkv, S, hd), contiguous.
+fn attn_forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: (usize, usize, usize, usize, usize, usize),
+    scale: f64,
+) -> Vec<T> {
+    let (b, h, t, s, hd, hkv) = dims;
     let rep = h / hkv;
     let scale = T::from_f64(scale);
     // y per head, (B, H, T, hd); transposed to (B, T, H, hd) below.
@@ -818,7 +916,8 @@ fn attn_fwd<T: Real>(
             let qm = Mat::at(q, (bh * t + r0) * hd, rows, hd, hd);
             matmul(p, sv, qm, Mat::at(k, kv, sv, hd, hd).t(), false);
             causal_softmax_rows(p, sv, s - t + r0 + 1, scale);
-            matmul(&mut y[r0 * hd..], hd, Mat::at(p, 0, rows, sv, sv), Mat::at(v, kv, sv, hd, hd), false);
+            // y is zeroed and each block's rows are written once: accumulate (see matmul_bands).
+            matmul(&mut y[r0 * hd..], hd, Mat::at(p, 0, rows, sv, sv), Mat::at(v, kv, sv, hd, hd), true);
         }
     });
     let mut out = vec![T::zero(); y.len()];
@@ -829,7 +928,7 @@ fn attn_fwd<T: Real>(
             o[hi * hd..(hi + 1) * hd].copy_from_slice(&y[src..src + hd]);
         }
     });
-    Ok((T::to_cpu_storage_owned(out), Shape::from((b, t, h, hd))))
+    out
 }
 
 /// Gradients of q, k, v given dy (B, T, H, hd), recomputing P per head:
@@ -875,7 +974,7 @@ fn attn_bwd<T: Real>(
                     }
                     let pm = Mat::at(p, 0, rows, sv, sv);
                     let dsm = Mat::at(dp, 0, rows, sv, sv);
-                    matmul(&mut dq[(r * t + r0) * hd..], hd, dsm, km, false);
+                    matmul(&mut dq[(r * t + r0) * hd..], hd, dsm, km, true); // dq zeroed, rows written once
                     matmul(dk, hd, dsm.t(), qm, true);
                     matmul(dv, hd, pm.t(), dym, true);
                 }
@@ -941,6 +1040,161 @@ impl CustomOp3 for Attention {
             other => bail!("attention: dtype {other:?} is not supported (f32 or f64)"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Causal self-attention straight from the packed q, k, v projections: qkv (B, T, W) with
+/// W = (H + 2·Hkv)·hd, each row [q heads | k heads | v heads], at positions
+/// offset..offset + T → (B, T, H·hd). RoPE of q and k, the head transposes and [`attention`]
+/// in one op, whose backward pass returns the packed gradient (B, T, W): the three
+/// projections run as one matmul, and nothing is split, narrowed or concatenated. The
+/// rotated q, k, v are not kept; the backward pass rotates them again (one cheap pass).
+pub fn attention_qkv(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    offset: usize,
+    (h, hkv): (usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, t, w) = qkv.dims3()?;
+    let (max_t, table_hd) = cos.dims2()?;
+    let fits = hkv > 0 && h % hkv == 0 && w % (h + 2 * hkv) == 0;
+    let hd = if fits { w / (h + 2 * hkv) } else { 0 };
+    if hd == 0 || hd % 2 != 0 || table_hd != hd || offset + t > max_t || sin.dims() != cos.dims() || scale <= 0.0 {
+        bail!(
+            "attention_qkv: qkv {:?} does not fit {h} query and {hkv} kv heads of even width with tables {:?} at offset {offset}",
+            qkv.dims(),
+            cos.dims()
+        );
+    }
+    let (cos, sin) = (cos.narrow(0, offset, t)?.contiguous()?, sin.narrow(0, offset, t)?.contiguous()?);
+    qkv.contiguous()?.apply_op3(&cos, &sin, AttentionQkv { h, hkv, scale })
+}
+
+struct AttentionQkv {
+    h: usize,
+    hkv: usize,
+    scale: f64,
+}
+
+impl AttentionQkv {
+    /// (B, T, H, Hkv, hd) of packed qkv dims (B, T, W).
+    fn dims(&self, qkv: &[usize]) -> (usize, usize, usize, usize, usize) {
+        (qkv[0], qkv[1], self.h, self.hkv, qkv[2] / (self.h + 2 * self.hkv))
+    }
+}
+
+/// q (B, H, T, hd) and k, v (B, Hkv, T, hd) from packed qkv (B, T, (H + 2·Hkv)·hd), q and k
+/// rotated by the (T, hd) tables.
+fn unpack_qkv<T: Real>(
+    qkv: &[T],
+    cos: &[T],
+    sin: &[T],
+    (b, t, h, hkv, hd): (usize, usize, usize, usize, usize),
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let w = (h + 2 * hkv) * hd;
+    let heads = |n: usize, col0: usize, rotate: bool| -> Vec<T> {
+        let mut out = vec![T::zero(); b * n * t * hd];
+        // One output row per (b, head, t).
+        out.par_chunks_mut(hd).enumerate().with_min_len(rows_per_task(hd)).for_each(|(r, o)| {
+            let (bi, hi, ti) = (r / (n * t), r / t % n, r % t);
+            let x = &qkv[(bi * t + ti) * w + col0 + hi * hd..][..hd];
+            if rotate {
+                rotate_row(o, x, &cos[ti * hd..][..hd], &sin[ti * hd..][..hd], false);
+            } else {
+                o.copy_from_slice(x);
+            }
+        });
+        out
+    };
+    (heads(h, 0, true), heads(hkv, h * hd, true), heads(hkv, (h + hkv) * hd, false))
+}
+
+/// The packed gradient (B, T, (H + 2·Hkv)·hd) from dq (B, H, T, hd) and dk, dv (B, Hkv, T, hd):
+/// the transpose of `unpack_qkv` (rotations by −θ).
+fn pack_qkv_grad<T: Real>(
+    (dq, dk, dv): (&[T], &[T], &[T]),
+    cos: &[T],
+    sin: &[T],
+    (b, t, h, hkv, hd): (usize, usize, usize, usize, usize),
+) -> Vec<T> {
+    let w = (h + 2 * hkv) * hd;
+    let mut out = vec![T::zero(); b * t * w];
+    out.par_chunks_mut(w).enumerate().with_min_len(rows_per_task(w)).for_each(|(bt, row)| {
+        let (bi, ti) = (bt / t, bt % t);
+        let (c, sn) = (&cos[ti * hd..][..hd], &sin[ti * hd..][..hd]);
+        for (col0, n, src, rotate) in [(0, h, dq, true), (h * hd, hkv, dk, true), ((h + hkv) * hd, hkv, dv, false)] {
+            for hi in 0..n {
+                let x = &src[((bi * n + hi) * t + ti) * hd..][..hd];
+                let o = &mut row[col0 + hi * hd..][..hd];
+                if rotate {
+                    rotate_row(o, x, c, sn, true);
+                } else {
+                    o.copy_from_slice(x);
+                }
+            }
+        }
+    });
+    out
+}
+
+fn attn_qkv_fwd<T: Real>(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+    op: &AttentionQkv,
+) -> Result<(CpuStorage, Shape)> {
+    let what = "attention_qkv";
+    let (qkv, cos, sin) = (data::<T>(s1, l1, what)?, data::<T>(s2, l2, what)?, data::<T>(s3, l3, what)?);
+    let dims = op.dims(l1.dims());
+    let (b, t, h, hkv, hd) = dims;
+    let (q, k, v) = unpack_qkv(qkv, cos, sin, dims);
+    let y = attn_forward(&q, &k, &v, (b, h, t, t, hd, hkv), op.scale);
+    Ok((T::to_cpu_storage_owned(y), Shape::from((b, t, h * hd))))
+}
+
+fn attn_qkv_bwd_tensor<T: Real>(
+    op: &AttentionQkv,
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    let dims = op.dims(qkv.dims());
+    let (b, t, h, hkv, hd) = dims;
+    let ((xs, xl), (cs, cl)) = (qkv.storage_and_layout(), cos.storage_and_layout());
+    let ((ss, sl), (ds, dl)) = (sin.storage_and_layout(), dy.storage_and_layout());
+    let (c, sn) = (cpu_data::<T>(&cs, cl)?, cpu_data::<T>(&ss, sl)?);
+    let (q, k, v) = unpack_qkv(cpu_data::<T>(&xs, xl)?, c, sn, dims);
+    let (dq, dk, dv) = attn_bwd(&q, &k, &v, cpu_data(&ds, dl)?, (b, h, t, t, hd, hkv), op.scale);
+    let d = pack_qkv_grad((&dq, &dk, &dv), c, sn, dims);
+    Tensor::from_vec(d, qkv.shape(), qkv.device())
+}
+
+impl CustomOp3 for AttentionQkv {
+    fn name(&self) -> &'static str {
+        "fused-rope-causal-attention-packed"
+    }
+    cpu_fwd3!(self, attn_qkv_fwd(self));
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?;
+        let d = match qkv.dtype() {
+            DType::F32 => attn_qkv_bwd_tensor::<f32>(self, qkv, cos, sin, &dy)?,
+            DType::F64 => attn_qkv_bwd_tensor::<f64>(self, qkv, cos, sin, &dy)?,
+            other => bail!("attention_qkv: dtype {other:?} is not supported (f32 or f64)"),
+        };
+        Ok((Some(d), None, None))
     }
 }
 

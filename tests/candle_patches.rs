@@ -92,7 +92,8 @@ fn gradients_sum_over_every_use_of_a_tensor() -> Result<()> {
 
 /// With `--features openblas` the row bands of f32 matmuls go through OpenBLAS: it must take
 /// every layout candle and the fused kernels pass (row-major or transposed operands, a leading
-/// dimension wider than the row) and decline, touching nothing, what CBLAS cannot express.
+/// dimension wider than the row), overwriting or accumulating into C, and decline, touching
+/// nothing, what CBLAS cannot express.
 #[cfg(feature = "openblas")]
 #[test]
 fn openblas_bands_match_a_naive_product_and_decline_other_layouts() -> Result<()> {
@@ -115,23 +116,32 @@ fn openblas_bands_match_a_naive_product_and_decline_other_layouts() -> Result<()
         ("B transposed", &a, (k, 1), &bt, (1, k)),
         ("both transposed", &at, (1, m), &bt, (1, k)),
     ] {
-        let mut c = vec![f32::NAN; m * ldc];
-        // SAFETY: A is m×k and B k×n with the strides given, C holds m rows of ldc.
-        let done = unsafe { sgemm((m, n, k), a.as_ptr(), a_st, b.as_ptr(), b_st, c.as_mut_ptr(), ldc) };
-        assert!(done, "{what}: declined");
-        for (i, row) in want.iter().enumerate() {
-            for (j, w) in row.iter().enumerate() {
-                let g = c[i * ldc + j] as f64;
-                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{what}: ({i}, {j}) is {g}, want {w}");
+        // Overwriting C (NaN before: every entry must be replaced) and accumulating into it
+        // (C = 0.5 + A·B).
+        for (accumulate, before) in [(false, f32::NAN), (true, 0.5)] {
+            let mut c = vec![f32::NAN; m * ldc];
+            c.chunks_mut(ldc).for_each(|row| row[..n].fill(before));
+            // SAFETY: A is m×k and B k×n with the strides given, C holds m rows of ldc.
+            let done = unsafe { sgemm((m, n, k), a.as_ptr(), a_st, b.as_ptr(), b_st, c.as_mut_ptr(), ldc, accumulate) };
+            assert!(done, "{what}: declined");
+            let add = if accumulate { 0.5 } else { 0.0 };
+            for (i, row) in want.iter().enumerate() {
+                for (j, w) in row.iter().enumerate() {
+                    let (g, w) = (c[i * ldc + j] as f64, w + add);
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{what}/{accumulate}: ({i}, {j}) is {g}, want {w}"
+                    );
+                }
+                assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()), "{what}: wrote past row {i}");
             }
-            assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()), "{what}: wrote past row {i}");
         }
     }
     // A with neither stride 1 (every other column of a 2k-wide matrix): not a CBLAS layout.
     let wide: Vec<f32> = (0..m * 2 * k).map(|_| rng.normal() as f32).collect();
     let mut c = vec![f32::NAN; m * n];
     // SAFETY: element (i, p) at i * 2k + 2p lies inside `wide`.
-    let done = unsafe { sgemm((m, n, k), wide.as_ptr(), (2 * k, 2), b.as_ptr(), (n, 1), c.as_mut_ptr(), n) };
+    let done = unsafe { sgemm((m, n, k), wide.as_ptr(), (2 * k, 2), b.as_ptr(), (n, 1), c.as_mut_ptr(), n, false) };
     assert!(!done && c.iter().all(|x| x.is_nan()), "a non-unit-stride operand must be declined untouched");
     // The same product through candle: the band path falls back to gemm for it.
     let wide_t = Tensor::from_vec(wide.clone(), (m, 2 * k), &Device::Cpu)?;

@@ -115,6 +115,24 @@ fn plain_rope_t(x: &Tensor, cos: &Tensor, sin: &Tensor, offset: usize) -> candle
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
+/// The packed attention from its parts: split qkv (B, T, (H + 2·Hkv)·hd) into q, k, v,
+/// rotate q and k, attend, and flatten the heads back to (B, T, H·hd).
+fn plain_attention_qkv(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    offset: usize,
+    (h, hkv): (usize, usize),
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (b, t, w) = qkv.dims3()?;
+    let hd = w / (h + 2 * hkv);
+    let part = |col0: usize, n: usize| qkv.narrow(2, col0 * hd, n * hd)?.contiguous()?.reshape((b, t, n, hd));
+    let q = plain_rope_t(&part(0, h)?, cos, sin, offset)?;
+    let k = plain_rope_t(&part(h, hkv)?, cos, sin, offset)?;
+    let v = part(h + hkv, hkv)?.transpose(1, 2)?.contiguous()?;
+    plain_attention(&q, &k, &v, scale)?.reshape((b, t, h * hd))
+}
+
 fn rope_tables(max_t: usize, hd: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
     let (mut c, mut s) = (vec![], vec![]);
     for pos in 0..max_t {
@@ -294,6 +312,47 @@ fn swiglu_matches_silu_times_up_and_finite_differences() -> Result<()> {
 }
 
 #[test]
+fn packed_attention_matches_split_rope_attention_and_finite_differences() -> Result<()> {
+    let mut rng = Rng::new(8);
+    // (B, T, H, Hkv, hd, offset): plain, grouped-query, an offset into the tables, T spanning
+    // three 64-row query blocks.
+    for (b, t, h, hkv, hd, offset) in [(2, 5, 2, 2, 4, 0), (1, 6, 4, 2, 4, 0), (2, 4, 2, 1, 6, 3), (1, 150, 2, 1, 4, 0)]
+    {
+        let (c32, s32) = rope_tables(160, hd, DType::F32)?;
+        let shape = [b, t, (h + 2 * hkv) * hd];
+        let (c, s) = (c32.clone(), s32.clone());
+        let fused = move |x: &[Tensor]| ops::attention_qkv(&x[0], &c, &s, offset, (h, hkv), 0.4);
+        let (c, s) = (c32.clone(), s32.clone());
+        let plain = move |x: &[Tensor]| plain_attention_qkv(&x[0], (&c, &s), offset, (h, hkv), 0.4);
+        let x = rand(&mut rng, &shape, 1.5, DType::F32)?;
+        assert_eq!(fused(std::slice::from_ref(&x))?.dims(), &[b, t, h * hd]);
+        check_against_plain(&fused, &plain, &[x], 1e-5)?;
+        if t < 64 {
+            let (c, s) = rope_tables(160, hd, DType::F64)?;
+            let fused64 = move |x: &[Tensor]| ops::attention_qkv(&x[0], &c, &s, offset, (h, hkv), 0.4);
+            check_finite_differences(&fused64, &[rand(&mut rng, &shape, 1.5, DType::F64)?])?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn packed_swiglu_matches_split_swiglu_and_finite_differences() -> Result<()> {
+    let mut rng = Rng::new(9);
+    let fused = |x: &[Tensor]| ops::swiglu_packed(&x[0]);
+    let plain = |x: &[Tensor]| {
+        let f = x[0].dim(D::Minus1)? / 2;
+        x[0].narrow(D::Minus1, 0, f)?.silu()? * x[0].narrow(D::Minus1, f, f)?
+    };
+    let x = rand(&mut rng, &[2, 3, 14], 2.0, DType::F32)?;
+    assert_eq!(fused(std::slice::from_ref(&x))?.dims(), &[2, 3, 7]);
+    check_against_plain(&fused, &plain, &[x], 1e-5)?;
+    // More rows than one task holds.
+    check_against_plain(&fused, &plain, &[rand(&mut rng, &[3000, 16], 2.0, DType::F32)?], 1e-5)?;
+    check_finite_differences(&fused, &[rand(&mut rng, &[3, 10], 2.0, DType::F64)?])
+}
+
+#[test]
 fn bad_input_is_refused_with_an_error() -> Result<()> {
     let mut rng = Rng::new(6);
     let x = rand(&mut rng, &[2, 4], 1.0, DType::F32)?;
@@ -311,6 +370,14 @@ fn bad_input_is_refused_with_an_error() -> Result<()> {
     assert!(e.to_string().contains("do not fit"), "{e}");
     let e = ops::swiglu(&x, &x.t()?).unwrap_err();
     assert!(e.to_string().contains("differ in shape"), "{e}");
+    let e = ops::swiglu_packed(&rand(&mut rng, &[2, 5], 1.0, DType::F32)?).unwrap_err();
+    assert!(e.to_string().contains("must be 2·ffn_hidden"), "{e}");
+    // 2 query + 2·1 kv heads of width 3 (odd: RoPE needs pairs), then tables too short.
+    let (cos, sin) = rope_tables(8, 4, DType::F32)?;
+    let e = ops::attention_qkv(&rand(&mut rng, &[1, 4, 12], 1.0, DType::F32)?, &cos, &sin, 0, (2, 1), 1.0).unwrap_err();
+    assert!(e.to_string().contains("does not fit"), "{e}");
+    let e = ops::attention_qkv(&rand(&mut rng, &[1, 6, 16], 1.0, DType::F32)?, &cos, &sin, 3, (2, 1), 1.0).unwrap_err();
+    assert!(e.to_string().contains("at offset 3"), "{e}");
     let e = ops::rms_norm(&x, &Tensor::ones(3, DType::F32, &Device::Cpu)?, 1e-5).unwrap_err();
     assert!(e.to_string().contains("does not match"), "{e}");
     let e = ops::swiglu(&x.to_dtype(DType::BF16)?, &x.to_dtype(DType::BF16)?).unwrap_err();

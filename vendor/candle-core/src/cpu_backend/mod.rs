@@ -1544,6 +1544,7 @@ impl Map2 for MatMul {
                             (rhs_rs, rhs_cs),
                             dst_ptr.0.add(r0 * dst_rs) as *mut f32,
                             dst_rs,
+                            false,
                         )
                     };
                     if done {

@@ -43,7 +43,9 @@ fn layout(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<(i32, i32)> 
 }
 
 /// C (m × n, rows `ldc` apart) = A (m × k, strides a_rs/a_cs) · B (k × n, strides b_rs/b_cs)
-/// on this thread. Returns false, touching nothing, for layouts BLAS cannot express.
+/// on this thread, or C += A · B with `accumulate` (beta = 1, which also skips OpenBLAS's
+/// separate pass that zeroes C for beta = 0: callers whose C is already zero accumulate).
+/// Returns false, touching nothing, for layouts BLAS cannot express.
 ///
 /// # Safety
 /// A, B and the m rows of C must be valid for the given sizes and strides, C writable and
@@ -56,6 +58,7 @@ pub unsafe fn sgemm(
     (b_rs, b_cs): (usize, usize),
     c: *mut f32,
     ldc: usize,
+    accumulate: bool,
 ) -> bool {
     static SINGLE_THREADED: std::sync::Once = std::sync::Once::new();
     let (Some((ta, lda)), Some((tb, ldb))) = (layout(m, k, a_rs, a_cs), layout(k, n, b_rs, b_cs)) else {
@@ -69,6 +72,7 @@ pub unsafe fn sgemm(
         return false;
     }
     SINGLE_THREADED.call_once(|| openblas_set_num_threads(1));
-    cblas_sgemm(ROW_MAJOR, ta, tb, mi, ni, ki, 1.0, a, lda, b, ldb, 0.0, c, ldc);
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    cblas_sgemm(ROW_MAJOR, ta, tb, mi, ni, ki, 1.0, a, lda, b, ldb, beta, c, ldc);
     true
 }
