@@ -94,6 +94,30 @@ fn data<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T
     }
 }
 
+static POISON_OUTPUTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Fill the kernels' output buffers with NaN before the kernels write them, so that an
+/// element a kernel fails to write shows up in tests as NaN rather than as stale memory.
+pub fn poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A vector of n floats for a kernel output that is written in full before it is read: no
+/// zero fill, which would be a single-threaded memset as large as the output.
+fn output_vec<T: Real>(n: usize) -> Vec<T> {
+    if POISON_OUTPUTS.load(std::sync::atomic::Ordering::Relaxed) {
+        return vec![T::nan(); n];
+    }
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 and f64 have no invalid bit patterns, and every caller writes all n
+    // elements before it reads any (as with candle's own `alloc_uninit`).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(n)
+    };
+    v
+}
+
 /// Rows per rayon task: enough work per task to amortise scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
@@ -238,7 +262,7 @@ fn ce_bwd<T: Real>(
     let loss = data::<T>(ls, ll, "cross_entropy backward")?;
     let g = data::<T>(gs, gl, "cross_entropy backward")?;
     let v = l.dims()[1];
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = output_vec(x.len());
     out.par_chunks_mut(v).zip(x.par_chunks(v)).enumerate().for_each(|(i, (o, row))| {
         ce_row_grad(o, row, loss[i], g[i], targets[i] as usize);
     });
@@ -278,7 +302,7 @@ fn rms_fwd<T: Real>(s: &CpuStorage, l: &Layout, gs: &CpuStorage, gl: &Layout, ep
     let gain = data::<T>(gs, gl, "rms_norm")?;
     let d = gain.len();
     let eps = T::from_f64(eps);
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = output_vec(x.len());
     out.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(|(o, row)| {
         let inv = inv_rms(row, eps);
         for ((o, &x), &g) in o.iter_mut().zip(row).zip(gain) {
@@ -326,8 +350,9 @@ fn rms_bwd<T: Real>(
     let d = gain.len();
     let eps = T::from_f64(eps);
     let df = T::from_f64(d as f64);
-    let mut out = vec![T::zero(); x.len() + d];
+    let mut out = output_vec(x.len() + d);
     let (dx, dgain) = out.split_at_mut(x.len());
+    dgain.fill(T::zero()); // summed into below; dx is written row by row
     let chunk = rows_per_task(d) * d;
     // dx row by row in parallel; each task also sums its rows' dgain, reduced afterwards.
     let partials: Vec<Vec<T>> = dx
@@ -400,7 +425,7 @@ fn rope_kernel<T: Real>(
     let (b, d1, d2, hd) = l.shape().dims4()?;
     // Forward: input (B, T, H, hd); inverse: input (B, H, T, hd).
     let (t, h) = if inverse { (d2, d1) } else { (d1, d2) };
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = output_vec(x.len());
     // One output row of hd values per (b, d1', d2') of the output layout.
     out.par_chunks_mut(hd).enumerate().with_min_len(rows_per_task(hd)).for_each(|(r, o)| {
         let (bi, rest) = (r / (d1 * d2), r % (d1 * d2));
@@ -465,7 +490,7 @@ fn sigmoid<T: Real>(x: T) -> T {
 fn swiglu_fwd<T: Real>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
     let g = data::<T>(s1, l1, "swiglu")?;
     let u = data::<T>(s2, l2, "swiglu")?;
-    let mut out = vec![T::zero(); g.len()];
+    let mut out = output_vec(g.len());
     out.par_chunks_mut(16384).zip(g.par_chunks(16384).zip(u.par_chunks(16384))).for_each(|(o, (g, u))| {
         swiglu_slice(o, g, u);
     });
@@ -519,7 +544,7 @@ fn swiglu_bwd<T: Real>(
     let u = data::<T>(s2, l2, "swiglu backward")?;
     let dy = data::<T>(s3, l3, "swiglu backward")?;
     let n = g.len();
-    let mut out = vec![T::zero(); 2 * n];
+    let mut out = output_vec(2 * n);
     let (dg, du) = out.split_at_mut(n);
     const C: usize = 16384;
     dg.par_chunks_mut(C)
@@ -553,7 +578,7 @@ fn swiglu_packed_fwd<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage,
     let x = data::<T>(s, l, "swiglu_packed")?;
     let mut dims = l.dims().to_vec();
     let f = dims[dims.len() - 1] / 2;
-    let mut out = vec![T::zero(); x.len() / 2];
+    let mut out = output_vec(x.len() / 2);
     out.par_chunks_mut(f)
         .zip(x.par_chunks(2 * f))
         .with_min_len(rows_per_task(f))
@@ -586,7 +611,7 @@ fn swiglu_packed_bwd<T: Real>(
     let x = data::<T>(s1, l1, "swiglu_packed backward")?;
     let dy = data::<T>(s2, l2, "swiglu_packed backward")?;
     let f = l1.dims()[l1.dims().len() - 1] / 2;
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = output_vec(x.len());
     out.par_chunks_mut(2 * f).zip(x.par_chunks(2 * f).zip(dy.par_chunks(f))).with_min_len(rows_per_task(f)).for_each(
         |(o, (row, dy))| {
             let (dg, du) = o.split_at_mut(f);
@@ -735,11 +760,10 @@ fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>, accumulate: b
     matmul_ext(dst, ld, a, b, accumulate, T::one(), gemm::Parallelism::None)
 }
 
-/// `dst (m×n, rows ld apart) += a (m×k) · b (k×n)` on every rayon thread: the rows are split
+/// `dst (m×n, rows ld apart) = a (m×k) · b (k×n)` on every rayon thread: the rows are split
 /// into one band per thread, each a single-threaded `matmul`. On 2 cores this is up to 1.3x
 /// faster than gemm's own Rayon split for long k (weight gradients) and level with it for the
-/// other training shapes (`cargo bench --bench gemm_split`). The callers pass a zeroed dst:
-/// accumulating into it spares OpenBLAS (`openblas` feature) the pass that zeroes C.
+/// other training shapes (`cargo bench --bench gemm_split`).
 fn matmul_bands<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>) {
     let (m, n) = (a.rows, b.cols);
     assert!(n <= ld && m * ld <= dst.len(), "matmul: destination too small");
@@ -747,7 +771,7 @@ fn matmul_bands<T: Real>(dst: &mut [T], ld: usize, a: Mat<T>, b: Mat<T>) {
     let band = m.div_ceil(rayon::current_num_threads()).div_ceil(16).max(1) * 16;
     dst[..m * ld].par_chunks_mut(band * ld).enumerate().for_each(|(i, d)| {
         let rows = band.min(m - i * band);
-        matmul(d, ld, a.rows(i * band, rows), b, true);
+        matmul(d, ld, a.rows(i * band, rows), b, false);
     });
 }
 
@@ -906,7 +930,7 @@ fn attn_forward<T: Real>(
     let rep = h / hkv;
     let scale = T::from_f64(scale);
     // y per head, (B, H, T, hd); transposed to (B, T, H, hd) below.
-    let mut y = vec![T::zero(); b * h * t * hd];
+    let mut y = output_vec(b * h * t * hd); // every block's rows written once
     y.par_chunks_mut(t * hd).enumerate().for_each(|(bh, y)| {
         let (bi, hi) = (bh / h, bh % h);
         let kv = (bi * hkv + hi / rep) * s * hd;
@@ -916,11 +940,10 @@ fn attn_forward<T: Real>(
             let qm = Mat::at(q, (bh * t + r0) * hd, rows, hd, hd);
             matmul(p, sv, qm, Mat::at(k, kv, sv, hd, hd).t(), false);
             causal_softmax_rows(p, sv, s - t + r0 + 1, scale);
-            // y is zeroed and each block's rows are written once: accumulate (see matmul_bands).
-            matmul(&mut y[r0 * hd..], hd, Mat::at(p, 0, rows, sv, sv), Mat::at(v, kv, sv, hd, hd), true);
+            matmul(&mut y[r0 * hd..], hd, Mat::at(p, 0, rows, sv, sv), Mat::at(v, kv, sv, hd, hd), false);
         }
     });
-    let mut out = vec![T::zero(); y.len()];
+    let mut out = output_vec(y.len());
     out.par_chunks_mut(h * hd).enumerate().for_each(|(bt, o)| {
         let (bi, ti) = (bt / t, bt % t);
         for hi in 0..h {
@@ -945,7 +968,7 @@ fn attn_bwd<T: Real>(
     let (b, h, t, s, hd, hkv) = dims;
     let rep = h / hkv;
     let scale = T::from_f64(scale);
-    let mut dq = vec![T::zero(); b * h * t * hd];
+    let mut dq = output_vec(b * h * t * hd); // every (head, block) row range written once
     let mut dk = vec![T::zero(); b * hkv * s * hd];
     let mut dv = vec![T::zero(); b * hkv * s * hd];
     dq.par_chunks_mut(rep * t * hd).zip(dk.par_chunks_mut(s * hd).zip(dv.par_chunks_mut(s * hd))).enumerate().for_each(
@@ -974,7 +997,7 @@ fn attn_bwd<T: Real>(
                     }
                     let pm = Mat::at(p, 0, rows, sv, sv);
                     let dsm = Mat::at(dp, 0, rows, sv, sv);
-                    matmul(&mut dq[(r * t + r0) * hd..], hd, dsm, km, true); // dq zeroed, rows written once
+                    matmul(&mut dq[(r * t + r0) * hd..], hd, dsm, km, false);
                     matmul(dk, hd, dsm.t(), qm, true);
                     matmul(dv, hd, pm.t(), dym, true);
                 }
@@ -1095,7 +1118,7 @@ fn unpack_qkv<T: Real>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let w = (h + 2 * hkv) * hd;
     let heads = |n: usize, col0: usize, rotate: bool| -> Vec<T> {
-        let mut out = vec![T::zero(); b * n * t * hd];
+        let mut out = output_vec(b * n * t * hd);
         // One output row per (b, head, t).
         out.par_chunks_mut(hd).enumerate().with_min_len(rows_per_task(hd)).for_each(|(r, o)| {
             let (bi, hi, ti) = (r / (n * t), r / t % n, r % t);
@@ -1120,7 +1143,7 @@ fn pack_qkv_grad<T: Real>(
     (b, t, h, hkv, hd): (usize, usize, usize, usize, usize),
 ) -> Vec<T> {
     let w = (h + 2 * hkv) * hd;
-    let mut out = vec![T::zero(); b * t * w];
+    let mut out = output_vec(b * t * w);
     out.par_chunks_mut(w).enumerate().with_min_len(rows_per_task(w)).for_each(|(bt, row)| {
         let (bi, ti) = (bt / t, bt % t);
         let (c, sn) = (&cos[ti * hd..][..hd], &sin[ti * hd..][..hd]);
@@ -1239,7 +1262,7 @@ fn lce_fwd<T: Real>(
     let (x, w) = (data::<T>(xs, xl, "linear_cross_entropy")?, data::<T>(ws, wl, "linear_cross_entropy")?);
     let (n, d) = xl.shape().dims2()?;
     let v = wl.dims()[0];
-    let mut logits = vec![T::zero(); n * v];
+    let mut logits = output_vec(n * v);
     matmul_bands(&mut logits, v, Mat::at(x, 0, n, d, d), Mat::at(w, 0, v, d, d).t());
     let loss: Vec<T> =
         logits.par_chunks(v).zip(targets.par_iter()).map(|(row, &t)| ce_row_loss(row, t as usize)).collect();
@@ -1262,9 +1285,9 @@ fn lce_bwd<T: Real>(
         .enumerate()
         .for_each(|(r, row)| ce_row_grad_in_place(row, loss[r], g[r], targets[r] as usize));
     let dl = Mat::at(logits, 0, n, v, v);
-    let mut dx = vec![T::zero(); n * d];
+    let mut dx = output_vec(n * d);
     matmul_bands(&mut dx, d, dl, Mat::at(w, 0, v, d, d));
-    let mut dw = vec![T::zero(); v * d];
+    let mut dw = output_vec(v * d);
     matmul_bands(&mut dw, d, dl.t(), Mat::at(x, 0, n, d, d));
     (dx, dw)
 }
