@@ -4,9 +4,10 @@
 //! interleaved within each repetition, medians in GFLOP/s and as ratios to gemm's split; and
 //! single-threaded gemm, for scale.
 //! The patched candle (vendor/README.md) and `ops::matmul_bands` use split m.
-//! With `--features openblas`, a last column: split m with one single-threaded OpenBLAS
-//! sgemm per band (what that feature runs instead of gemm), as a ratio to gemm's split.
-//! `cargo bench --bench gemm_split [--features openblas]`
+//! Where OpenBLAS is installed (and LORS_LM_BLAS is not gemm), a last column: split m with one
+//! single-threaded OpenBLAS sgemm per band (what the `openblas` feature runs instead of gemm),
+//! as a ratio to gemm's split.
+//! `cargo bench --bench gemm_split`
 use gemm::{gemm, Parallelism};
 use std::time::Instant;
 
@@ -91,7 +92,10 @@ fn main() {
     lors_lm::device::tune_allocator();
     let threads = rayon::current_num_threads();
     println!("{threads} threads; GFLOP/s, median of 13 interleaved repetitions");
-    let openblas = cfg!(feature = "openblas");
+    #[cfg(feature = "openblas")]
+    let openblas = candle_core::cpu_backend::openblas::backend().is_ok();
+    #[cfg(not(feature = "openblas"))]
+    let openblas = false;
     println!(
         "{:<22} {:>8} {:>16} {:>16} {:>9}{}",
         "m x n x k",
@@ -120,7 +124,7 @@ fn main() {
         let p = Problem { m, n, k, a, a_rs, a_cs, b };
         let mut c = vec![0f32; m * n];
         let out = Out(c.as_mut_ptr(), c.len());
-        // Five strategies with the openblas feature, four without.
+        // Five strategies with OpenBLAS, four without.
         let mut times: Vec<Vec<f64>> = vec![vec![]; if openblas { 5 } else { 4 }];
         for rep in 0..15 {
             for (s, t) in times.iter_mut().enumerate() {

@@ -6,13 +6,15 @@ cd "$(dirname "$0")/.."
 cargo build --release --all-targets --locked
 cargo test --release --locked "$@"
 
-# The `openblas` feature (f32 matmuls through a system OpenBLAS): the tests that cover matmuls
-# and the kernels built on them, when libopenblas is installed (apt install libopenblas-dev).
-if ldconfig -p 2>/dev/null | grep 'libopenblas\.so ' >/dev/null; then
-    cargo test --release --locked --features openblas --lib --test candle_patches --test ops --test golden "$@"
+# f32 matmuls run through OpenBLAS where it is installed (the default `openblas` feature loads
+# libopenblas.so.0 at run time) and through the gemm crate elsewhere. Where it is installed,
+# the tests that cover matmuls and the kernels built on them run again on gemm
+# (LORS_LM_BLAS=gemm), so that both paths are tested.
+if ldconfig -p 2>/dev/null | grep 'libopenblas\.so\.0 ' >/dev/null; then
+    LORS_LM_BLAS=gemm cargo test --release --locked --lib --test candle_patches --test ops --test golden "$@"
 elif [ -n "${LORS_LM_REQUIRE_OPENBLAS:-}" ]; then
-    echo "LORS_LM_REQUIRE_OPENBLAS is set but libopenblas.so was not found (apt install libopenblas-dev)" >&2
+    echo "LORS_LM_REQUIRE_OPENBLAS is set but libopenblas.so.0 was not found (apt install libopenblas0)" >&2
     exit 1
 else
-    echo "note: skipping the openblas feature's tests: libopenblas.so not found (apt install libopenblas-dev)"
+    echo "note: libopenblas.so.0 not found: the tests ran on the gemm path only (apt install libopenblas0 to test both)"
 fi

@@ -77,6 +77,9 @@ pub struct BenchResult {
     pub threads: usize,
     /// "fused" (the kernels of ops.rs) or "plain" (candle compositions).
     pub ops: String,
+    /// The library that ran the f32 matmuls (`device::cpu_matmul`).
+    #[serde(default)]
+    pub matmul: String,
     /// Rounds the medians are taken over, and each round's median step (ms).
     #[serde(default)]
     pub rounds: usize,
@@ -178,6 +181,7 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
         prefill_tokens_per_sec: prefill,
         decode_tokens_per_sec: decode,
         threads: candle_core::utils::get_num_threads(),
+        matmul: crate::device::cpu_matmul()?,
         ops: if args.plain_ops { "plain" } else { "fused" }.into(),
         rounds: 1,
         step_ms_rounds: vec![step_ms],
@@ -272,6 +276,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be > 0");
     }
+    let matmul = crate::device::cpu_matmul()?;
     let mut modes = vec![];
     for m in &args.modes {
         let mut cfg = base.clone();
@@ -286,6 +291,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let [(_, cfg)] = modes.as_slice() else { bail!("bench --child measures exactly one mode") };
         println!("{}", serde_json::to_string(&bench_one(cfg, args)?)?);
         return Ok(());
+    }
+    if !args.json {
+        eprintln!("bench: {} threads, matmul: {matmul}", candle_core::utils::get_num_threads());
     }
     // per_mode[i][round]
     let mut per_mode: Vec<Vec<BenchResult>> = vec![vec![]; modes.len()];

@@ -6,6 +6,7 @@ use candle_core::Device;
 pub fn parse_device(spec: &str) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     if spec == "cpu" {
+        cpu_matmul()?; // refuses a bad or unmet LORS_LM_BLAS before any work starts
         return Ok(Device::Cpu);
     }
     let ordinal = match spec.as_str() {
@@ -21,6 +22,28 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     Device::new_cuda(ordinal).with_context(|| {
         format!("--device {spec}: cannot open CUDA device {ordinal} (is a GPU present and the driver loaded?)")
     })
+}
+
+/// Which library runs f32 matmuls on the CPU, for run headers: "OpenBLAS (libopenblas.so.0)"
+/// or "gemm (why not OpenBLAS)". `LORS_LM_BLAS` chooses: `auto` (the default: OpenBLAS where
+/// it is installed), `openblas` (an error without it) or `gemm`.
+pub fn cpu_matmul() -> Result<String> {
+    let wanted = std::env::var("LORS_LM_BLAS").unwrap_or_default();
+    if !matches!(wanted.as_str(), "" | "auto" | "openblas" | "gemm") {
+        bail!("LORS_LM_BLAS={wanted}: expected auto, openblas or gemm");
+    }
+    #[cfg(feature = "openblas")]
+    let found = candle_core::cpu_backend::openblas::backend();
+    #[cfg(not(feature = "openblas"))]
+    let found: std::result::Result<&str, &str> = Err("built without the openblas feature");
+    match found {
+        Ok(name) => Ok(format!("OpenBLAS ({name})")),
+        Err(why) if wanted == "openblas" => bail!(
+            "LORS_LM_BLAS=openblas, but {why}: install OpenBLAS (Debian/Ubuntu: apt install libopenblas0) or unset LORS_LM_BLAS"
+        ),
+        Err(why) if wanted == "gemm" => Ok(format!("gemm ({why})")),
+        Err(why) => Ok(format!("gemm ({why}; install libopenblas0 for ~1.1x faster training)")),
+    }
 }
 
 /// Let f32 matmuls on CUDA use TF32 tensor cores (`train.tf32`); nothing to do on the CPU.

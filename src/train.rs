@@ -514,7 +514,11 @@ fn log_metrics(file: &mut fs::File, path: &Path, line: serde_json::Value) -> Res
 
 fn device_name(device: &Device) -> String {
     match device {
-        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        Device::Cpu => format!(
+            "cpu ({} threads, matmul: {})",
+            candle_core::utils::get_num_threads(),
+            crate::device::cpu_matmul().unwrap_or_else(|e| e.to_string())
+        ),
         other => format!("{other:?}"),
     }
 }

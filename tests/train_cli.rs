@@ -248,3 +248,39 @@ fn bench_reports_every_mode_as_json() {
     let e = run_err(bin().args(["bench", "--modes", "vanilla,lora", "--config"]).arg(&tiny));
     assert!(e.contains("--modes") && e.contains("lora"), "{e}");
 }
+
+/// LORS_LM_BLAS picks the CPU matmul library, which bench reports (and train's header shows);
+/// a value it does not know is refused (also by every command that takes --device).
+#[test]
+fn the_matmul_library_is_chosen_by_lors_lm_blas_and_reported() {
+    let tiny = repo("configs/tiny.toml");
+    let matmul = |blas: &str| -> String {
+        let out = run_ok(bin().env("LORS_LM_BLAS", blas).args(["bench", "--json", "--config"]).arg(&tiny).args([
+            "--modes",
+            "lors",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--prompt-tokens",
+            "0",
+            "--rounds",
+            "1",
+        ]));
+        let row: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        row["matmul"].as_str().unwrap().to_string()
+    };
+    assert!(matmul("gemm").starts_with("gemm (LORS_LM_BLAS=gemm)"), "{}", matmul("gemm"));
+    let auto = matmul("auto");
+    // CI installs OpenBLAS and sets LORS_LM_REQUIRE_OPENBLAS; elsewhere either library is fine.
+    if std::env::var_os("LORS_LM_REQUIRE_OPENBLAS").is_some() {
+        assert!(auto.starts_with("OpenBLAS (libopenblas"), "{auto}");
+        assert_eq!(matmul("openblas"), auto);
+    } else if auto.starts_with("gemm") {
+        assert!(auto.contains("libopenblas0"), "the fallback should say what to install: {auto}");
+        let e = run_err(bin().env("LORS_LM_BLAS", "openblas").args(["bench", "--config"]).arg(&tiny));
+        assert!(e.contains("LORS_LM_BLAS=openblas") && e.contains("libopenblas0"), "{e}");
+    }
+    let e = run_err(bin().env("LORS_LM_BLAS", "mkl").args(["bench", "--config"]).arg(&tiny));
+    assert!(e.contains("LORS_LM_BLAS=mkl") && e.contains("auto, openblas or gemm"), "{e}");
+}

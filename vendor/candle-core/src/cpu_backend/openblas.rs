@@ -1,27 +1,79 @@
 //! lors-lm patch: f32 matmul row bands through a system OpenBLAS (`openblas` feature).
 //!
+//! The library is loaded at run time (`libopenblas.so.0`, as Debian's and Ubuntu's
+//! `libopenblas0` install it), not linked: a binary built with the feature runs anywhere, and
+//! uses OpenBLAS where it is installed and candle's gemm where it is not ([`backend`] says
+//! which). `LORS_LM_BLAS=gemm` keeps gemm even where OpenBLAS is installed.
+//!
 //! Single-threaded OpenBLAS per band of rows: the callers already run one band per thread,
 //! so OpenBLAS's own thread pool is switched off (it would spin against Rayon's).
 
-#[link(name = "openblas")]
-extern "C" {
-    fn cblas_sgemm(
-        order: i32,
-        trans_a: i32,
-        trans_b: i32,
-        m: i32,
-        n: i32,
-        k: i32,
-        alpha: f32,
-        a: *const f32,
-        lda: i32,
-        b: *const f32,
-        ldb: i32,
-        beta: f32,
-        c: *mut f32,
-        ldc: i32,
-    );
-    fn openblas_set_num_threads(n: i32);
+use std::sync::OnceLock;
+
+/// `cblas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)`.
+type SgemmFn =
+    unsafe extern "C" fn(i32, i32, i32, i32, i32, i32, f32, *const f32, i32, *const f32, i32, f32, *mut f32, i32);
+
+struct OpenBlas {
+    sgemm: SgemmFn,
+    /// The file name it was loaded from.
+    name: &'static str,
+    /// Keeps the library mapped while `sgemm` may be called.
+    _lib: libloading::Library,
+}
+
+/// The names tried, in order.
+#[cfg(not(target_os = "macos"))]
+const LIBRARIES: [&str; 2] = ["libopenblas.so.0", "libopenblas.so"];
+#[cfg(target_os = "macos")]
+const LIBRARIES: [&str; 2] = ["libopenblas.0.dylib", "libopenblas.dylib"];
+
+static OPENBLAS: OnceLock<Result<OpenBlas, String>> = OnceLock::new();
+
+fn load() -> Result<OpenBlas, String> {
+    match std::env::var("LORS_LM_BLAS").as_deref() {
+        Ok("gemm") => return Err("LORS_LM_BLAS=gemm".into()),
+        Ok("openblas" | "auto" | "") | Err(_) => {}
+        Ok(other) => return Err(format!("LORS_LM_BLAS={other} is not one of auto, openblas, gemm")),
+    }
+    let mut errors = vec![];
+    for name in LIBRARIES {
+        // SAFETY: loading OpenBLAS runs its initialisers, which only set up its thread pool.
+        let lib = match unsafe { libloading::Library::new(name) } {
+            Ok(lib) => lib,
+            Err(e) => {
+                // libloading's message is "dlopen failed"; the reason is its source.
+                use std::error::Error;
+                errors.push(e.source().map_or_else(|| format!("{name}: {e}"), |s| s.to_string()));
+                continue;
+            }
+        };
+        // SAFETY: the two symbols have these C signatures in every OpenBLAS (cblas.h).
+        let (sgemm, set_threads) = unsafe {
+            let sgemm = lib.get::<SgemmFn>(b"cblas_sgemm\0").map_err(|e| format!("{name}: {e}"))?;
+            let threads = lib
+                .get::<unsafe extern "C" fn(i32)>(b"openblas_set_num_threads\0")
+                .map_err(|e| format!("{name}: {e}"))?;
+            (*sgemm, *threads)
+        };
+        // SAFETY: as above; called once, before any sgemm.
+        unsafe { set_threads(1) };
+        return Ok(OpenBlas { sgemm, name, _lib: lib });
+    }
+    Err(format!("no OpenBLAS found ({})", errors.join("; ")))
+}
+
+fn openblas() -> Option<&'static OpenBlas> {
+    OPENBLAS.get_or_init(load).as_ref().ok()
+}
+
+/// `Ok(file name)` when f32 matmul bands run through OpenBLAS, or `Err(why not)` when they
+/// run through gemm (`LORS_LM_BLAS=gemm`, or no library found). Loads it on first use.
+pub fn backend() -> Result<&'static str, &'static str> {
+    match OPENBLAS.get_or_init(load) {
+        Ok(o) => Ok(o.name),
+        Err(e) => Err(e.as_str()),
+    }
 }
 
 const ROW_MAJOR: i32 = 101;
@@ -45,7 +97,8 @@ fn layout(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<(i32, i32)> 
 /// C (m × n, rows `ldc` apart) = A (m × k, strides a_rs/a_cs) · B (k × n, strides b_rs/b_cs)
 /// on this thread, or C += A · B with `accumulate` (beta = 1, which also skips OpenBLAS's
 /// separate pass that zeroes C for beta = 0: callers whose C is already zero accumulate).
-/// Returns false, touching nothing, for layouts BLAS cannot express.
+/// Returns false, touching nothing, for layouts BLAS cannot express or when OpenBLAS is not
+/// loaded (see [`backend`]).
 ///
 /// # Safety
 /// A, B and the m rows of C must be valid for the given sizes and strides, C writable and
@@ -60,7 +113,6 @@ pub unsafe fn sgemm(
     ldc: usize,
     accumulate: bool,
 ) -> bool {
-    static SINGLE_THREADED: std::sync::Once = std::sync::Once::new();
     let (Some((ta, lda)), Some((tb, ldb))) = (layout(m, k, a_rs, a_cs), layout(k, n, b_rs, b_cs)) else {
         return false;
     };
@@ -71,8 +123,8 @@ pub unsafe fn sgemm(
     if ldc < ni.max(1) {
         return false;
     }
-    SINGLE_THREADED.call_once(|| openblas_set_num_threads(1));
+    let Some(blas) = openblas() else { return false };
     let beta = if accumulate { 1.0 } else { 0.0 };
-    cblas_sgemm(ROW_MAJOR, ta, tb, mi, ni, ki, 1.0, a, lda, b, ldb, beta, c, ldc);
+    (blas.sgemm)(ROW_MAJOR, ta, tb, mi, ni, ki, 1.0, a, lda, b, ldb, beta, c, ldc);
     true
 }
