@@ -9,9 +9,11 @@ Each round measures, per mode, lors-lm (a fresh `lors-lm bench` process) and the
 that a slow spell of the machine hits both; the ratio reported is the median of the per-round
 ratios, with their range.
 
-Usage: scripts/bench_vs_torch.py [--threads 2] [--steps 8] [--rounds 3] [--build LABEL=PATH]... [CONFIG...]
-Several --build binaries (say the default build and one with `--features openblas`) are
-measured in the same rounds against the same PyTorch runs.
+Usage: scripts/bench_vs_torch.py [--threads 2] [--steps 8] [--rounds 3] [--build LABEL=PATH]...
+                                 [--blas auto,gemm] [CONFIG...]
+Several --build binaries, and each under several matmul libraries (--blas sets LORS_LM_BLAS:
+auto = OpenBLAS where installed, gemm = the gemm crate), are measured in the same rounds
+against the same PyTorch runs.
 PyTorch is installed into .venv-torch by this script unless TORCH_PYTHON names a Python that
 already has torch (it is not a test dependency). The script re-runs itself under that Python.
 """
@@ -131,8 +133,8 @@ def torch_bench(cfg, mode, steps, warmup, threads):
     return B * T / statistics.median(times)
 
 
-def lors_lm_bench(exe, config, mode, steps, warmup, threads):
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+def lors_lm_bench(exe, blas, config, mode, steps, warmup, threads):
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), LORS_LM_BLAS=blas)
     out = subprocess.run([exe, "bench", "--config", str(config), "--json", "--modes", mode, "--rounds", "1",
                           "--steps", str(steps), "--warmup", str(warmup), "--prompt-tokens", "0"],
                          check=True, capture_output=True, text=True, env=env).stdout
@@ -147,20 +149,28 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--build", action="append", metavar="LABEL=PATH",
-                    help="a lors-lm binary to measure (repeatable), e.g. gemm=target/release/lors-lm "
-                         "openblas=target-openblas/release/lors-lm; default: $LORS_LM or target/release/lors-lm")
+                    help="a lors-lm binary to measure (repeatable), e.g. new=target/release/lors-lm "
+                         "old=/tmp/lors-lm-old; default: $LORS_LM or target/release/lors-lm")
+    ap.add_argument("--blas", default="auto",
+                    help="comma-separated LORS_LM_BLAS values to run every build under (auto, openblas, gemm)")
     a = ap.parse_args()
-    builds = {}
+    binaries = {}
     for spec in a.build or [f"lors-lm={os.environ.get('LORS_LM', ROOT / 'target' / 'release' / 'lors-lm')}"]:
         label, sep, path = spec.partition("=")
         if not sep or not Path(path).is_file():
             sys.exit(f"--build {spec!r}: expected LABEL=PATH naming a lors-lm binary")
-        builds[label] = path
+        binaries[label] = path
+    blas = [b.strip() for b in a.blas.split(",") if b.strip()]
+    if not blas or any(b not in ("auto", "openblas", "gemm") for b in blas):
+        sys.exit(f"--blas {a.blas!r}: expected a comma-separated list of auto, openblas, gemm")
+    # (label, binary, LORS_LM_BLAS) per measured variant; the label names the library when
+    # several are measured.
+    builds = {(f"{l}/{b}" if len(blas) > 1 else l): (p, b) for l, p in binaries.items() for b in blas}
     ensure_torch()
     import torch
     print(f"torch {torch.__version__}, {a.threads} threads, median of {a.steps} steps after {a.warmup} warm-up, "
           f"{a.rounds} interleaved rounds")
-    print(f"{'config':<20} {'build':<10} {'mode':<8} {'lors-lm tok/s':>14} {'torch tok/s':>12} {'ratio (range)':>20}")
+    print(f"{'config':<20} {'build':<14} {'mode':<8} {'lors-lm tok/s':>14} {'torch tok/s':>12} {'ratio (range)':>20}")
 
     def med_range(xs):
         return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
@@ -172,8 +182,8 @@ def main():
         theirs = {m: [] for m in modes}                      # PyTorch tokens/s, one per round
         for _ in range(a.rounds):
             for mode in modes:
-                for label, exe in builds.items():
-                    ours[label, mode].append(lors_lm_bench(exe, c, mode, a.steps, a.warmup, a.threads))
+                for label, (exe, b) in builds.items():
+                    ours[label, mode].append(lors_lm_bench(exe, b, c, mode, a.steps, a.warmup, a.threads))
                 theirs[mode].append(torch_bench(cfg, mode, a.steps, a.warmup, a.threads))
         torch_step = [v / l for l, v in zip(theirs["lors"], theirs["vanilla"])]
         for label in builds:
@@ -181,15 +191,16 @@ def main():
                 o_tps = [r["train_tokens_per_sec"] for r in ours[label, mode]]
                 ratios = [o / t for o, t in zip(o_tps, theirs[mode])]
                 o, t = statistics.median(o_tps), statistics.median(theirs[mode])
-                print(f"{Path(c).stem:<20} {label:<10} {mode:<8} {o:>14.0f} {t:>12.0f} {med_range(ratios):>20}")
-                print(json.dumps({"config": Path(c).stem, "build": label, "mode": mode, "lors_lm_tokens_per_sec": o,
+                print(f"{Path(c).stem:<20} {label:<14} {mode:<8} {o:>14.0f} {t:>12.0f} {med_range(ratios):>20}")
+                print(json.dumps({"config": Path(c).stem, "build": label, "matmul": ours[label, mode][0].get("matmul"),
+                                  "mode": mode, "lors_lm_tokens_per_sec": o,
                                   "torch_tokens_per_sec": t, "ratio": statistics.median(ratios), "ratios": ratios,
                                   "lors_lm_peak_rss_mb": [r["peak_rss_mb"] for r in ours[label, mode]]}))
             # LORS against vanilla within each round, for this build and for PyTorch.
             lo_va = list(zip(ours[label, "lors"], ours[label, "vanilla"]))
             step = [lo["step_ms_median"] / va["step_ms_median"] for lo, va in lo_va]
             rss = [lo["peak_rss_mb"] / va["peak_rss_mb"] for lo, va in lo_va if lo.get("peak_rss_mb") and va.get("peak_rss_mb")]
-            print(f"{Path(c).stem:<20} {label:<10} lors/vanilla step time: lors-lm {med_range(step)}, "
+            print(f"{Path(c).stem:<20} {label:<14} lors/vanilla step time: lors-lm {med_range(step)}, "
                   f"PyTorch {med_range(torch_step)}; lors-lm peak RSS {med_range(rss) if rss else '-'}")
 
 
