@@ -20,8 +20,8 @@
 //!
 //! [`attention`] is FlashAttention's idea on a CPU: one task per head computes its scores,
 //! masks and normalises them and multiplies by v without storing the (T, S) probabilities;
-//! the backward pass recomputes them. Its matmuls run single-threaded per head (`gemm`, or
-//! OpenBLAS with the `openblas` feature).
+//! the backward pass recomputes them. Its matmuls run single-threaded per head (OpenBLAS
+//! where it is loaded, see `device::cpu_matmul`; gemm otherwise).
 //!
 //! They run on the CPU in f32 or f64 only; the model uses the plain candle compositions
 //! (kept in `model.rs`, and the reference in the tests) on other devices. Each op has a
