@@ -4,7 +4,15 @@ use lors_lm::{bench, data, devcheck, device, eval, generate, hf, params_cmd, swe
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
 /// every layer l uses W_l = W_shared + B_l·A_l.
 #[derive(Parser)]
-#[command(name = "lors-lm", version, about)]
+#[command(
+    name = "lors-lm",
+    version,
+    about,
+    after_help = "Environment:\n  \
+        LORS_LM_BLAS       CPU f32 matmul library: auto (the default: OpenBLAS where libopenblas.so.0\n                     \
+        is installed, else the gemm crate), openblas (an error without it) or gemm\n  \
+        RAYON_NUM_THREADS  CPU threads (default: one per core)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
