@@ -118,6 +118,29 @@ fn output_vec<T: Real>(n: usize) -> Vec<T> {
     v
 }
 
+/// `fn $name` runs the `#[inline(always)]` generic `$body` compiled for AVX2 where the CPU has
+/// it (`is_x86_feature_detected!` caches the answer), and as built (baseline x86-64: SSE2)
+/// elsewhere. The loops are the same, so the results are too; AVX2 doubles their vector width.
+macro_rules! avx2_dispatch {
+    ($(#[$doc:meta])* fn $name:ident<T: Real>($($arg:ident: $ty:ty),*) => $body:ident) => {
+        $(#[$doc])*
+        fn $name<T: Real>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn avx2<T: Real>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 /// Rows per rayon task: enough work per task to amortise scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
@@ -483,6 +506,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
+#[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
     (T::one() + (-x).fast_exp()).recip()
 }
@@ -497,14 +521,22 @@ fn swiglu_fwd<T: Real>(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layou
     Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
 }
 
-fn swiglu_slice<T: Real>(o: &mut [T], g: &[T], u: &[T]) {
+avx2_dispatch!(fn swiglu_slice<T: Real>(o: &mut [T], g: &[T], u: &[T]) => swiglu_slice_body);
+
+#[inline(always)]
+fn swiglu_slice_body<T: Real>(o: &mut [T], g: &[T], u: &[T]) {
     for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
         *o = g * sigmoid(g) * u;
     }
 }
 
-/// With s = σ(g): dgate = dy·u·s·(1 + g·(1 − s)), dup = dy·g·s.
-fn swiglu_bwd_slice<T: Real>(dg: &mut [T], du: &mut [T], g: &[T], u: &[T], dy: &[T]) {
+avx2_dispatch!(
+    /// With s = σ(g): dgate = dy·u·s·(1 + g·(1 − s)), dup = dy·g·s.
+    fn swiglu_bwd_slice<T: Real>(dg: &mut [T], du: &mut [T], g: &[T], u: &[T], dy: &[T]) => swiglu_bwd_slice_body
+);
+
+#[inline(always)]
+fn swiglu_bwd_slice_body<T: Real>(dg: &mut [T], du: &mut [T], g: &[T], u: &[T], dy: &[T]) {
     for i in 0..g.len() {
         let s = sigmoid(g[i]);
         dg[i] = dy[i] * u[i] * s * (T::one() + g[i] * (T::one() - s));
@@ -844,9 +876,14 @@ fn matmul_ext<T: Real>(
     }
 }
 
-/// Rows of n scores each: row r becomes `softmax(scale · x)` over its first `visible0 + r`
-/// entries (the keys its query may see), zeros after.
-fn causal_softmax_rows<T: Real>(s: &mut [T], n: usize, visible0: usize, scale: T) {
+avx2_dispatch!(
+    /// Rows of n scores each: row r becomes `softmax(scale · x)` over its first `visible0 + r`
+    /// entries (the keys its query may see), zeros after.
+    fn causal_softmax_rows<T: Real>(s: &mut [T], n: usize, visible0: usize, scale: T) => causal_softmax_rows_body
+);
+
+#[inline(always)]
+fn causal_softmax_rows_body<T: Real>(s: &mut [T], n: usize, visible0: usize, scale: T) {
     for (r, row) in s.chunks_mut(n).enumerate() {
         let visible = visible0 + r;
         let (live, masked) = row.split_at_mut(visible);
