@@ -245,9 +245,9 @@ impl Block {
         // --- attention ---
         let xn = rms_norm(x, &self.attn_norm, cfg.norm_eps, fused)?;
         let y = if packed {
-            let qkv = linear_as(&xn, &stacked(&[&self.q, &self.k, &self.v])?, mm)?; // (B, T, (H + 2·Hkv)·hd)
+            // (B, T, (H + 2·Hkv)·hd) -> (B, T, d)
+            let qkv = linear_as(&xn, &stacked(&[&self.q, &self.k, &self.v])?, mm)?;
             ops::attention_qkv(&qkv, &rope.cos, &rope.sin, offset, (h, hkv), scale)?
-        // (B, T, d)
         } else {
             // (B, T, H*hd) -> (B, T, H, hd) -> (B, H, T, hd); q and k rotated on the way.
             let q = rope.apply_t(&self.q.forward_as(&xn, mm, fused)?.reshape((b, t, h, hd))?, offset, fused)?;
@@ -272,8 +272,8 @@ impl Block {
         // --- SwiGLU FFN ---
         let xn = rms_norm(&x, &self.ffn_norm, cfg.norm_eps, fused)?;
         let hdn = if packed {
+            // (B, T, 2·ffn) -> (B, T, ffn)
             ops::swiglu_packed(&linear_as(&xn, &stacked(&[&self.gate, &self.up])?, mm)?)?
-        // (B, T, 2·ffn) -> (B, T, ffn)
         } else {
             let (gate, up) = (self.gate.forward_as(&xn, mm, fused)?, self.up.forward_as(&xn, mm, fused)?);
             if fused {

@@ -824,7 +824,8 @@ fn matmul_ext<T: Real>(
         return;
     }
     // With the `openblas` feature, single-threaded f32 products (scaled by 1) go through
-    // OpenBLAS (its `sgemm` declines layouts CBLAS cannot express; gemm runs those).
+    // OpenBLAS where it is loaded (its `sgemm` declines layouts CBLAS cannot express, and
+    // everything when it is not loaded; gemm runs those).
     #[cfg(feature = "openblas")]
     if beta == T::one()
         && matches!(parallelism, gemm::Parallelism::None)

@@ -2,7 +2,7 @@
 //! computing the default thread count once, changes no result):
 //! gradients that reach a node several times, or first through a strided view, still sum
 //! correctly, and matmuls on the row-band path, batched, strided or with k = 0 match a naive
-//! f64 product (with `--features openblas`, also the OpenBLAS band path and the layouts it
+//! f64 product (where OpenBLAS is loaded, also the OpenBLAS band path and the layouts it
 //! declines).
 
 use anyhow::Result;
