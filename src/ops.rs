@@ -54,11 +54,16 @@ impl Real for f32 {
         // Round to nearest by adding and removing 1.5·2²³ (no `floor` call: baseline x86-64
         // has no vector rounding instruction, and a libm call would stop vectorisation).
         const MAGIC: f32 = 12_582_912.0;
-        let k = (x * LOG2E + MAGIC) - MAGIC;
+        let shifted = x * LOG2E + MAGIC;
+        let k = shifted - MAGIC;
         let r = x - k * LN2_HI - k * LN2_LO;
         let p =
             1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-        p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+        // The integer k sits in the low mantissa bits of 1.5·2²³ + k; reading it from there
+        // keeps the loop in vector integer instructions, where `k as i32` (a saturating cast
+        // with a NaN check) compiles to one scalar conversion per lane.
+        let k_int = shifted.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+        p * f32::from_bits(((k_int + 127) as u32) << 23)
     }
     fn as_mut_slice(s: &mut CpuStorage) -> Result<&mut [Self]> {
         match s {
@@ -315,9 +320,65 @@ struct RmsNorm {
     eps: f64,
 }
 
+#[inline(always)]
 fn inv_rms<T: Real>(row: &[T], eps: T) -> T {
-    let ms = row.iter().fold(T::zero(), |acc, &x| acc + x * x) / T::from_f64(row.len() as f64);
+    let ms = sum8_by(row, |x| x * x) / T::from_f64(row.len() as f64);
     (ms + eps).sqrt().recip()
+}
+
+avx2_dispatch!(
+    /// RMSNorm of the rows of x (each gain.len() long) into o.
+    fn rms_fwd_rows<T: Real>(o: &mut [T], x: &[T], gain: &[T], eps: T) => rms_fwd_rows_body
+);
+
+#[inline(always)]
+fn rms_fwd_rows_body<T: Real>(o: &mut [T], x: &[T], gain: &[T], eps: T) {
+    let d = gain.len();
+    for (o, row) in o.chunks_mut(d).zip(x.chunks(d)) {
+        let inv = inv_rms(row, eps);
+        for ((o, &x), &g) in o.iter_mut().zip(row).zip(gain) {
+            *o = x * inv * g;
+        }
+    }
+}
+
+avx2_dispatch!(
+    /// RMSNorm's input gradient for rows of x and dy into dx, and their gain gradient summed
+    /// into dg.
+    fn rms_bwd_rows<T: Real>(dx: &mut [T], x: &[T], dy: &[T], gain: &[T], dg: &mut [T], eps: T) => rms_bwd_rows_body
+);
+
+#[inline(always)]
+fn rms_bwd_rows_body<T: Real>(dx: &mut [T], x: &[T], dy: &[T], gain: &[T], dg: &mut [T], eps: T) {
+    let d = gain.len();
+    let df = T::from_f64(d as f64);
+    for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+        let inv = inv_rms(x, eps);
+        let c = inv * inv * inv * dot3_8(gain, dy, x) / df;
+        for ((((dx, &x), &dy), &g), dg) in dx.iter_mut().zip(x).zip(dy).zip(gain).zip(dg.iter_mut()) {
+            *dx = inv * g * dy - x * c;
+            *dg += dy * x * inv;
+        }
+    }
+}
+
+/// Σ aᵢ bᵢ cᵢ with eight running sums (vectorisable).
+#[inline(always)]
+fn dot3_8<T: Real>(a: &[T], b: &[T], c: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (mut ca, mut cb, mut cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    for ((x, y), z) in (&mut ca).zip(&mut cb).zip(&mut cc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i] * z[i];
+        }
+    }
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder())
+        .fold(T::zero(), |s, ((&x, &y), &z)| s + x * y * z);
+    acc.iter().fold(tail, |s, &v| s + v)
 }
 
 fn rms_fwd<T: Real>(s: &CpuStorage, l: &Layout, gs: &CpuStorage, gl: &Layout, eps: f64) -> Result<(CpuStorage, Shape)> {
@@ -326,12 +387,8 @@ fn rms_fwd<T: Real>(s: &CpuStorage, l: &Layout, gs: &CpuStorage, gl: &Layout, ep
     let d = gain.len();
     let eps = T::from_f64(eps);
     let mut out = output_vec(x.len());
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(|(o, row)| {
-        let inv = inv_rms(row, eps);
-        for ((o, &x), &g) in o.iter_mut().zip(row).zip(gain) {
-            *o = x * inv * g;
-        }
-    });
+    let chunk = rows_per_task(d) * d;
+    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| rms_fwd_rows(o, x, gain, eps));
     Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
 }
 
@@ -372,7 +429,6 @@ fn rms_bwd<T: Real>(
     let dy = data::<T>(dys, dyl, "rms_norm backward")?;
     let d = gain.len();
     let eps = T::from_f64(eps);
-    let df = T::from_f64(d as f64);
     let mut out = output_vec(x.len() + d);
     let (dx, dgain) = out.split_at_mut(x.len());
     dgain.fill(T::zero()); // summed into below; dx is written row by row
@@ -383,15 +439,7 @@ fn rms_bwd<T: Real>(
         .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
         .map(|(dx, (x, dy))| {
             let mut dg = vec![T::zero(); d];
-            for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
-                let inv = inv_rms(x, eps);
-                let dot = x.iter().zip(dy).zip(gain).fold(T::zero(), |acc, ((&x, &dy), &g)| acc + g * dy * x);
-                let c = inv * inv * inv * dot / df;
-                for (i, ((dx, &x), &dy)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
-                    *dx = inv * gain[i] * dy - x * c;
-                    dg[i] += dy * x * inv;
-                }
-            }
+            rms_bwd_rows(dx, x, dy, gain, &mut dg, eps);
             dg
         })
         .collect();
@@ -898,6 +946,41 @@ fn causal_softmax_rows_body<T: Real>(s: &mut [T], n: usize, visible0: usize, sca
     }
 }
 
+avx2_dispatch!(
+    /// Rows of n probabilities p and their gradients dp, row r with `visible0 + r` visible
+    /// keys: dp becomes the scores' gradient `scale · p ⊙ (dp − Σ p ⊙ dp)`, zero after the
+    /// visible keys (where p is zero).
+    fn softmax_grad_rows<T: Real>(p: &[T], dp: &mut [T], n: usize, visible0: usize, scale: T) => softmax_grad_rows_body
+);
+
+#[inline(always)]
+fn softmax_grad_rows_body<T: Real>(p: &[T], dp: &mut [T], n: usize, visible0: usize, scale: T) {
+    for (r, (prow, drow)) in p.chunks(n).zip(dp.chunks_mut(n)).enumerate() {
+        let visible = (visible0 + r).min(n);
+        let (live, masked) = drow.split_at_mut(visible);
+        let prow = &prow[..visible];
+        let dot = dot8(prow, live);
+        for (d, &p) in live.iter_mut().zip(prow) {
+            *d = scale * p * (*d - dot);
+        }
+        masked.iter_mut().for_each(|x| *x = T::zero());
+    }
+}
+
+/// Σ aᵢ bᵢ with eight running sums (vectorisable, where one fold is a serial chain).
+#[inline(always)]
+fn dot8<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::zero(), |s, (&x, &y)| s + x * y);
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
 /// Query rows per attention block: a block multiplies only against the keys its last row may
 /// see, skipping most of the masked upper triangle (with T = S and 4 blocks, 3/8 of the
 /// score and P·v multiply-adds).
@@ -1027,12 +1110,7 @@ fn attn_bwd<T: Real>(
                     matmul(p, sv, qm, km.t(), false);
                     causal_softmax_rows(p, sv, s - t + r0 + 1, scale);
                     matmul(dp, sv, dym, vm.t(), false);
-                    for (prow, drow) in p.chunks(sv).zip(dp.chunks_mut(sv)) {
-                        let dot = prow.iter().zip(drow.iter()).fold(T::zero(), |acc, (&p, &d)| acc + p * d);
-                        for (d, &p) in drow.iter_mut().zip(prow) {
-                            *d = scale * p * (*d - dot);
-                        }
-                    }
+                    softmax_grad_rows(p, dp, sv, s - t + r0 + 1, scale);
                     let pm = Mat::at(p, 0, rows, sv, sv);
                     let dsm = Mat::at(dp, 0, rows, sv, sv);
                     matmul(&mut dq[(r * t + r0) * hd..], hd, dsm, km, false);
