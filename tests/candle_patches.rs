@@ -3,7 +3,7 @@
 //! gradients that reach a node several times, or first through a strided view, still sum
 //! correctly, and matmuls on the row-band path, batched, strided or with k = 0 match a naive
 //! f64 product (where OpenBLAS is loaded, also the OpenBLAS band path and the layouts it
-//! declines).
+//! declines); weight gradients of `x wᵀ` come out right and contiguous.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -87,6 +87,45 @@ fn gradients_sum_over_every_use_of_a_tensor() -> Result<()> {
     let diff = (gw - &want_w)?.abs()?.max_all()?.to_scalar::<f32>()?;
     assert!(diff < 1e-5, "w gradient off by {diff}");
     assert!(gx.is_contiguous() && gw.is_contiguous());
+    Ok(())
+}
+
+/// Weight gradients of `x wᵀ` (every linear layer) are computed in w's own layout (patch 6):
+/// they must equal rᵀ x for the upstream gradient r, reach w contiguous, also for a batch of
+/// weights, and still sum with w's other uses.
+#[test]
+fn weight_gradients_of_transposed_products_are_right_and_contiguous() -> Result<()> {
+    let mut rng = Rng::new(8);
+    // 300 rows: the row-band path on 2+ threads for both products of the backward pass.
+    let (n, din, dout) = (300, 40, 24);
+    let x = Var::from_tensor(&rand(&mut rng, &[n, din])?)?;
+    let w = Var::from_tensor(&rand(&mut rng, &[dout, din])?)?;
+    let r = rand(&mut rng, &[n, dout])?;
+    let (xt, wt) = (x.as_tensor(), w.as_tensor());
+    // loss = Σ (x wᵀ ⊙ r) + Σ w²: dw = rᵀ x + 2w, dx = r w.
+    let loss = ((xt.matmul(&wt.t()?)? * &r)?.sum_all()? + wt.sqr()?.sum_all()?)?;
+    let grads = loss.backward()?;
+    let gw = grads.get(wt).expect("w has a gradient");
+    assert!(gw.is_contiguous(), "w's gradient is not contiguous");
+    let rtx = naive(&r.t()?.to_vec2()?, &xt.to_vec2()?);
+    let w2: Vec<Vec<f32>> = wt.to_vec2()?;
+    let want: Vec<Vec<f64>> =
+        rtx.iter().zip(&w2).map(|(a, b)| a.iter().zip(b).map(|(a, b)| a + 2.0 * *b as f64).collect()).collect();
+    assert_close(gw, &want, "dw = rᵀx + 2w")?;
+    let gx = grads.get(xt).expect("x has a gradient");
+    assert_close(gx, &naive(&r.to_vec2()?, &w2), "dx = r w")?;
+
+    // A batch of three weights, (3, out, in), each used through its transpose.
+    let xb = rand(&mut rng, &[3, n, din])?;
+    let wb = Var::from_tensor(&rand(&mut rng, &[3, dout, din])?)?;
+    let rb = rand(&mut rng, &[3, n, dout])?;
+    let grads = (xb.matmul(&wb.as_tensor().transpose(1, 2)?)? * &rb)?.sum_all()?.backward()?;
+    let gwb = grads.get(wb.as_tensor()).expect("the batch of weights has a gradient");
+    assert!(gwb.is_contiguous() && gwb.dims() == [3, dout, din]);
+    for i in 0..3 {
+        let want = naive(&rb.get(i)?.t()?.to_vec2()?, &xb.get(i)?.to_vec2()?);
+        assert_close(&gwb.get(i)?, &want, "batched dw")?;
+    }
     Ok(())
 }
 

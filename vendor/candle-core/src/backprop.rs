@@ -445,8 +445,19 @@ impl Tensor {
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        // lors-lm patch: when rhs is a transposed view of a contiguous matrix
+                        // (`x.matmul(&w.t()?)`, every linear layer), its gradient is computed
+                        // in w's own layout, (gradᵀ lhs)ᵀ, and kept as that view, so that the
+                        // transpose's backward hands w a contiguous gradient. Upstream computes
+                        // lhsᵀ grad, whose transpose then had to be copied into place (one
+                        // single-threaded strided copy of every weight gradient).
+                        if rhs.rank() >= 2 && !rhs.is_contiguous() && rhs.t()?.is_contiguous() {
+                            let rhs_grad = grad.t()?.matmul(lhs)?.t()?;
+                            grads.accumulate_as_is(rhs, &rhs_grad)?;
+                        } else {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -736,6 +747,21 @@ impl GradStore {
             }
             Entry::Vacant(entry) => {
                 entry.insert(grad.contiguous()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// `accumulate`, but a first gradient is stored in its own layout, not made contiguous.
+    /// (lors-lm patch, for the transposed weight gradients of `Op::Matmul`.)
+    fn accumulate_as_is(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        match self.0.entry(tensor.id()) {
+            Entry::Occupied(mut entry) => {
+                let sum = entry.get_mut();
+                *sum = sum.add(grad)?;
+            }
+            Entry::Vacant(entry) => {
+                entry.insert(grad.clone());
             }
         }
         Ok(())
