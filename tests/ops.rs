@@ -270,15 +270,20 @@ fn rms_norm_matches_composition_and_finite_differences() -> Result<()> {
     let mut rng = Rng::new(3);
     let fused = |x: &[Tensor]| ops::rms_norm(&x[0], &x[1], 1e-5);
     let plain = |x: &[Tensor]| plain_rms_norm(&x[0], &x[1], 1e-5);
-    let ins = |dtype| -> Result<Vec<Tensor>> {
-        let mut r = Rng::new(30);
-        Ok(vec![rand(&mut r, &[3, 5, 8], 1.5, dtype)?, (rand(&mut r, &[8], 0.3, dtype)? + 1.0)?])
-    };
-    check_against_plain(&fused, &plain, &ins(DType::F32)?, 1e-5)?;
-    // More rows than one task holds, so the per-task dgain partials are summed.
-    let big = vec![rand(&mut rng, &[3000, 8], 1.0, DType::F32)?, rand(&mut rng, &[8], 1.0, DType::F32)?];
-    check_against_plain(&fused, &plain, &big, 1e-3)?;
-    check_finite_differences(&fused, &ins(DType::F64)?)
+    // Rows of 8 (one run of the kernels' eight running sums), 13 (eight plus a tail) and 3
+    // (a tail only).
+    for d in [8, 13, 3] {
+        let ins = |dtype| -> Result<Vec<Tensor>> {
+            let mut r = Rng::new(30);
+            Ok(vec![rand(&mut r, &[3, 5, d], 1.5, dtype)?, (rand(&mut r, &[d], 0.3, dtype)? + 1.0)?])
+        };
+        check_against_plain(&fused, &plain, &ins(DType::F32)?, 1e-5)?;
+        // More rows than one task holds, so the per-task dgain partials are summed.
+        let big = vec![rand(&mut rng, &[3000, d], 1.0, DType::F32)?, rand(&mut rng, &[d], 1.0, DType::F32)?];
+        check_against_plain(&fused, &plain, &big, 1e-3)?;
+        check_finite_differences(&fused, &ins(DType::F64)?)?;
+    }
+    Ok(())
 }
 
 #[test]
