@@ -956,7 +956,7 @@ avx2_dispatch!(
 #[inline(always)]
 fn softmax_grad_rows_body<T: Real>(p: &[T], dp: &mut [T], n: usize, visible0: usize, scale: T) {
     for (r, (prow, drow)) in p.chunks(n).zip(dp.chunks_mut(n)).enumerate() {
-        let visible = (visible0 + r).min(n);
+        let visible = visible0 + r;
         let (live, masked) = drow.split_at_mut(visible);
         let prow = &prow[..visible];
         let dot = dot8(prow, live);

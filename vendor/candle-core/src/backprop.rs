@@ -740,16 +740,11 @@ impl GradStore {
     /// 0.11.1 starts every slot as `zeros_like` and adds into it, which costs a zero fill and a
     /// full-size add per gradient edge even for nodes with a single consumer.)
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
-        match self.0.entry(tensor.id()) {
-            Entry::Occupied(mut entry) => {
-                let sum = entry.get_mut();
-                *sum = sum.add(grad)?;
-            }
-            Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
-            }
+        if self.0.contains_key(&tensor.id()) {
+            self.accumulate_as_is(tensor, grad)
+        } else {
+            self.accumulate_as_is(tensor, &grad.contiguous()?)
         }
-        Ok(())
     }
 
     /// `accumulate`, but a first gradient is stored in its own layout, not made contiguous.
