@@ -5,7 +5,7 @@
 //! for the two widths). `cargo bench --bench kernels`
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
-use lors_lm::{lors, ops};
+use lors_lm::{kernels as ops, model::ops as lors};
 use std::time::Instant;
 
 /// Median seconds of `f` over 7 runs after one warm-up; prints a row.
@@ -46,7 +46,7 @@ fn main() -> Result<()> {
         let x = var(&[b, t, i], 1.0)?;
         let w = var(&[o, i], 0.02)?;
         row(&format!("linear {name} {i}->{o}"), 6.0 * (n * o * i) as f64 / 1e9, || {
-            lors::linear(x.as_tensor(), w.as_tensor())?.sum_all()?.backward()?;
+            lors::linear_as(x.as_tensor(), w.as_tensor(), candle_core::DType::F32)?.sum_all()?.backward()?;
             Ok(())
         })?;
     }

@@ -4,7 +4,7 @@
 //! costs per projection. `cargo bench --bench lors_merge`
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
-use lors_lm::lors::LorsLinear;
+use lors_lm::model::LorsLinear;
 use std::time::Instant;
 
 fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {

@@ -46,6 +46,18 @@ pub fn cpu_matmul() -> Result<String> {
     }
 }
 
+/// The device for run headers: "cpu (2 threads, matmul: OpenBLAS ...)" or the CUDA device.
+pub fn describe(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!(
+            "cpu ({} threads, matmul: {})",
+            candle_core::utils::get_num_threads(),
+            cpu_matmul().unwrap_or_else(|e| e.to_string())
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
 /// Let f32 matmuls on CUDA use TF32 tensor cores (`train.tf32`); nothing to do on the CPU.
 pub fn set_tf32(on: bool) {
     #[cfg(feature = "cuda")]

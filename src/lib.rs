@@ -1,24 +1,27 @@
 //! lors-lm: train decoder-only language models whose stacked layers share their weights
 //! the LORS way (`W_l = W_shared + B_l A_l`).
-pub mod bench;
-pub mod checkpoint;
+//!
+//! Layers, top to bottom (each imports only from the layers below it):
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | `cmd` | one file per command: its arguments and `run` |
+//! | `sweep` | comparison plans: plan, run, report |
+//! | `train` | `Trainer` (the step), the loop, optimizer, schedule, run directory, checkpoints |
+//! | `infer`, `formats` | generation and perplexity; Hugging Face import/export |
+//! | `model` | the Llama model, the LORS method (`model/lors.rs`), parameters |
+//! | `kernels` | fused CPU kernels with their backward passes |
+//! | `data`, `monitor`, `config`, `device`, `rng` | prepared data, reports, configuration, devices |
+
+pub mod cmd;
 pub mod config;
-pub mod console;
 pub mod data;
-pub mod devcheck;
 pub mod device;
-pub mod eval;
-pub mod generate;
-pub mod hf;
-pub mod lors;
+pub mod formats;
+pub mod infer;
+pub mod kernels;
 pub mod model;
-pub mod ops;
-pub mod optim;
-pub mod params;
-pub mod params_cmd;
-pub mod plot;
+pub mod monitor;
 pub mod rng;
-pub mod store;
 pub mod sweep;
-pub mod tb;
 pub mod train;

@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
-use lors_lm::{bench, data, devcheck, device, eval, generate, hf, params_cmd, sweep, train};
+use lors_lm::cmd::{bench, check_device, eval, export, generate, params, prepare, sweep, train};
+use lors_lm::device;
 
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
 /// every layer l uses W_l = W_shared + B_l·A_l.
@@ -21,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Tokenize text files into token files (train.bin, val.bin) plus tokenizer.json and meta.json.
-    Prepare(data::PrepareArgs),
+    Prepare(prepare::PrepareArgs),
     /// Train a model from a config on prepared data.
     Train(train::TrainArgs),
     /// Generate text from a trained run.
@@ -29,15 +30,15 @@ enum Command {
     /// Mean next-token loss and perplexity of a run on prepared data or a text file.
     Eval(eval::EvalArgs),
     /// Export a run as a plain Hugging Face Llama checkpoint (LORS weights merged).
-    Export(hf::ExportArgs),
+    Export(export::ExportArgs),
     /// Print the parameter table of a config or a run: unique vs vanilla.
-    Params(params_cmd::ParamsArgs),
+    Params(params::ParamsArgs),
     /// Measure training-step and generation throughput of a config per sharing mode.
     Bench(bench::BenchArgs),
     /// Train every configuration × seed of a comparison plan; write a results table and charts.
     Sweep(sweep::SweepArgs),
     /// Check that a device (e.g. cuda) and dtype give the CPU's logits and loss, before and after one step.
-    CheckDevice(devcheck::CheckDeviceArgs),
+    CheckDevice(check_device::CheckDeviceArgs),
 }
 
 fn main() {
@@ -45,15 +46,15 @@ fn main() {
     device::tune_threads();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Prepare(args) => data::run_prepare(&args),
+        Command::Prepare(args) => prepare::run(&args),
         Command::Train(args) => train::run(&args).map(|_| ()),
         Command::Generate(args) => generate::run(&args),
         Command::Eval(args) => eval::run(&args),
-        Command::Export(args) => hf::run_export(&args),
-        Command::Params(args) => params_cmd::run(&args),
+        Command::Export(args) => export::run(&args),
+        Command::Params(args) => params::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Sweep(args) => sweep::run(&args),
-        Command::CheckDevice(args) => devcheck::run(&args),
+        Command::CheckDevice(args) => check_device::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

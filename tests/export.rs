@@ -7,8 +7,8 @@ mod common;
 use common::{bin, repo, run_ok, train_tiny};
 
 use candle_core::{Device, Tensor};
-use lors_lm::checkpoint;
-use lors_lm::generate::{generate_tokens, Sampler};
+use lors_lm::train::RunDir;
+use lors_lm::infer::generate::{generate_tokens, Sampler};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -70,12 +70,12 @@ fn exports_match_the_independent_reference_for_every_mode() {
         assert_eq!(cfg["tie_word_embeddings"], name != "lors-untied-groups");
 
         // lors-lm's own view: logits of the unmerged model and greedy ids of the merged one.
-        let loaded = checkpoint::load_run(&run, None, &Device::Cpu).unwrap();
+        let loaded = RunDir::open(&run).unwrap().load(None, &Device::Cpu).unwrap();
         let x = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let ours: Vec<Vec<f32>> = loaded.model.forward(&x).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         let merged = loaded.model.merged().unwrap();
         let mut greedy = Sampler::new(0.0, None, None, 0).unwrap();
-        let our_ids = generate_tokens(&merged, &prompt, 32, &mut greedy, None, |_| Ok(()), || {}).unwrap();
+        let our_ids = generate_tokens(&merged, &prompt, 32, &mut greedy, &[], |_| Ok(()), || {}).unwrap();
         let our_eval = json(&run_ok(bin().args(["eval", "--json", "--run"]).arg(&run).arg("--data").arg(&data)));
 
         // Round trip: generate --hf on the export gives generate --run's greedy text.

@@ -98,10 +98,11 @@ proptest! {
             noise.clone(),
         ] {
             std::fs::write(dir.path().join("model.safetensors"), &bytes).unwrap();
-            if let Ok(t) = lors_lm::checkpoint::load_params(dir.path(), &Device::Cpu) {
+            let ckpt = lors_lm::train::Checkpoint { step: 6, dir: dir.path().to_path_buf() };
+            if let Ok(t) = ckpt.params(&Device::Cpu) {
                 let cfg = Config::load(&run.join("config.toml"), &[]).unwrap();
-                let mut store = lors_lm::store::ParamStore::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
-                let _ = lors_lm::model::Model::new(&cfg, &mut store);
+                let mut store = lors_lm::model::ParamStore::from_tensors(t, candle_core::DType::F32, &Device::Cpu);
+                let _ = lors_lm::model::Model::new(&cfg.model, &cfg.lors, &mut store);
             }
         }
     }

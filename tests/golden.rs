@@ -29,9 +29,9 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use lors_lm::config::{Config, Mode, PROJ_TYPES};
+use lors_lm::config::{Config, Mode, Proj};
 use lors_lm::model::Model;
-use lors_lm::store::ParamStore;
+use lors_lm::model::ParamStore;
 use std::collections::HashMap;
 
 /// Token ids (B = 2, T = 7), as `IDS` in the script.
@@ -61,7 +61,7 @@ fn config(lors: bool) -> Config {
         c.lors.rank = 3;
         c.lors.groups = 2;
         // Layers 0-1 share group 0, layer 2 is group 1 (as group_of in the script).
-        assert_eq!((0..3).map(|l| c.lors.group_of(l, 3)).collect::<Vec<_>>(), [0, 0, 1]);
+        assert_eq!((0..3).map(|l| c.lors.group_of(l, 3)).collect::<Vec<_>>(), [Some(0), Some(0), Some(1)]);
     } else {
         m.n_kv_heads = 0; // = n_heads
         m.tie_embeddings = false;
@@ -76,14 +76,14 @@ fn config(lors: bool) -> Config {
 fn names_and_shapes(c: &Config) -> Vec<(String, Vec<usize>)> {
     let m = &c.model;
     let lors = c.lors.mode == Mode::Lors;
-    let shape = |p: &str| {
-        let (o, i) = m.proj_shape(p);
+    let shape = |p: Proj| {
+        let (o, i) = p.shape(m);
         vec![o, i]
     };
     let mut out = vec![("embed.weight".to_string(), vec![m.vocab_size, m.d_model])];
     if lors {
         for g in 0..c.lors.groups {
-            for p in PROJ_TYPES {
+            for p in Proj::ALL {
                 out.push((format!("shared.{g}.{p}.weight"), shape(p)));
             }
         }
@@ -91,8 +91,8 @@ fn names_and_shapes(c: &Config) -> Vec<(String, Vec<usize>)> {
     for l in 0..m.n_layers {
         out.push((format!("layers.{l}.attn_norm.weight"), vec![m.d_model]));
         out.push((format!("layers.{l}.ffn_norm.weight"), vec![m.d_model]));
-        for p in PROJ_TYPES {
-            let (o, i) = m.proj_shape(p);
+        for p in Proj::ALL {
+            let (o, i) = p.shape(m);
             if lors {
                 out.push((format!("layers.{l}.{p}.lors_a"), vec![c.lors.rank, i]));
                 out.push((format!("layers.{l}.{p}.lors_b"), vec![o, c.lors.rank]));
@@ -138,7 +138,7 @@ fn build(c: &Config) -> Result<Model> {
         .map(|(k, (name, shape))| Ok((name.clone(), tensor(name, shape, k)?)))
         .collect::<Result<HashMap<_, _>>>()?;
     let mut store = ParamStore::from_tensors(map, DType::F64, &Device::Cpu);
-    Model::new(c, &mut store) // also fails on unused tensors: the name lists agree
+    Model::new(&c.model, &c.lors, &mut store) // also fails on unused tensors: the name lists agree
 }
 
 fn ids() -> Result<Tensor> {

@@ -3,15 +3,16 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
-use lors_lm::checkpoint::{self, TrainState};
-use lors_lm::config::{Config, Mode, PROJ_TYPES};
-use lors_lm::generate::{generate_tokens, Sampler};
-use lors_lm::lors::LorsLinear;
+use lors_lm::train::run_dir::load_model;
+use lors_lm::train::{RunDir, TrainState};
+use lors_lm::config::{Config, Mode, Proj};
+use lors_lm::infer::generate::{generate_tokens, Sampler};
+use lors_lm::model::LorsLinear;
 use lors_lm::model::Model;
-use lors_lm::optim::AdamW;
-use lors_lm::params::ParamCounts;
+use lors_lm::train::optim::AdamW;
+use lors_lm::model::ParamCounts;
 use lors_lm::rng::Rng;
-use lors_lm::store::ParamStore;
+use lors_lm::model::ParamStore;
 
 fn tiny(mode: Mode) -> Config {
     let mut c = Config::tiny();
@@ -22,7 +23,7 @@ fn tiny(mode: Mode) -> Config {
 
 fn build(cfg: &Config, dtype: DType, seed: u64) -> Result<(Model, ParamStore)> {
     let mut store = ParamStore::new_init(seed, dtype, &Device::Cpu);
-    let model = Model::new(cfg, &mut store)?;
+    let model = Model::new(&cfg.model, &cfg.lors, &mut store)?;
     Ok((model, store))
 }
 
@@ -63,7 +64,7 @@ fn param_counts_match_closed_forms_and_the_built_model() -> Result<()> {
     ] {
         let mut cfg = tiny(mode);
         cfg.lors.groups = groups;
-        let c = ParamCounts::from_config(&cfg);
+        let c = ParamCounts::new(&cfg.model, &cfg.lors);
         assert_eq!((c.embedding, c.shared, c.private, c.norm, c.head), (embed, shared, private, norm, 0), "{mode:?}");
         assert_eq!(c.vanilla_total, vanilla);
         assert_eq!(c.total(), embed + shared + private + norm);
@@ -76,8 +77,8 @@ fn param_counts_match_closed_forms_and_the_built_model() -> Result<()> {
     cfg.model.tie_embeddings = false;
     cfg.lors.attn_rank_schedule = Some(vec![2, 4, 6]);
     cfg.lors.ffn_rank = Some(8);
-    cfg.lors.targets = vec!["q".into(), "up".into()];
-    let c = ParamCounts::from_config(&cfg);
+    cfg.lors.targets = vec![Proj::Q, Proj::Up];
+    let c = ParamCounts::new(&cfg.model, &cfg.lors);
     let shared = d * d + f * d;
     let private = (2 + 4 + 6) * (d + d) + l * 8 * (d + f) // LORS factors of q and up
         + l * (2 * kv * d + d * d + f * d + d * f); // private k, v, o, gate, down
@@ -127,7 +128,7 @@ fn at_init_every_layer_of_a_group_has_the_same_effective_weights() -> Result<()>
     cfg.model.n_layers = 4;
     cfg.lors.groups = 2;
     let (model, store) = build(&cfg, DType::F32, 1)?;
-    for p in PROJ_TYPES {
+    for p in Proj::ALL {
         let w: Vec<Tensor> = (0..4).map(|l| model.effective_weight(l, p)).collect::<Result<_>>()?;
         assert_eq!(max_abs_diff(&w[0], &w[1])?, 0.0, "{p}: layers 0 and 1 differ at init");
         assert_eq!(max_abs_diff(&w[2], &w[3])?, 0.0, "{p}: layers 2 and 3 differ at init");
@@ -274,7 +275,7 @@ fn overfitting_one_batch_drives_the_loss_near_zero_and_greedy_generation_repeats
     // Greedy generation from the first token reproduces the memorised sequence.
     let merged = model.merged()?;
     let mut sampler = Sampler::new(0.0, None, None, 0)?;
-    let out = generate_tokens(&merged, &seq[..1], 16, &mut sampler, None, |_| Ok(()), || {})?;
+    let out = generate_tokens(&merged, &seq[..1], 16, &mut sampler, &[], |_| Ok(()), || {})?;
     assert_eq!(out, seq[1..].to_vec());
     Ok(())
 }
@@ -306,14 +307,14 @@ fn seeded_sampling_is_reproducible_and_seed_dependent() -> Result<()> {
     let merged = model.merged()?;
     let gen = |seed| -> Result<Vec<u32>> {
         let mut s = Sampler::new(1.0, Some(40), Some(0.95), seed)?;
-        generate_tokens(&merged, &[1, 2, 3], 40, &mut s, None, |_| Ok(()), || {})
+        generate_tokens(&merged, &[1, 2, 3], 40, &mut s, &[], |_| Ok(()), || {})
     };
     assert_eq!(gen(5)?, gen(5)?);
     assert_ne!(gen(5)?, gen(6)?);
     // Past the context the window slides instead of failing.
     let mut slides = 0;
     let mut s = Sampler::new(1.0, None, None, 1)?;
-    let out = generate_tokens(&merged, &[1], 3 * cfg.model.max_seq_len, &mut s, None, |_| Ok(()), || slides += 1)?;
+    let out = generate_tokens(&merged, &[1], 3 * cfg.model.max_seq_len, &mut s, &[], |_| Ok(()), || slides += 1)?;
     assert_eq!(out.len(), 3 * cfg.model.max_seq_len);
     assert!(slides > 0);
     Ok(())
@@ -328,28 +329,30 @@ fn checkpoint_round_trip_restores_identical_logits() -> Result<()> {
     perturb_b(&store, &mut rng)?;
     let opt = AdamW::new(store.vars(), 0.9, 0.95, 1e-8, 0.1)?;
     let state = TrainState { step: 7, data_rng: 123, opt_t: 7, tokens_seen: 99, val_loss: Some(1.5) };
-    let ckpt = checkpoint::save(dir.path(), &cfg, &store.tensors(), &opt.state_tensors(), &state, 2)?;
-    let (loaded, _) = checkpoint::load_model(&cfg, &ckpt, &Device::Cpu)?;
+    let run = RunDir::at(dir.path());
+    run.save_checkpoint(&cfg, &store.tensors(), &opt.state_tensors(), &state, 2)?;
+    let ckpt = run.checkpoint(None)?;
+    let (loaded, _) = load_model(&cfg, &ckpt, &Device::Cpu)?;
     let x = ids(&mut rng, 2, 9, 50)?;
     assert_eq!(max_abs_diff(&model.forward(&x)?, &loaded.forward(&x)?)?, 0.0);
-    assert_eq!(checkpoint::load_state(&ckpt)?, state);
-    assert_eq!(checkpoint::latest_step(dir.path())?, Some(7));
+    assert_eq!(ckpt.state()?, state);
+    assert_eq!(run.latest_step()?, Some(7));
     // Only unique parameters are stored: no merged weights.
-    let names: Vec<String> = checkpoint::load_params(&ckpt, &Device::Cpu)?.into_keys().collect();
+    let names: Vec<String> = ckpt.params(&Device::Cpu)?.into_keys().collect();
     assert!(names.iter().any(|n| n == "shared.0.q.weight"));
     assert!(!names.iter().any(|n| n.starts_with("layers.0.q.weight")));
     // Loading into another config names the mismatching tensor and both shapes.
     let mut other = cfg.clone();
     other.lors.rank = 3;
-    let err = checkpoint::load_model(&other, &ckpt, &Device::Cpu).err().expect("mismatch must fail");
+    let err = load_model(&other, &ckpt, &Device::Cpu).err().expect("mismatch must fail");
     let msg = format!("{err:#}");
     assert!(msg.contains("lors_a") && msg.contains("[4, 32]") && msg.contains("[3, 32]"), "{msg}");
     // keep = 2: older checkpoints are pruned.
     for step in [8, 9] {
         let s = TrainState { step, ..state.clone() };
-        checkpoint::save(dir.path(), &cfg, &store.tensors(), &opt.state_tensors(), &s, 2)?;
+        run.save_checkpoint(&cfg, &store.tensors(), &opt.state_tensors(), &s, 2)?;
     }
-    assert_eq!(checkpoint::list_checkpoints(dir.path())?, vec![8, 9]);
+    assert_eq!(run.checkpoints()?, vec![8, 9]);
     Ok(())
 }
 

@@ -6,9 +6,9 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
 use lors_lm::config::{Config, Mode};
 use lors_lm::model::Model;
-use lors_lm::ops;
+use lors_lm::kernels as ops;
 use lors_lm::rng::Rng;
-use lors_lm::store::ParamStore;
+use lors_lm::model::ParamStore;
 
 fn rand(rng: &mut Rng, shape: &[usize], scale: f64, dtype: DType) -> Result<Tensor> {
     let n: usize = shape.iter().product();
@@ -407,15 +407,15 @@ fn fused_model_matches_plain_model() -> Result<()> {
     cfg.model.vocab_size = 50;
     cfg.lors.mode = Mode::Lors;
     let mut store = ParamStore::new_init(11, DType::F32, &Device::Cpu);
-    let fused = Model::new(&cfg, &mut store)?;
+    let fused = Model::new(&cfg.model, &cfg.lors, &mut store)?;
     // B zeros at init would hide the residual path: perturb every parameter.
     let mut rng = Rng::new(12);
     for (_, var) in store.vars() {
         var.set(&(var.as_tensor() + rand(&mut rng, var.dims(), 0.05, DType::F32)?)?)?;
     }
-    let plain = fused.merged()?.with_fused_ops(false)?;
+    let plain = fused.merged()?.with_ops(lors_lm::model::Ops::Plain)?;
     let mut store_p = ParamStore::from_tensors(store.tensors(), DType::F32, &Device::Cpu);
-    let plain_lors = Model::new(&cfg, &mut store_p)?.with_fused_ops(false)?;
+    let plain_lors = Model::new(&cfg.model, &cfg.lors, &mut store_p)?.with_ops(lors_lm::model::Ops::Plain)?;
     let ids: Vec<u32> = (0..2 * 9).map(|_| rng.below(50) as u32).collect();
     let all = Tensor::from_vec(ids, (2, 9), &Device::Cpu)?;
     let (x, y) = (all.narrow(1, 0, 8)?, all.narrow(1, 1, 8)?);
@@ -424,7 +424,7 @@ fn fused_model_matches_plain_model() -> Result<()> {
     let d = max_abs_diff(&lf, &plain.forward(&x)?)?;
     assert!(d < 1e-4, "logits differ by {d}");
     let loss_f = fused.forward_loss(&x, &y)?;
-    let loss_p = Model::loss_plain(&plain_lors.forward(&x)?, &y)?;
+    let loss_p = Model::loss_with(lors_lm::model::Ops::Plain, &plain_lors.forward(&x)?, &y)?;
     let d = (loss_f.to_scalar::<f32>()? - loss_p.to_scalar::<f32>()?).abs();
     assert!(d < 1e-5, "loss differs by {d}");
     let (gf, gp) = (loss_f.backward()?, loss_p.backward()?);

@@ -10,10 +10,10 @@ use common::{bin, repo};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use lors_lm::config::Config;
-use lors_lm::devcheck;
+use lors_lm::cmd::check_device as devcheck;
 use lors_lm::model::Model;
-use lors_lm::params::ParamCounts;
-use lors_lm::store::ParamStore;
+use lors_lm::model::ParamCounts;
+use lors_lm::model::ParamStore;
 use std::path::Path;
 
 fn tiny(sets: &[&str]) -> Config {
@@ -27,7 +27,7 @@ fn tiny(sets: &[&str]) -> Config {
 fn bf16_matmuls_keep_f32_weights_and_gradients() -> Result<()> {
     let c = tiny(&[]);
     let mut store = ParamStore::new_init(1, DType::F32, &Device::Cpu);
-    let model = Model::new(&c, &mut store)?.with_matmul_dtype(DType::BF16);
+    let model = Model::new(&c.model, &c.lors, &mut store)?.with_matmul_dtype(DType::BF16);
     let x = Tensor::new(&[[1u32, 7, 3, 9, 4, 4, 2, 8]], &Device::Cpu)?;
     let y = Tensor::new(&[[7u32, 3, 9, 4, 4, 2, 8, 1]], &Device::Cpu)?;
     let logits = model.forward(&x)?;
@@ -69,11 +69,11 @@ fn flops_per_token_is_the_palm_formula() {
     let per_layer = 2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32 + 2 * 32;
     let n = 3 * per_layer + 32;
     let want = 6.0 * n as f64 + 12.0 * (3 * 32 * 16) as f64;
-    assert_eq!(ParamCounts::flops_per_token(&c), want);
+    assert_eq!(ParamCounts::flops_per_token(&c.model, c.train.seq_len), want);
     // Sharing does not change the compute: merged weights count once per layer.
     for mode in ["vanilla", "shared"] {
         let other = tiny(&[&format!("lors.mode=\"{mode}\"")]);
-        assert_eq!(ParamCounts::flops_per_token(&other), want, "{mode}");
+        assert_eq!(ParamCounts::flops_per_token(&other.model, other.train.seq_len), want, "{mode}");
     }
 }
 
@@ -114,7 +114,7 @@ fn mfu_is_logged_from_tokens_per_second_and_the_peak() {
     assert!(stdout.contains("bf16"), "{stdout}");
     let mut c = tiny(&[]);
     c.train.seq_len = 16;
-    let fpt = ParamCounts::flops_per_token(&c);
+    let fpt = ParamCounts::flops_per_token(&c.model, c.train.seq_len);
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()

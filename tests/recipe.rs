@@ -6,10 +6,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use lors_lm::config::{Config, Mode, PrivateInit};
+use lors_lm::config::{Config, Mode, PrivateInit, Proj};
 use lors_lm::model::Model;
-use lors_lm::optim::AdamW;
-use lors_lm::store::ParamStore;
+use lors_lm::train::optim::AdamW;
+use lors_lm::model::ParamStore;
 use std::collections::HashMap;
 
 fn cfg(sets: &[&str]) -> Config {
@@ -21,7 +21,7 @@ fn cfg(sets: &[&str]) -> Config {
 
 fn build(cfg: &Config) -> Result<(Model, ParamStore)> {
     let mut store = ParamStore::new_init(cfg.train.seed, DType::F32, &Device::Cpu);
-    let model = Model::new(cfg, &mut store)?;
+    let model = Model::new(&cfg.model, &cfg.lors, &mut store)?;
     Ok((model, store))
 }
 
@@ -40,7 +40,7 @@ fn lr_multipliers_and_weight_decay_reach_exactly_their_tensors() -> Result<()> {
     let (_, store) = build(&c)?;
     let vars = store.vars();
     let before: HashMap<String, Vec<f32>> = vars.iter().map(|(n, v)| (n.clone(), values(v.as_tensor()))).collect();
-    let mut opt = AdamW::from_config(vars.clone(), &c)?;
+    let mut opt = AdamW::from_config(store.vars_with_roles(), &c)?;
     // All-ones gradients: after one step m̂ = v̂ = 1, so the update is lr_i / (1 + eps) and
     // p ← p·(1 − lr_i·wd_i) − lr_i/(1 + eps).
     let grads: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().ones_like()).collect::<candle_core::Result<_>>()?;
@@ -72,7 +72,7 @@ fn lr_multipliers_and_weight_decay_reach_exactly_their_tensors() -> Result<()> {
     // Defaults are the paper's: private factors like every other matrix.
     let c = cfg(&["train.weight_decay=0.1"]);
     let (_, store) = build(&c)?;
-    let opt = AdamW::from_config(store.vars(), &c)?;
+    let opt = AdamW::from_config(store.vars_with_roles(), &c)?;
     for (i, (name, var)) in store.vars().iter().enumerate() {
         let o = opt.options(i);
         assert_eq!(o.lr_mult, 1.0, "{name}");
@@ -118,7 +118,7 @@ fn private_init_has_the_stated_statistics() -> Result<()> {
     for (name, v, _) in factors(&store, ".lors_b") {
         assert!(v.iter().all(|&x| x == 0.0), "{name} is not zero");
     }
-    let (w0, w1) = (model.effective_weight(0, "q")?, model.effective_weight(1, "q")?);
+    let (w0, w1) = (model.effective_weight(0, Proj::Q)?, model.effective_weight(1, Proj::Q)?);
     assert_eq!(values(&w0), values(&w1), "paper init: layers start equal");
 
     // small: A and B both N(0, 0.02²); layers differ from step 0.
@@ -131,7 +131,7 @@ fn private_init_has_the_stated_statistics() -> Result<()> {
         assert!(mean.abs() < 0.001, "{suffix}: mean {mean}"); // 5 standard errors
         assert!((std / 0.02 - 1.0).abs() < 0.03, "{suffix}: std {std}");
     }
-    let (w0, w1) = (model.effective_weight(0, "q")?, model.effective_weight(1, "q")?);
+    let (w0, w1) = (model.effective_weight(0, Proj::Q)?, model.effective_weight(1, Proj::Q)?);
     let diff = (w0 - w1)?.abs()?.max_all()?.to_scalar::<f32>()?;
     assert!(diff > 1e-4, "small init: layers differ at step 0 ({diff})");
     Ok(())
@@ -152,10 +152,10 @@ fn alpha_scales_the_residual_in_training_and_export() -> Result<()> {
         let w = &t["shared.0.up.weight"];
         let (a, b) = (&t["layers.2.up.lors_a"], &t["layers.2.up.lors_b"]);
         let want = (w + (b.matmul(a)? * scale)?)?;
-        let got = model.effective_weight(2, "up")?;
+        let got = model.effective_weight(2, Proj::Up)?;
         let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-7, "alpha {alpha:?}: effective weight off by {err}");
-        let exported: HashMap<String, Tensor> = model.hf_tensors()?.into_iter().collect();
+        let exported: HashMap<String, Tensor> = lors_lm::formats::hf::hf_tensors(&model)?.into_iter().collect();
         let err = (&exported["model.layers.2.mlp.up_proj.weight"] - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-7, "alpha {alpha:?}: exported weight off by {err}");
         // The training forward uses the same weight as the merged (export) model.

@@ -7,7 +7,7 @@ mod common;
 use common::{bin, repo_str, run_ok};
 
 use candle_core::Device;
-use lors_lm::checkpoint;
+use lors_lm::train::RunDir;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -121,24 +121,22 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// Every checkpoint on disk loads (weights, optimizer state and state.json).
 fn all_checkpoints_readable(run: &Path) {
-    for step in checkpoint::list_checkpoints(run).unwrap() {
-        let dir = checkpoint::checkpoints_dir(run).join(step.to_string());
-        checkpoint::load_params(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
-        checkpoint::load_optimizer(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
-        checkpoint::load_state(&dir).unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
+    let run = RunDir::at(run);
+    for step in run.checkpoints().unwrap() {
+        let ckpt = run.checkpoint(Some(step)).unwrap();
+        ckpt.params(&Device::Cpu).unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
+        ckpt.optimizer(&Device::Cpu).unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
+        ckpt.state().unwrap_or_else(|e| panic!("checkpoint {step}: {e:#}"));
     }
-    if let Some(latest) = checkpoint::latest_step(run).unwrap() {
-        assert!(checkpoint::list_checkpoints(run).unwrap().contains(&latest), "latest points at a missing checkpoint");
+    if let Some(latest) = run.latest_step().unwrap() {
+        assert!(run.checkpoints().unwrap().contains(&latest), "latest points at a missing checkpoint");
     }
 }
 
 fn final_tensors(run: &Path, step: usize) -> Vec<(String, Vec<f32>)> {
-    let dir = checkpoint::checkpoints_dir(run).join(step.to_string());
+    let ckpt = RunDir::at(run).checkpoint(Some(step)).unwrap();
     let mut out = vec![];
-    for (prefix, map) in [
-        ("p.", checkpoint::load_params(&dir, &Device::Cpu).unwrap()),
-        ("o.", checkpoint::load_optimizer(&dir, &Device::Cpu).unwrap()),
-    ] {
+    for (prefix, map) in [("p.", ckpt.params(&Device::Cpu).unwrap()), ("o.", ckpt.optimizer(&Device::Cpu).unwrap())] {
         for (name, t) in map {
             out.push((format!("{prefix}{name}"), t.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
         }
@@ -173,7 +171,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights() {
     let mut kills = 0;
     let mut finished = false;
     for attempt in 0..40 {
-        let resume = checkpoint::latest_step(&run).unwrap().is_some();
+        let resume = RunDir::at(&run).latest_step().unwrap().is_some();
         if attempt > 0 && !resume {
             // Killed before the first checkpoint: start afresh.
             let _ = std::fs::remove_dir_all(&run);
@@ -188,7 +186,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights() {
         child.wait().unwrap();
         kills += 1;
         all_checkpoints_readable(&run);
-        if checkpoint::latest_step(&run).unwrap() == Some(steps) {
+        if RunDir::at(&run).latest_step().unwrap() == Some(steps) {
             finished = true;
             break;
         }
@@ -263,11 +261,11 @@ fn ctrl_c_saves_a_checkpoint_and_flushes_the_logs() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stopped = rest.iter().find(|l| l.contains("stopped at step")).unwrap_or_else(|| panic!("{rest:?}"));
     let step: usize = stopped.split("stopped at step ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-    assert_eq!(checkpoint::latest_step(&run).unwrap(), Some(step));
+    assert_eq!(RunDir::at(&run).latest_step().unwrap(), Some(step));
     all_checkpoints_readable(&run);
     // The event file holds every step up to the interrupted one.
     let tb = std::fs::read_dir(run.join("tb")).unwrap().flatten().next().unwrap().path();
-    let events = lors_lm::tb::read_event_file(&tb).unwrap();
+    let events = lors_lm::monitor::tensorboard::read_event_file(&tb).unwrap();
     let logged = events.scalars.iter().filter(|(t, _, _)| t == "train/loss").count();
     assert_eq!(logged, step);
 }
@@ -309,7 +307,7 @@ fn a_full_disk_while_saving_gives_a_clear_error_and_keeps_the_previous_checkpoin
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    let steps = checkpoint::list_checkpoints(&run).unwrap();
+    let steps = RunDir::at(&run).checkpoints().unwrap();
     all_checkpoints_readable(&run);
     let _ = Command::new("umount").arg(&mnt).status();
     assert!(!out.status.success(), "the disk should have filled up");

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{bin, repo, tb_python};
-use lors_lm::tb::{read_event_file, Board, EventFileContents};
+use lors_lm::monitor::tensorboard::{read_event_file, Board, EventFileContents};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

@@ -9,11 +9,11 @@
 //! of the machine hits both; the lors/vanilla line is the median of the per-round ratios.
 
 use crate::config::{Config, Mode};
-use crate::generate::{generate_tokens, Sampler};
-use crate::model::Model;
-use crate::optim::AdamW;
+use crate::infer::generate::{generate_tokens, Sampler};
+use crate::model::{Model, Ops};
+use crate::monitor::{peak_rss_mb, reset_peak_rss};
 use crate::rng::Rng;
-use crate::store::ParamStore;
+use crate::train::{Source, Trainer};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::PathBuf;
@@ -75,7 +75,7 @@ pub struct BenchResult {
     pub prefill_tokens_per_sec: Option<f64>,
     pub decode_tokens_per_sec: Option<f64>,
     pub threads: usize,
-    /// "fused" (the kernels of ops.rs) or "plain" (candle compositions).
+    /// "fused" (the kernels of src/kernels) or "plain" (candle compositions).
     pub ops: String,
     /// The library that ran the f32 matmuls (`device::cpu_matmul`).
     #[serde(default)]
@@ -92,91 +92,46 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
-
-/// Benchmark one config (mode already set).
+/// Benchmark one config (mode already set): training steps through the `Trainer` on random
+/// tokens, then prefill and decoding with the merged model.
 pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
     let device = candle_core::Device::Cpu;
-    let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
-    let v = cfg.model.vocab_size as u64;
+    let v = cfg.model.vocab_size;
     reset_peak_rss();
-    let mut store = ParamStore::new_init(cfg.train.seed, DType::F32, &device);
-    let model = Model::new(cfg, &mut store)?;
-    let model = if args.plain_ops { model.with_fused_ops(false)? } else { model };
-    let vars = store.vars();
-    let tc = &cfg.train;
-    let mut opt = AdamW::from_config(vars.clone(), cfg)?;
-    let mut rng = Rng::new(7);
+    let mut trainer = Trainer::new(cfg.clone(), Source::Random { vocab: v }, &device)?;
+    if args.plain_ops {
+        trainer.set_ops(Ops::Plain)?;
+    }
     let mut times = vec![];
-    let mut phases = vec![]; // (forward + loss, backward, optimizer) ms per timed step
+    let mut phases = vec![]; // (forward + loss, backward, the rest) ms per timed step
     for i in 0..args.warmup + args.steps {
-        let ids: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(v) as u32).collect();
-        let all = Tensor::from_vec(ids, (b, t + 1), &device)?;
-        let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
-        let t0 = Instant::now();
-        let loss =
-            if args.plain_ops { Model::loss_plain(&model.forward(&x)?, &y)? } else { model.forward_loss(&x, &y)? };
-        let t_fwd = t0.elapsed();
-        let grads = loss.backward()?;
-        let t_bwd = t0.elapsed();
-        let g: Vec<Tensor> = vars
-            .iter()
-            .map(|(n, var)| grads.get(var.as_tensor()).cloned().with_context(|| format!("{n} has no gradient")))
-            .collect::<Result<_>>()?;
-        opt.step(&g, tc.lr)?;
-        let _ = loss.to_scalar::<f32>()?; // sync
+        let s = trainer.step()?;
         if i >= args.warmup {
-            let total = t0.elapsed();
-            times.push(total.as_secs_f64() * 1e3);
-            phases.push([t_fwd, t_bwd - t_fwd, total - t_bwd].map(|d| d.as_secs_f64() * 1e3));
+            times.push(s.ms);
+            phases.push([s.forward_ms, s.backward_ms, s.optimizer_ms]);
         }
     }
     let step_ms = median(times);
     let phase = |k: usize| median(phases.iter().map(|p| p[k]).collect());
     let (forward_ms, backward_ms, optimizer_ms) = (phase(0), phase(1), phase(2));
     let peak = peak_rss_mb();
-    let (mut prefill, mut decode) = (None, None);
-    if args.prompt_tokens > 0 {
-        let p = args.prompt_tokens.min(cfg.model.max_seq_len.saturating_sub(args.gen_tokens + 1)).max(1);
-        let merged = model.merged()?;
-        let prompt: Vec<u32> = (0..p).map(|_| rng.below(v) as u32).collect();
-        let mut pre = vec![];
-        let mut dec = vec![];
-        for _ in 0..3 {
-            let ids = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
-            let t0 = Instant::now();
-            let mut cache = merged.new_cache();
-            let _ =
-                merged.forward_at(&ids, 0, Some(&mut cache))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            pre.push(p as f64 / t0.elapsed().as_secs_f64());
-            let mut s = Sampler::new(0.0, None, None, 0)?;
-            let n = args.gen_tokens.min(cfg.model.max_seq_len - p);
-            let t0 = Instant::now();
-            // generate_tokens prefills again; subtract one prefill to time decoding alone.
-            let out = generate_tokens(&merged, &prompt, n, &mut s, None, |_| Ok(()), || {})?;
-            let total = t0.elapsed().as_secs_f64() - p as f64 / pre[pre.len() - 1];
-            dec.push(out.len() as f64 / total.max(1e-9));
+    let (prefill, decode) = match args.prompt_tokens {
+        0 => (None, None),
+        _ => {
+            let (p, d) = bench_generation(trainer.model(), cfg, args)?;
+            (Some(p), Some(d))
         }
-        prefill = Some(median(pre));
-        decode = Some(median(dec));
-    }
+    };
+    let tokens_per_step = trainer.tokens_per_step();
     Ok(BenchResult {
-        mode: format!("{:?}", cfg.lors.mode).to_lowercase(),
-        params_unique: store.num_params(),
-        tokens_per_step: b * t,
+        mode: cfg.lors.mode.to_string(),
+        params_unique: trainer.store().num_params(),
+        tokens_per_step,
         step_ms_median: step_ms,
         forward_ms,
         backward_ms,
         optimizer_ms,
-        train_tokens_per_sec: (b * t) as f64 / (step_ms / 1e3),
+        train_tokens_per_sec: tokens_per_step as f64 / (step_ms / 1e3),
         peak_rss_mb: peak,
         prefill_tokens_per_sec: prefill,
         decode_tokens_per_sec: decode,
@@ -188,13 +143,33 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
     })
 }
 
+/// Prefill and decoding speed (tokens/s, medians of 3) of the merged model on a random prompt.
+fn bench_generation(model: &Model, cfg: &Config, args: &BenchArgs) -> Result<(f64, f64)> {
+    let device = model.device();
+    let mut rng = Rng::new(7);
+    let p = args.prompt_tokens.min(cfg.model.max_seq_len.saturating_sub(args.gen_tokens + 1)).max(1);
+    let merged = model.merged()?;
+    let prompt: Vec<u32> = (0..p).map(|_| rng.below(cfg.model.vocab_size as u64) as u32).collect();
+    let (mut pre, mut dec) = (vec![], vec![]);
+    for _ in 0..3 {
+        let ids = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
+        let t0 = Instant::now();
+        let mut cache = merged.new_cache();
+        let _ = merged.forward_at(&ids, 0, Some(&mut cache))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        pre.push(p as f64 / t0.elapsed().as_secs_f64());
+        let mut s = Sampler::new(0.0, None, None, 0)?;
+        let n = args.gen_tokens.min(cfg.model.max_seq_len - p);
+        let t0 = Instant::now();
+        // generate_tokens prefills again; subtract one prefill to time decoding alone.
+        let out = generate_tokens(&merged, &prompt, n, &mut s, &[], |_| Ok(()), || {})?;
+        let total = t0.elapsed().as_secs_f64() - p as f64 / pre[pre.len() - 1];
+        dec.push(out.len() as f64 / total.max(1e-9));
+    }
+    Ok((median(pre), median(dec)))
+}
+
 fn parse_mode(m: &str) -> Result<Mode> {
-    Ok(match m.trim() {
-        "vanilla" => Mode::Vanilla,
-        "shared" => Mode::Shared,
-        "lors" => Mode::Lors,
-        other => bail!("--modes: unknown mode {other:?} (vanilla, shared, lors)"),
-    })
+    Mode::from_name(m.trim()).with_context(|| format!("--modes: unknown mode {:?} (vanilla, shared, lors)", m.trim()))
 }
 
 /// Measure one mode in a fresh process of this binary (`bench --child`).

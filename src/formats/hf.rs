@@ -1,52 +1,19 @@
-//! The Hugging Face Llama format, both ways.
+//! The Hugging Face Llama format, both ways, and the one place that knows its tensor names.
 //!
-//! * `lors-lm export --format hf-llama`: a trained run → a plain `LlamaForCausalLM` directory
-//!   (LORS weights merged, `W_l = W_shared + B_l A_l`) that transformers, llama.cpp's
+//! * Export (`lors-lm export --format hf-llama`): a model → a plain `LlamaForCausalLM`
+//!   directory (LORS weights merged, `W_l = W_shared + B_l A_l`) that transformers, llama.cpp's
 //!   converters and candle's own llama load without any lors-lm code.
-//! * `load_hf_dir`: a local HF Llama directory (or `hf:OWNER/NAME` through hf-hub's cache) →
-//!   a vanilla lors-lm model, so `generate --hf` runs models lors-lm did not train.
+//! * Import (`load_hf_dir`): a local HF Llama directory (or `hf:OWNER/NAME` through hf-hub's
+//!   cache) → a vanilla lors-lm model, so `generate --hf` runs models lors-lm did not train.
 
-use crate::checkpoint;
 use crate::config::{Config, LorsConfig, Mode, ModelConfig};
-use crate::model::{name_from_hf, Model};
-use crate::store::ParamStore;
+use crate::model::{Model, ParamStore, Proj};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct ExportArgs {
-    /// Run directory written by `lors-lm train`.
-    #[arg(long, value_name = "RUN_DIR")]
-    pub run: PathBuf,
-    /// Checkpoint step to export [default: the latest].
-    #[arg(long, value_name = "STEP")]
-    pub checkpoint: Option<usize>,
-    /// Output format (only hf-llama: a Hugging Face LlamaForCausalLM directory).
-    #[arg(long, default_value = "hf-llama", value_parser = ["hf-llama"])]
-    pub format: String,
-    /// Output directory (refused if it exists and is not empty, unless --force).
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
-    /// Weight dtype in model.safetensors.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-    pub dtype: String,
-    /// Write into a non-empty --out (files of the same name are replaced).
-    #[arg(long)]
-    pub force: bool,
-}
-
-fn parse_dtype(s: &str) -> Result<(DType, &'static str)> {
-    Ok(match s {
-        "f32" => (DType::F32, "float32"),
-        "bf16" => (DType::BF16, "bfloat16"),
-        "f16" => (DType::F16, "float16"),
-        other => bail!("--dtype {other}: use f32, bf16 or f16"),
-    })
-}
 
 /// The HF `config.json` of a model config.
 pub fn hf_config(m: &ModelConfig, torch_dtype: &str, bos: Option<u32>, eos: Option<u32>) -> Value {
@@ -74,11 +41,61 @@ pub fn hf_config(m: &ModelConfig, torch_dtype: &str, bos: Option<u32>, eos: Opti
     })
 }
 
+/// The Hugging Face name of one of our vanilla tensor names (`Model::merged_tensors`).
+pub fn hf_name(ours: &str) -> Result<String> {
+    match ours {
+        "embed.weight" => return Ok("model.embed_tokens.weight".into()),
+        "norm.weight" => return Ok("model.norm.weight".into()),
+        "lm_head.weight" => return Ok("lm_head.weight".into()),
+        _ => {}
+    }
+    let parsed = ours.strip_prefix("layers.").and_then(|r| r.split_once('.')).and_then(|(layer, rest)| {
+        let hf = match rest {
+            "attn_norm.weight" => "input_layernorm.weight".to_string(),
+            "ffn_norm.weight" => "post_attention_layernorm.weight".to_string(),
+            _ => {
+                let p = Proj::from_name(rest.strip_suffix(".weight")?)?;
+                format!("{}.{p}_proj.weight", if p.is_attn() { "self_attn" } else { "mlp" })
+            }
+        };
+        Some(format!("model.layers.{layer}.{hf}"))
+    });
+    parsed.with_context(|| format!("{ours} has no Hugging Face Llama name"))
+}
+
+/// Our parameter name of a vanilla model for a Hugging Face Llama tensor name (None for
+/// tensors we do not use, such as old `rotary_emb.inv_freq` buffers).
+pub fn name_from_hf(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("embed.weight".into()),
+        "model.norm.weight" => return Some("norm.weight".into()),
+        "lm_head.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let ours = match rest {
+        "input_layernorm.weight" => "attn_norm.weight".to_string(),
+        "post_attention_layernorm.weight" => "ffn_norm.weight".to_string(),
+        _ => {
+            let proj =
+                rest.strip_prefix("self_attn.").or_else(|| rest.strip_prefix("mlp."))?.strip_suffix("_proj.weight")?;
+            format!("{}.weight", Proj::from_name(proj)?)
+        }
+    };
+    Some(format!("layers.{layer}.{ours}"))
+}
+
+/// Every weight of `model` under its Hugging Face name, LORS terms merged, detached.
+pub fn hf_tensors(model: &Model) -> Result<Vec<(String, Tensor)>> {
+    model.merged_tensors()?.into_iter().map(|(name, t)| Ok((hf_name(&name)?, t))).collect()
+}
+
 /// Write the merged model, as `model.safetensors` with `{"format": "pt"}` metadata (which
 /// transformers requires), in `dtype`.
 pub fn write_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<u64> {
-    let tensors = model
-        .hf_tensors()?
+    let tensors = hf_tensors(model)?
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<_>>>()?;
@@ -88,48 +105,6 @@ pub fn write_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<u64
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     fs::rename(&tmp, path)?;
     Ok(fs::metadata(path)?.len())
-}
-
-pub fn run_export(args: &ExportArgs) -> Result<()> {
-    let (dtype, torch_dtype) = parse_dtype(&args.dtype)?;
-    if args.out.exists() {
-        let non_empty = fs::read_dir(&args.out)
-            .with_context(|| format!("--out {} exists but is not a readable directory", args.out.display()))?
-            .next()
-            .is_some();
-        if non_empty && !args.force {
-            bail!(
-                "--out {} is not empty: pass --force to write into it, or choose another directory",
-                args.out.display()
-            );
-        }
-    }
-    let loaded = checkpoint::load_run(&args.run, args.checkpoint, &Device::Cpu)?;
-    fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let m = &loaded.cfg.model;
-    let (bos, eos) = (loaded.meta.as_ref().and_then(|x| x.bos_id), loaded.meta.as_ref().and_then(|x| x.eos_id));
-    let size = write_safetensors(&loaded.model, &args.out.join("model.safetensors"), dtype)?;
-    let write_json = |name: &str, v: &Value| -> Result<()> {
-        fs::write(args.out.join(name), serde_json::to_string_pretty(v)? + "\n")
-            .with_context(|| format!("cannot write {}", args.out.join(name).display()))
-    };
-    write_json("config.json", &hf_config(m, torch_dtype, bos, eos))?;
-    write_json(
-        "generation_config.json",
-        &json!({"bos_token_id": bos, "eos_token_id": eos, "do_sample": true, "temperature": 0.8, "top_k": 50}),
-    )?;
-    fs::copy(args.run.join("tokenizer.json"), args.out.join("tokenizer.json"))
-        .with_context(|| format!("cannot copy {}", args.run.join("tokenizer.json").display()))?;
-    println!(
-        "exported step {} of {} ({:?} stack, merged) to {} as {}: model.safetensors {:.2} MB, config.json, generation_config.json, tokenizer.json",
-        loaded.step,
-        args.run.display(),
-        loaded.cfg.lors.mode,
-        args.out.display(),
-        args.dtype,
-        size as f64 / 1e6
-    );
-    Ok(())
 }
 
 /// A vanilla model config from an HF Llama `config.json`, refusing what we do not implement.
@@ -149,9 +124,7 @@ pub fn config_from_hf(v: &Value, origin: &Path) -> Result<Config> {
             bail!("{}: hidden_act {act:?} is not supported (only silu)", origin.display());
         }
     }
-    if v.get("rope_scaling").is_some_and(|x| !x.is_null()) {
-        bail!("{}: rope_scaling is not supported", origin.display());
-    }
+    let rope_theta = rope_theta(v, origin)?;
     for k in ["attention_bias", "mlp_bias"] {
         if v.get(k).and_then(Value::as_bool) == Some(true) {
             bail!("{}: {k} = true is not supported (lors-lm models have no biases)", origin.display());
@@ -172,7 +145,7 @@ pub fn config_from_hf(v: &Value, origin: &Path) -> Result<Config> {
         n_kv_heads: v.get("num_key_value_heads").and_then(Value::as_u64).map_or(n_heads, |x| x as usize),
         ffn_hidden: int("intermediate_size")?,
         max_seq_len: int("max_position_embeddings")?,
-        rope_theta: v.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0),
+        rope_theta,
         norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
         tie_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
     };
@@ -181,6 +154,42 @@ pub fn config_from_hf(v: &Value, origin: &Path) -> Result<Config> {
     cfg.train.seq_len = cfg.train.seq_len.min(cfg.model.max_seq_len);
     cfg.validate().with_context(|| format!("{}: unsupported model config", origin.display()))?;
     Ok(cfg)
+}
+
+/// The RoPE base of an HF config: `rope_theta` (transformers < 5), or inside
+/// `rope_parameters` (transformers >= 5); scaled RoPE variants (`rope_type` other than
+/// "default", or a `rope_scaling`) are refused.
+fn rope_theta(v: &Value, origin: &Path) -> Result<f64> {
+    for key in ["rope_scaling", "rope_parameters"] {
+        let Some(params) = v.get(key).filter(|x| !x.is_null()) else { continue };
+        let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str);
+        match kind {
+            None | Some("default") => {}
+            Some(other) => bail!(
+                "{}: {key}.rope_type {other:?} (scaled RoPE) is not supported: lors-lm implements the default RoPE only",
+                origin.display()
+            ),
+        }
+        if key == "rope_scaling" && kind.is_none() {
+            bail!("{}: rope_scaling {params} is not supported: lors-lm implements the default RoPE only", origin.display());
+        }
+        if let Some(theta) = params.get("rope_theta") {
+            return theta
+                .as_f64()
+                .with_context(|| format!("{}: {key}.rope_theta is not a number", origin.display()));
+        }
+    }
+    Ok(v.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0))
+}
+
+/// The token ids of `key` (`bos_token_id`, `eos_token_id`) in an HF config: a number, a list
+/// of numbers (several end-of-sequence tokens), or absent.
+pub fn token_ids(v: &Value, key: &str) -> Vec<u32> {
+    match v.get(key) {
+        Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        None => vec![],
+    }
 }
 
 /// Tensors of an HF directory: `model.safetensors`, or the shards named by
@@ -231,8 +240,8 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<(Config, Model, tokeni
         }
     }
     let mut store = ParamStore::from_tensors(tensors, DType::F32, device);
-    let model =
-        Model::new(&cfg, &mut store).with_context(|| format!("cannot load the weights in {}", dir.display()))?;
+    let model = Model::new(&cfg.model, &cfg.lors, &mut store)
+        .with_context(|| format!("cannot load the weights in {}", dir.display()))?;
     let tok = crate::data::load_tokenizer(&dir.join("tokenizer.json"))?;
     Ok((cfg, model, tok, hf))
 }
@@ -269,7 +278,7 @@ pub fn resolve_hf(spec: &str) -> Result<PathBuf> {
 
 /// Size in bytes of the merged f32 export of `model` (serialised in memory).
 pub fn merged_size_bytes(model: &Model) -> Result<usize> {
-    let tensors = model.hf_tensors()?;
+    let tensors = hf_tensors(model)?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     Ok(safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))?.len())
 }

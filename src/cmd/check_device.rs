@@ -5,10 +5,9 @@
 
 use crate::config::Config;
 use crate::model::Model;
-use crate::optim::AdamW;
 use crate::rng::Rng;
-use crate::store::ParamStore;
-use anyhow::{bail, Context, Result};
+use crate::train::{Source, Trainer};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::PathBuf;
 
@@ -53,23 +52,18 @@ pub struct CheckResult {
     pub ok: bool,
 }
 
-/// Logits, loss, then loss after one AdamW step, on `device` with matmuls in `mm`.
-fn run_on(cfg: &Config, device: &Device, mm: DType, x: &Tensor, y: &Tensor) -> Result<(Tensor, f64, f64)> {
-    let mut store = ParamStore::new_init(cfg.train.seed, DType::F32, device);
-    let model = Model::new(cfg, &mut store)?.with_matmul_dtype(mm);
+/// Logits, loss, then loss after one training step (`Trainer::step_on`, no warmup), on
+/// `device` with the config's matmul dtype.
+fn run_on(cfg: &Config, device: &Device, x: &Tensor, y: &Tensor) -> Result<(Tensor, f64, f64)> {
+    let mut cfg = cfg.clone();
+    cfg.train.warmup_steps = 0; // the first step at the full learning rate
+    let vocab = cfg.model.vocab_size;
+    let mut trainer = Trainer::new(cfg, Source::Random { vocab }, device)?;
     let (x, y) = (x.to_device(device)?, y.to_device(device)?);
-    let logits = model.forward(&x)?;
-    let loss = Model::loss(&logits, &y)?;
-    let l0 = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let grads = loss.backward()?;
-    let mut opt = AdamW::from_config(store.vars(), cfg)?;
-    let g = opt
-        .params()
-        .iter()
-        .map(|(n, v)| grads.get(v.as_tensor()).cloned().with_context(|| format!("{n} got no gradient")))
-        .collect::<Result<Vec<_>>>()?;
-    opt.step(&g, cfg.train.lr)?;
-    let l1 = model.forward_loss(&x, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let logits = trainer.model().forward(&x)?;
+    let l0 = Model::loss(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    trainer.step_on(&[(x.clone(), y.clone())])?;
+    let l1 = trainer.model().forward_loss(&x, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok((logits.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, l0, l1))
 }
 
@@ -79,11 +73,11 @@ pub fn check(cfg: &Config, device: &Device, device_name: &str) -> Result<CheckRe
     let ids: Vec<u32> = (0..b * (t + 1)).map(|_| rng.below(cfg.model.vocab_size as u64) as u32).collect();
     let all = Tensor::from_vec(ids, (b, t + 1), &Device::Cpu)?;
     let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
-    let mm = cfg.train.matmul_dtype();
-    crate::device::set_tf32(false);
-    let (ref_logits, ref_l0, ref_l1) = run_on(cfg, &Device::Cpu, DType::F32, &x, &y)?;
-    crate::device::set_tf32(cfg.train.tf32);
-    let (dev_logits, dev_l0, dev_l1) = run_on(cfg, device, mm, &x, &y)?;
+    // The reference: f32 on the CPU, TF32 off.
+    let mut reference = cfg.clone();
+    (reference.train.dtype, reference.train.tf32) = ("f32".into(), false);
+    let (ref_logits, ref_l0, ref_l1) = run_on(&reference, &Device::Cpu, &x, &y)?;
+    let (dev_logits, dev_l0, dev_l1) = run_on(cfg, device, &x, &y)?;
     let scale = ref_logits.abs()?.max_all()?.to_scalar::<f32>()? as f64;
     let diff = (&dev_logits - &ref_logits)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
     let logits_rel_err = diff / scale.max(f64::MIN_POSITIVE);

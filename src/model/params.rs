@@ -2,7 +2,8 @@
 //! the vanilla model at the same dimensions. Computed from the config alone, in closed form;
 //! tests check it against the parameters the model actually creates.
 
-use crate::config::{Config, PROJ_TYPES};
+use crate::model::lors::{LorsConfig, Proj};
+use crate::model::ModelConfig;
 use std::fmt::Write;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -23,21 +24,22 @@ pub struct ParamCounts {
 }
 
 impl ParamCounts {
-    pub fn from_config(cfg: &Config) -> Self {
-        let m = &cfg.model;
-        let l = &cfg.lors;
+    pub fn new(m: &ModelConfig, l: &LorsConfig) -> Self {
         let (v, d, n) = (m.vocab_size, m.d_model, m.n_layers);
         let mut shared = 0;
         let mut private = 0;
         let mut block_vanilla = 0;
-        for p in PROJ_TYPES {
-            let (out, inp) = m.proj_shape(p);
+        for p in Proj::ALL {
+            let (out, inp) = p.shape(m);
             block_vanilla += out * inp;
-            if l.is_shared(p) {
-                shared += l.groups * out * inp;
-                private += (0..n).map(|layer| l.rank_for(p, layer) * (out + inp)).sum::<usize>();
-            } else {
-                private += n * out * inp;
+            if (0..n).any(|layer| l.is_shared(p, layer)) {
+                shared += l.n_groups(n) * out * inp;
+            }
+            for layer in 0..n {
+                private += match l.is_shared(p, layer) {
+                    true => l.rank_for(p, layer) * (out + inp),
+                    false => out * inp,
+                };
             }
         }
         let norm = 2 * d * n + d;
@@ -62,12 +64,10 @@ impl ParamCounts {
     /// Training FLOPs per token by the PaLM formula, 6·N + 12·L·d·T, with N the
     /// non-embedding parameters as the forward pass uses them (every layer's merged weight
     /// counts once per layer, whatever is shared; norm gains included) and T the context.
-    pub fn flops_per_token(cfg: &Config) -> f64 {
-        let m = &cfg.model;
-        let per_layer: usize =
-            PROJ_TYPES.iter().map(|p| m.proj_shape(p).0 * m.proj_shape(p).1).sum::<usize>() + 2 * m.d_model;
+    pub fn flops_per_token(m: &ModelConfig, seq_len: usize) -> f64 {
+        let per_layer: usize = Proj::ALL.iter().map(|p| p.shape(m).0 * p.shape(m).1).sum::<usize>() + 2 * m.d_model;
         let n = (m.n_layers * per_layer + m.d_model) as f64;
-        6.0 * n + 12.0 * (m.n_layers * m.d_model * cfg.train.seq_len) as f64
+        6.0 * n + 12.0 * (m.n_layers * m.d_model * seq_len) as f64
     }
 
     /// A human-readable table.

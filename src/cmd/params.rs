@@ -1,7 +1,8 @@
 //! `lors-lm params`: the parameter table of a config.
 
 use crate::config::Config;
-use crate::params::ParamCounts;
+use crate::model::ParamCounts;
+use crate::train::RunDir;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -41,18 +42,19 @@ pub fn run(args: &ParamsArgs) -> Result<()> {
         };
         cfg.model.vocab_size = crate::data::Meta::load(&dir)?.vocab_size;
     }
-    let c = ParamCounts::from_config(&cfg);
+    let c = ParamCounts::new(&cfg.model, &cfg.lors);
     print_counts(&c, &cfg, &config.display().to_string(), args.json, None);
     Ok(())
 }
 
 /// Parameter table of a trained run plus checkpoint vs merged-export sizes.
 fn run_for_run_dir(run: &std::path::Path, json: bool) -> Result<()> {
-    let loaded = crate::checkpoint::load_run(run, None, &candle_core::Device::Cpu)?;
-    let (_, ckpt) = crate::checkpoint::resolve(run, Some(loaded.step))?;
-    let lors_bytes = std::fs::metadata(ckpt.join("model.safetensors"))?.len() as usize;
-    let merged_bytes = crate::hf::merged_size_bytes(&loaded.model)?;
-    let c = ParamCounts::from_config(&loaded.cfg);
+    let run_dir = RunDir::open(run)?;
+    let loaded = run_dir.load(None, &candle_core::Device::Cpu)?;
+    let ckpt = run_dir.checkpoint(Some(loaded.step))?;
+    let lors_bytes = std::fs::metadata(ckpt.dir.join("model.safetensors"))?.len() as usize;
+    let merged_bytes = crate::formats::hf::merged_size_bytes(&loaded.model)?;
+    let c = ParamCounts::new(&loaded.cfg.model, &loaded.cfg.lors);
     print_counts(&c, &loaded.cfg, &run.display().to_string(), json, Some((lors_bytes, merged_bytes)));
     Ok(())
 }

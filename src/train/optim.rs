@@ -1,13 +1,14 @@
 //! AdamW with decoupled weight decay (Loshchilov & Hutter), applied to tensors of rank >= 2
 //! only (not norm gains), with moments we can save and restore for exact resume. Each
-//! parameter may carry its own learning-rate multiplier and weight decay (`set_options`), as
+//! parameter may carry its own learning-rate multiplier and weight decay (`from_config`), as
 //! torch's parameter groups do: lr and wd below are then that parameter's.
 //! Same update as `torch.optim.AdamW`:
 //!   p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
 //!   p ← p − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)
 
-pub use crate::config::ParamOptions;
-use crate::ops::{AdamUpdate, Moments};
+use crate::config::Config;
+use crate::model::lors::{ParamOptions, Role};
+use crate::train::adamw::{AdamUpdate, Moments};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
@@ -36,18 +37,16 @@ impl AdamW {
         Ok(Self { params, m, v, t: 0, beta1, beta2, eps, weight_decay, options })
     }
 
-    /// The optimizer a run's config asks for: train.{beta1, beta2, eps, weight_decay}, with the
-    /// private LORS factors' lr multipliers and decay from [lors] (`LorsConfig::param_options`).
-    pub fn from_config(params: Vec<(String, Var)>, cfg: &crate::config::Config) -> Result<Self> {
+    /// The optimizer a run's config asks for: train.{beta1, beta2, eps, weight_decay}, with
+    /// each parameter's options from its role (`LorsConfig::options`: the private LORS
+    /// factors' lr multipliers and decay, no decay on gains).
+    pub fn from_config(params: Vec<(String, Var, Role)>, cfg: &Config) -> Result<Self> {
         let tc = &cfg.train;
+        let options = params.iter().map(|(_, _, role)| Some(cfg.lors.options(*role, tc.weight_decay))).collect();
+        let params = params.into_iter().map(|(name, var, _)| (name, var)).collect();
         let mut opt = Self::new(params, tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
-        opt.set_options(|name, var| cfg.lors.param_options(name, var.rank(), tc.weight_decay));
+        opt.options = options;
         Ok(opt)
-    }
-
-    /// Give each parameter, by name, its own learning-rate multiplier and weight decay.
-    pub fn set_options(&mut self, f: impl Fn(&str, &Var) -> ParamOptions) {
-        self.options = self.params.iter().map(|(name, var)| Some(f(name, var))).collect();
     }
 
     /// (lr multiplier, weight decay) of parameter i.
@@ -74,7 +73,7 @@ impl AdamW {
             let ParamOptions { lr_mult, weight_decay } = self.options(i);
             let lr = lr * lr_mult;
             let p = var.as_tensor();
-            if crate::ops::supported(p) && p.is_contiguous() {
+            if crate::kernels::supported(p) && p.is_contiguous() {
                 // The same update in place, three passes and no allocations (CPU, f32/f64).
                 let g = g.contiguous()?;
                 self.m[i].inplace_op2(&g, &Moments { beta: self.beta1, square: false })?;

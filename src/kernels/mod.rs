@@ -1,5 +1,5 @@
 //! Fused, differentiable CPU kernels for the model's hot paths (candle custom ops with
-//! hand-written backward passes), and an in-place AdamW update.
+//! hand-written backward passes).
 //!
 //! candle builds each of these from several basic ops, every one of which allocates and
 //! writes a full tensor (and as many again in the backward pass); on the CPU that memory
@@ -28,12 +28,12 @@
 //! finite-difference gradient test and a comparison with the plain version (tests/ops.rs).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, InplaceOp3, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use candle_core::{DType, Result, WithDType};
 use rayon::prelude::*;
 
 /// The float types the kernels are written for.
-trait Real: WithDType + num_traits::Float + Send + Sync {
+pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync {
     fn as_mut_slice(s: &mut CpuStorage) -> Result<&mut [Self]>;
     /// eˣ, in a form the compiler can vectorise (f32: within 2 ulp for x ≥ −87; f64: std).
     fn fast_exp(self) -> Self;
@@ -91,7 +91,7 @@ pub fn supported(t: &Tensor) -> bool {
 }
 
 /// The contiguous data of a CPU storage as a slice of T.
-fn data<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+pub(crate) fn data<'a, T: Real>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
     let all = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&all[a..b]),
@@ -707,99 +707,6 @@ impl CustomOp2 for SwiGluPackedBwd {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(s1, self.name(), swiglu_packed_bwd(s1, l1, s2, l2))
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// AdamW, in place
-
-/// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²` in place.
-pub struct Moments {
-    pub beta: f64,
-    pub square: bool,
-}
-
-fn moments<T: Real>(
-    m: &mut CpuStorage,
-    ml: &Layout,
-    gs: &CpuStorage,
-    gl: &Layout,
-    beta: f64,
-    square: bool,
-) -> Result<()> {
-    let g = data::<T>(gs, gl, "adamw")?;
-    let Some((a, b)) = ml.contiguous_offsets() else { bail!("adamw: moment must be contiguous") };
-    let m = &mut T::as_mut_slice(m)?[a..b];
-    let (beta, one_minus) = (T::from_f64(beta), T::from_f64(1.0 - beta));
-    for (m, &g) in m.iter_mut().zip(g) {
-        let g = if square { g * g } else { g };
-        *m = beta * *m + one_minus * g;
-    }
-    Ok(())
-}
-
-impl InplaceOp2 for Moments {
-    fn name(&self) -> &'static str {
-        "adamw-moments"
-    }
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        match s1 {
-            CpuStorage::F32(_) => moments::<f32>(s1, l1, s2, l2, self.beta, self.square),
-            CpuStorage::F64(_) => moments::<f64>(s1, l1, s2, l2, self.beta, self.square),
-            other => bail!("adamw: dtype {:?} is not supported on the CPU", other.dtype()),
-        }
-    }
-}
-
-/// `p ← p·(1 − lr·wd) − lr·(m / bc1) / (√(v / bc2) + ε)` in place.
-pub struct AdamUpdate {
-    pub lr: f64,
-    pub weight_decay: f64,
-    pub bc1: f64,
-    pub bc2: f64,
-    pub eps: f64,
-}
-
-fn adam_update<T: Real>(
-    p: &mut CpuStorage,
-    pl: &Layout,
-    ms: &CpuStorage,
-    ml: &Layout,
-    vs: &CpuStorage,
-    vl: &Layout,
-    u: &AdamUpdate,
-) -> Result<()> {
-    let m = data::<T>(ms, ml, "adamw")?;
-    let v = data::<T>(vs, vl, "adamw")?;
-    let Some((a, b)) = pl.contiguous_offsets() else { bail!("adamw: parameter must be contiguous") };
-    let p = &mut T::as_mut_slice(p)?[a..b];
-    let decay = T::from_f64(1.0 - u.lr * u.weight_decay);
-    let step = T::from_f64(u.lr / u.bc1);
-    let (inv_bc2, eps) = (T::from_f64(1.0 / u.bc2), T::from_f64(u.eps));
-    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-        *p = *p * decay - step * m / ((v * inv_bc2).sqrt() + eps);
-    }
-    Ok(())
-}
-
-impl InplaceOp3 for AdamUpdate {
-    fn name(&self) -> &'static str {
-        "adamw-update"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<()> {
-        match s1 {
-            CpuStorage::F32(_) => adam_update::<f32>(s1, l1, s2, l2, s3, l3, self),
-            CpuStorage::F64(_) => adam_update::<f64>(s1, l1, s2, l2, s3, l3, self),
-            other => bail!("adamw: dtype {:?} is not supported on the CPU", other.dtype()),
-        }
     }
 }
 

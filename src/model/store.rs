@@ -2,8 +2,10 @@
 //! either creates it (seeded init, always drawn on the CPU so every device starts from the
 //! same weights) or takes it from loaded tensors, checking the shape. A name asked for twice
 //! (a shared base used by several layers) returns the same variable, so the gradients of all
-//! its users add up in one place.
+//! its users add up in one place. Each parameter carries its [`Role`], which the optimizer reads
+//! to give it its learning-rate multiplier and weight decay.
 
+use crate::model::lors::Role;
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -26,8 +28,7 @@ enum Source {
 }
 
 pub struct ParamStore {
-    vars: BTreeMap<String, Var>,
-    order: Vec<String>,
+    vars: BTreeMap<String, (Var, Role)>,
     source: Source,
     pub device: Device,
     pub dtype: DType,
@@ -45,12 +46,12 @@ impl ParamStore {
     }
 
     fn with_source(source: Source, dtype: DType, device: &Device) -> Self {
-        Self { vars: BTreeMap::new(), order: vec![], source, device: device.clone(), dtype }
+        Self { vars: BTreeMap::new(), source, device: device.clone(), dtype }
     }
 
-    /// Get (or create) the parameter `name` of `shape`.
-    pub fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
-        if let Some(v) = self.vars.get(name) {
+    /// Get (or create) the parameter `name` of `shape`, in the given role.
+    pub fn get(&mut self, name: &str, shape: &[usize], init: Init, role: Role) -> Result<Tensor> {
+        if let Some((v, _)) = self.vars.get(name) {
             if v.dims() != shape {
                 bail!("parameter {name} requested with shape {shape:?} but exists as {:?}", v.dims());
             }
@@ -82,8 +83,7 @@ impl ParamStore {
         };
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
-        self.vars.insert(name.to_string(), var);
-        self.order.push(name.to_string());
+        self.vars.insert(name.to_string(), (var, role));
         Ok(out)
     }
 
@@ -99,20 +99,20 @@ impl ParamStore {
 
     /// All variables, sorted by name (a stable order for the optimizer and checkpoints).
     pub fn vars(&self) -> Vec<(String, Var)> {
-        self.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.vars.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect()
     }
 
-    /// Parameters in creation order (init order), for diagnostics.
-    pub fn names_in_order(&self) -> &[String] {
-        &self.order
+    /// All variables with their roles, sorted by name.
+    pub fn vars_with_roles(&self) -> Vec<(String, Var, Role)> {
+        self.vars.iter().map(|(k, (v, r))| (k.clone(), v.clone(), *r)).collect()
     }
 
     pub fn num_params(&self) -> usize {
-        self.vars.values().map(|v| v.elem_count()).sum()
+        self.vars.values().map(|(v, _)| v.elem_count()).sum()
     }
 
     /// Current values as plain tensors, keyed by name (for saving).
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+        self.vars.iter().map(|(k, (v, _))| (k.clone(), v.as_tensor().clone())).collect()
     }
 }

@@ -1,17 +1,10 @@
-//! `lors-lm eval`: perplexity measured the same way everywhere.
-//!
-//! Definition: the token sequence is cut into consecutive windows of `seq_len + 1` tokens
-//! with stride `seq_len` (window k = tokens[k·T .. k·T + T + 1]; the last partial window is
-//! dropped); every position of every window is predicted (inputs window[..T], targets
-//! window[1..]); the loss is the mean cross-entropy over all predicted tokens and the
-//! perplexity is exp(loss). `seq_len` is the run's `train.seq_len` unless `--seq-len` is given.
-//! `tests/reference/llama_ref.py eval` implements the same definition independently.
+//! `lors-lm eval`: mean next-token loss and perplexity of a run on prepared data or a text
+//! file (the definition is in `infer/perplexity.rs`).
 
-use crate::checkpoint;
 use crate::data::{Meta, TokenFile};
-use crate::model::Model;
+use crate::infer::perplexity::eval_tokens;
+use crate::train::RunDir;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -45,61 +38,9 @@ pub struct EvalArgs {
     pub device: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EvalResult {
-    pub loss: f64,
-    pub tokens: usize,
-    pub windows: usize,
-}
-
-impl EvalResult {
-    pub fn ppl(&self) -> f64 {
-        self.loss.exp()
-    }
-}
-
-/// Mean next-token loss over consecutive windows of `tokens` (see the module docs).
-/// `model` should be merged (`Model::merged`) so no graph is built.
-pub fn eval_tokens(
-    model: &Model,
-    tokens: &[u32],
-    seq_len: usize,
-    batch_size: usize,
-    device: &Device,
-) -> Result<EvalResult> {
-    let t = seq_len;
-    if t == 0 || batch_size == 0 {
-        bail!("seq_len and batch size must be > 0");
-    }
-    let windows = tokens.len().saturating_sub(1) / t;
-    if windows == 0 {
-        bail!(
-            "{} tokens are fewer than one window of seq_len + 1 = {} tokens: use more text or a smaller --seq-len",
-            tokens.len(),
-            t + 1
-        );
-    }
-    let mut total = 0.0;
-    for first in (0..windows).step_by(batch_size) {
-        let n = batch_size.min(windows - first);
-        let (mut x, mut y) = (Vec::with_capacity(n * t), Vec::with_capacity(n * t));
-        for k in first..first + n {
-            let w = &tokens[k * t..k * t + t + 1];
-            x.extend_from_slice(&w[..t]);
-            y.extend_from_slice(&w[1..]);
-        }
-        let x = Tensor::from_vec(x, (n, t), device)?;
-        let y = Tensor::from_vec(y, (n, t), device)?;
-        let mean = model.forward_loss(&x, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        total += mean * (n * t) as f64;
-    }
-    let n_tokens = windows * t;
-    Ok(EvalResult { loss: total / n_tokens as f64, tokens: n_tokens, windows })
-}
-
 pub fn run(args: &EvalArgs) -> Result<()> {
     let device = crate::device::parse_device(&args.device)?;
-    let loaded = checkpoint::load_run(&args.run, args.checkpoint, &device)?;
+    let loaded = RunDir::open(&args.run)?.load(args.checkpoint, &device)?;
     let seq_len = args.seq_len.unwrap_or(loaded.cfg.train.seq_len);
     if seq_len > loaded.cfg.model.max_seq_len {
         bail!("--seq-len {seq_len} exceeds the model's max_seq_len {}", loaded.cfg.model.max_seq_len);

@@ -1,0 +1,12 @@
+//! The commands: one file each, holding its clap `Args` and its `run`. A command parses and
+//! checks its arguments, calls the library and prints; it computes no gradient itself.
+
+pub mod bench;
+pub mod check_device;
+pub mod eval;
+pub mod export;
+pub mod generate;
+pub mod params;
+pub mod prepare;
+pub mod sweep;
+pub mod train;

@@ -1,0 +1,495 @@
+//! A Llama-architecture decoder-only LM (as Hugging Face `LlamaForCausalLM`) whose seven
+//! projection types can be LORS-shared across layers (`model/lors.rs`).
+//!
+//! ```text
+//! embed → L × [x + Attention(RMSNorm(x)); x + Mlp(RMSNorm(x))] → RMSNorm → LM head
+//! Attention: [q | k | v] = x [Wq; Wk; Wv]ᵀ → RoPE on q, k → causal softmax(q kᵀ/√hd) v → o
+//! Mlp (SwiGLU): [g | u] = x [Wgate; Wup]ᵀ → down(silu(g) · u)
+//! ```
+//! The LM head is tied to the embedding by default. Every projection is a [`LorsLinear`]; the
+//! projections that read the same input run as one matmul against their stacked weights.
+//! Which implementation of RMSNorm, RoPE, attention, SwiGLU, the LORS merge and the loss runs
+//! (fused CPU kernels or plain candle ops) is one value, [`Ops`]; the model has one code path.
+//!
+//! Parameter names (checkpoints): `embed.weight` (V, d); `layers.{l}.{attn,ffn}_norm.weight`
+//! (d); the projections as `model/lors.rs` names them (`shared.{g}.{p}.weight` or
+//! `layers.{l}.{p}.weight`, `layers.{l}.{p}.lors_{a,b}`); `norm.weight` (d);
+//! `lm_head.weight` (V, d) when untied.
+
+use crate::model::lors::{LorsConfig, LorsLinear, Proj};
+use crate::model::ops::{linear_as, Ops};
+use crate::model::store::{Init, ParamStore};
+use crate::model::lors::Role;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+// ---------------------------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------------------------
+
+/// Llama architecture hyper-parameters (names follow the HF `LlamaConfig` where they can).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Vocabulary size; 0 = take it from the prepared data's meta.json.
+    pub vocab_size: usize,
+    /// Width of the residual stream (hidden_size).
+    pub d_model: usize,
+    /// Number of transformer blocks (num_hidden_layers).
+    pub n_layers: usize,
+    /// Attention heads (num_attention_heads); head_dim = d_model / n_heads.
+    pub n_heads: usize,
+    /// Key/value heads for grouped-query attention; 0 = same as n_heads.
+    pub n_kv_heads: usize,
+    /// SwiGLU hidden width (intermediate_size).
+    pub ffn_hidden: usize,
+    /// Longest sequence the model is used with (max_position_embeddings).
+    pub max_seq_len: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    pub norm_eps: f64,
+    /// Tie the LM head to the token embedding.
+    pub tie_embeddings: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 0,
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 4,
+            n_kv_heads: 0,
+            ffn_hidden: 344,
+            max_seq_len: 256,
+            rope_theta: 10000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn kv_heads(&self) -> usize {
+        if self.n_kv_heads == 0 {
+            self.n_heads
+        } else {
+            self.n_kv_heads
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads.max(1)
+    }
+
+    /// Range checks that the types cannot express (vocabulary 0 is allowed: resolved later).
+    pub fn validate(&self) -> Result<()> {
+        let check = |ok: bool, msg: String| if ok { Ok(()) } else { bail!("{msg}") };
+        check(self.d_model > 0, "model.d_model must be > 0".into())?;
+        check(self.n_layers > 0, "model.n_layers must be > 0".into())?;
+        check(self.n_heads > 0, "model.n_heads must be > 0".into())?;
+        check(self.ffn_hidden > 0, "model.ffn_hidden must be > 0".into())?;
+        check(
+            self.d_model.is_multiple_of(self.n_heads),
+            format!("model.d_model ({}) must be divisible by model.n_heads ({})", self.d_model, self.n_heads),
+        )?;
+        check(self.head_dim().is_multiple_of(2), "model.d_model / model.n_heads must be even (RoPE rotates pairs)".into())?;
+        check(
+            self.n_heads.is_multiple_of(self.kv_heads()),
+            format!("model.n_heads ({}) must be divisible by model.n_kv_heads ({})", self.n_heads, self.kv_heads()),
+        )?;
+        check(self.max_seq_len > 0, "model.max_seq_len must be > 0".into())?;
+        check(self.rope_theta > 0.0, "model.rope_theta must be > 0".into())?;
+        check(self.norm_eps > 0.0, "model.norm_eps must be > 0".into())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE tables and what every block of one forward pass shares
+// ---------------------------------------------------------------------------------------------
+
+/// Rotary position embedding tables, HF "rotate_half" convention: the first and second
+/// halves of each head form the rotated pairs.
+#[derive(Debug, Clone)]
+struct Rope {
+    /// (max_seq_len, head_dim): cos/sin of position·θ_i, each frequency twice (both halves).
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let hd = cfg.head_dim();
+        let half = hd / 2;
+        let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let n = cfg.max_seq_len;
+        let angle = |pos: usize, j: usize| pos as f64 * inv_freq[j % half];
+        let table = |f: fn(f64) -> f64| -> Result<Tensor> {
+            let v: Vec<f64> = (0..n).flat_map(|pos| (0..hd).map(move |j| f(angle(pos, j)))).collect();
+            Ok(Tensor::from_vec(v, (n, hd), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+        };
+        Ok(Self { cos: table(f64::cos)?, sin: table(f64::sin)? })
+    }
+}
+
+/// What every block of one forward pass shares.
+struct Pass<'a> {
+    rope: &'a Rope,
+    /// Position of the first token.
+    offset: usize,
+    /// dtype of the matmuls.
+    mm: DType,
+    ops: Ops,
+    eps: f64,
+}
+
+impl Pass<'_> {
+    fn rope(&self) -> (&Tensor, &Tensor) {
+        (&self.rope.cos, &self.rope.sin)
+    }
+}
+
+/// Per-layer key/value cache for generation: (k, v), each (B, H_kv, T_past, hd).
+pub type KvCache = Vec<Option<(Tensor, Tensor)>>;
+
+// ---------------------------------------------------------------------------------------------
+// Stacked projections, attention, MLP, block
+// ---------------------------------------------------------------------------------------------
+
+/// Projections that read the same input ([q, k, v] or [gate, up]), computed as one matmul
+/// against their stacked weights; the output is their outputs side by side.
+#[derive(Debug, Clone)]
+struct Stack {
+    /// (projection, output rows) of each part, in order.
+    projs: Vec<(Proj, usize)>,
+    /// One layer per projection, or (merged for inference) one layer of the stacked weight.
+    parts: Vec<LorsLinear>,
+}
+
+impl Stack {
+    fn new(store: &mut ParamStore, lors: &LorsConfig, m: &ModelConfig, layer: usize, projs: &[Proj]) -> Result<Self> {
+        Ok(Self {
+            projs: projs.iter().map(|&p| (p, p.shape(m).0)).collect(),
+            parts: projs.iter().map(|&p| LorsLinear::new(store, lors, m, p, layer)).collect::<Result<_>>()?,
+        })
+    }
+
+    /// The stacked effective weights (Σ out, in).
+    fn weight(&self, ops: Ops) -> Result<Tensor> {
+        let ws = self.parts.iter().map(|p| p.weight(ops)).collect::<Result<Vec<_>>>()?;
+        Ok(if ws.len() == 1 { ws[0].clone() } else { Tensor::cat(&ws, 0)? })
+    }
+
+    /// x (B, T, in) → (B, T, Σ out).
+    fn forward(&self, x: &Tensor, p: &Pass) -> Result<Tensor> {
+        linear_as(x, &self.weight(p.ops)?, p.mm)
+    }
+
+    /// The stacked weight merged once and detached: inference then runs one plain matmul.
+    fn merged(&self) -> Result<Self> {
+        let w = self.weight(Ops::Plain)?.detach();
+        Ok(Self { projs: self.projs.clone(), parts: vec![LorsLinear::from_parts(w, None)] })
+    }
+
+    /// The layer of `proj`, unless the stack was merged.
+    fn part(&self, proj: Proj) -> Option<&LorsLinear> {
+        let i = self.projs.iter().position(|(p, _)| *p == proj)?;
+        (self.parts.len() == self.projs.len()).then(|| &self.parts[i])
+    }
+
+    /// The effective weight of `proj` (out, in), also from a merged stack.
+    fn weight_of(&self, proj: Proj) -> Result<Option<Tensor>> {
+        let Some(i) = self.projs.iter().position(|(p, _)| *p == proj) else { return Ok(None) };
+        if let Some(part) = self.part(proj) {
+            return Ok(Some(part.weight(Ops::Plain)?));
+        }
+        let start: usize = self.projs[..i].iter().map(|(_, rows)| rows).sum();
+        Ok(Some(self.parts[0].weight(Ops::Plain)?.narrow(0, start, self.projs[i].1)?))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Stack,
+    o: LorsLinear,
+    /// (H, Hkv): query heads and key/value heads.
+    heads: (usize, usize),
+    head_dim: usize,
+}
+
+impl Attention {
+    /// x: (B, T, d), the normed residual stream at positions offset..offset+T → (B, T, d).
+    fn forward(&self, x: &Tensor, p: &Pass, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let qkv = self.qkv.forward(x, p)?; // (B, T, (H + 2·Hkv)·hd)
+        let y = match cache {
+            // Training and evaluation: RoPE and attention in one op on the packed projections.
+            None => p.ops.attention_qkv(&qkv, p.rope(), p.offset, self.heads, scale, p.mm)?, // (B, T, H·hd)
+            // Decoding: the keys and values of earlier positions come from the cache.
+            Some(slot) => {
+                let (q, mut k, mut v) = p.ops.split_qkv(&qkv, p.rope(), p.offset, self.heads)?; // (B, H|Hkv, T, hd)
+                if let Some((past_k, past_v)) = slot.as_ref() {
+                    k = Tensor::cat(&[past_k, &k], 2)?; // (B, Hkv, T_past + T, hd)
+                    v = Tensor::cat(&[past_v, &v], 2)?;
+                }
+                *slot = Some((k.clone(), v.clone()));
+                p.ops.attention(&q, &k, &v, scale, p.mm)? // (B, T, H·hd)
+            }
+        };
+        self.o.forward_as(&y, p.ops, p.mm)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_up: Stack,
+    down: LorsLinear,
+}
+
+impl Mlp {
+    /// SwiGLU: x (B, T, d) → down(silu(x Wgateᵀ) · x Wupᵀ) (B, T, d).
+    fn forward(&self, x: &Tensor, p: &Pass) -> Result<Tensor> {
+        let h = p.ops.swiglu_packed(&self.gate_up.forward(x, p)?)?; // (B, T, 2·F) -> (B, T, F)
+        self.down.forward_as(&h, p.ops, p.mm)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    attn: Attention,
+    ffn_norm: Tensor,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(store: &mut ParamStore, lors: &LorsConfig, m: &ModelConfig, layer: usize) -> Result<Self> {
+        let d = m.d_model;
+        let mut gain = |name: &str| store.get(&format!("layers.{layer}.{name}.weight"), &[d], Init::Ones, Role::Gain);
+        let (attn_norm, ffn_norm) = (gain("attn_norm")?, gain("ffn_norm")?);
+        let attn = Attention {
+            qkv: Stack::new(store, lors, m, layer, &[Proj::Q, Proj::K, Proj::V])?,
+            o: LorsLinear::new(store, lors, m, Proj::O, layer)?,
+            heads: (m.n_heads, m.kv_heads()),
+            head_dim: m.head_dim(),
+        };
+        let mlp = Mlp {
+            gate_up: Stack::new(store, lors, m, layer, &[Proj::Gate, Proj::Up])?,
+            down: LorsLinear::new(store, lors, m, Proj::Down, layer)?,
+        };
+        Ok(Self { attn_norm, attn, ffn_norm, mlp })
+    }
+
+    /// x (B, T, d) → (B, T, d).
+    fn forward(&self, x: &Tensor, p: &Pass, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&p.ops.rms_norm(x, &self.attn_norm, p.eps)?, p, cache)?)?;
+        Ok((&x + self.mlp.forward(&p.ops.rms_norm(&x, &self.ffn_norm, p.eps)?, p)?)?)
+    }
+
+    /// The layer of `proj` (None once merged, for q, k, v, gate, up).
+    fn proj(&self, proj: Proj) -> Option<&LorsLinear> {
+        match proj {
+            Proj::O => Some(&self.attn.o),
+            Proj::Down => Some(&self.mlp.down),
+            Proj::Q | Proj::K | Proj::V => self.attn.qkv.part(proj),
+            Proj::Gate | Proj::Up => self.mlp.gate_up.part(proj),
+        }
+    }
+
+    /// The effective weight of `proj` (out, in).
+    fn weight_of(&self, proj: Proj) -> Result<Tensor> {
+        let w = match proj {
+            Proj::O => Some(self.attn.o.weight(Ops::Plain)?),
+            Proj::Down => Some(self.mlp.down.weight(Ops::Plain)?),
+            Proj::Q | Proj::K | Proj::V => self.attn.qkv.weight_of(proj)?,
+            Proj::Gate | Proj::Up => self.mlp.gate_up.weight_of(proj)?,
+        };
+        w.ok_or_else(|| anyhow::anyhow!("projection {proj} missing from its block"))
+    }
+
+    fn merged(&self) -> Result<Self> {
+        let attn = Attention { qkv: self.attn.qkv.merged()?, o: self.attn.o.merged()?, ..self.attn.clone() };
+        let mlp = Mlp { gate_up: self.mlp.gate_up.merged()?, down: self.mlp.down.merged()? };
+        Ok(Self { attn_norm: self.attn_norm.detach(), attn, ffn_norm: self.ffn_norm.detach(), mlp })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model
+// ---------------------------------------------------------------------------------------------
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    rope: Rope,
+    /// dtype of the matmuls (F32, or BF16 for mixed precision); everything else is f32.
+    matmul_dtype: DType,
+    ops: Ops,
+}
+
+impl Model {
+    /// Build the model, creating or loading every parameter through `store`.
+    /// `m.vocab_size` must be resolved (> 0).
+    pub fn new(m: &ModelConfig, lors: &LorsConfig, store: &mut ParamStore) -> Result<Self> {
+        if m.vocab_size == 0 {
+            bail!("model.vocab_size is 0: resolve it from the data before building the model");
+        }
+        let (v, d) = (m.vocab_size, m.d_model);
+        let embed = store.get("embed.weight", &[v, d], Init::Normal(0.02), Role::Matrix)?;
+        let layers = (0..m.n_layers).map(|l| Block::new(store, lors, m, l)).collect::<Result<Vec<_>>>()?;
+        let norm = store.get("norm.weight", &[d], Init::Ones, Role::Gain)?;
+        let lm_head = match m.tie_embeddings {
+            true => None,
+            false => Some(store.get("lm_head.weight", &[v, d], Init::Normal(0.02), Role::Matrix)?),
+        };
+        store.finish()?;
+        let rope = Rope::new(m, store.dtype, &store.device)?;
+        let ops = Ops::best_for(&embed);
+        Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope, matmul_dtype: store.dtype, ops })
+    }
+
+    /// A copy with every `W + B A` merged into one weight (and q, k, v and gate, up stacked)
+    /// and detached from the graph: inference then costs exactly what a vanilla model's does.
+    pub fn merged(&self) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            embed: self.embed.detach(),
+            layers: self.layers.iter().map(Block::merged).collect::<Result<Vec<_>>>()?,
+            norm: self.norm.detach(),
+            lm_head: self.lm_head.as_ref().map(|t| t.detach()),
+            rope: self.rope.clone(),
+            matmul_dtype: self.matmul_dtype,
+            ops: self.ops,
+        })
+    }
+
+    /// Run on the given implementation of the operations (benchmarks and tests compare them).
+    /// Errors if the fused kernels are asked for where they cannot run.
+    pub fn with_ops(mut self, ops: Ops) -> Result<Self> {
+        self.set_ops(ops)?;
+        Ok(self)
+    }
+
+    /// `with_ops` in place.
+    pub fn set_ops(&mut self, ops: Ops) -> Result<()> {
+        self.ops = ops.check(&self.embed)?;
+        Ok(())
+    }
+
+    pub fn ops(&self) -> Ops {
+        self.ops
+    }
+
+    /// Run the matmuls in `dtype` (BF16: mixed precision; the weights stay in their dtype).
+    pub fn with_matmul_dtype(mut self, dtype: DType) -> Self {
+        self.matmul_dtype = dtype;
+        self
+    }
+
+    pub fn matmul_dtype(&self) -> DType {
+        self.matmul_dtype
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed.device().clone()
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        vec![None; self.layers.len()]
+    }
+
+    /// ids: (B, T) u32 → logits (B, T, V). Training and eval.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_at(ids, 0, None)
+    }
+
+    /// ids (B, T) at positions offset..offset+T → logits (B, T, V), optionally reading and
+    /// extending a KV cache.
+    pub fn forward_at(&self, ids: &Tensor, offset: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let x = self.hidden_at(ids, offset, cache)?;
+        linear_as(&x, self.head(), self.matmul_dtype) // (B, T, d) -> (B, T, V)
+    }
+
+    /// The LM head (V, d): the embedding when tied.
+    fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The final-normed hidden states (B, T, d) that the LM head reads.
+    fn hidden_at(&self, ids: &Tensor, offset: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if offset + t > self.cfg.max_seq_len {
+            bail!("sequence of {} tokens exceeds model.max_seq_len ({})", offset + t, self.cfg.max_seq_len);
+        }
+        let p = Pass { rope: &self.rope, offset, mm: self.matmul_dtype, ops: self.ops, eps: self.cfg.norm_eps };
+        let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.d_model))?; // (B, T, d)
+        for (l, block) in self.layers.iter().enumerate() {
+            x = block.forward(&x, &p, cache.as_deref_mut().map(|c| &mut c[l]))?;
+        }
+        self.ops.rms_norm(&x, &self.norm, self.cfg.norm_eps)
+    }
+
+    /// Mean next-token loss of ids (B, T) against targets (B, T): what training minimises.
+    /// The fused kernels run the LM head and the loss as one op that never stores the logits.
+    pub fn forward_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let x = self.hidden_at(ids, 0, None)?;
+        let (b, t, d) = x.dims3()?;
+        // (B, T, d) -> (B·T, d); targets (B, T) -> (B·T)
+        self.ops.linear_cross_entropy(&x.reshape((b * t, d))?, self.head(), &targets.reshape(b * t)?, self.matmul_dtype)
+    }
+
+    /// Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T): the fused
+    /// kernel where it can run (CPU, f32/f64), candle's composition elsewhere.
+    pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Self::loss_with(Ops::best_for(logits), logits, targets)
+    }
+
+    /// `loss` on the given implementation.
+    pub fn loss_with(ops: Ops, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t, v) = logits.dims3()?;
+        ops.cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?) // (B·T, V), (B·T)
+    }
+
+    /// For each layer and projection with a private residual: `‖B_l A_l‖_F / ‖W_shared‖_F`.
+    pub fn residual_ratios(&self) -> Result<Vec<(usize, Proj, f32)>> {
+        let mut out = vec![];
+        for (l, block) in self.layers.iter().enumerate() {
+            for p in Proj::ALL {
+                if let Some(lin) = block.proj(p).filter(|lin| lin.rank() > 0) {
+                    out.push((l, p, lin.residual_ratio()?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The effective (merged) weight `W_shared + B_l A_l` of projection `proj` in `layer`.
+    pub fn effective_weight(&self, layer: usize, proj: Proj) -> Result<Tensor> {
+        let block = self.layers.get(layer).ok_or_else(|| anyhow::anyhow!("no layer {layer}"))?;
+        block.weight_of(proj)
+    }
+
+    /// Every weight under the name a vanilla model gives it (`embed.weight`,
+    /// `layers.{l}.{p}.weight`, ...), LORS terms merged, detached: the model as a plain Llama
+    /// (exports and compression start from this).
+    pub fn merged_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("embed.weight".to_string(), self.embed.detach())];
+        for (l, block) in self.layers.iter().enumerate() {
+            out.push((format!("layers.{l}.attn_norm.weight"), block.attn_norm.detach()));
+            out.push((format!("layers.{l}.ffn_norm.weight"), block.ffn_norm.detach()));
+            for p in Proj::ALL {
+                out.push((format!("layers.{l}.{p}.weight"), block.weight_of(p)?.detach()));
+            }
+        }
+        out.push(("norm.weight".to_string(), self.norm.detach()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.detach()));
+        }
+        Ok(out)
+    }
+}

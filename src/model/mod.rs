@@ -1,0 +1,23 @@
+//! The model: a Llama whose projections are LORS-shared.
+//!
+//! * `llama.rs`: the architecture (config → RoPE → attention → MLP → block → model).
+//! * `lors.rs`: the LORS method in one file (what is shared, groups, ranks, init, names,
+//!   optimizer options, and the `LorsLinear` layer).
+//! * `ops.rs`: fused CPU kernels or plain candle ops, chosen by one value.
+//! * `store.rs`: named parameters (created from a seed or loaded from tensors).
+//! * `params.rs`: parameter counts from the config alone.
+//!
+//! The model never touches the file system: checkpoints live in `train/`, file formats in
+//! `formats/`.
+
+pub mod llama;
+pub mod lors;
+pub mod ops;
+pub mod params;
+pub mod store;
+
+pub use llama::{KvCache, Model, ModelConfig};
+pub use lors::{LorsConfig, LorsLinear, Mode, Proj};
+pub use ops::Ops;
+pub use params::ParamCounts;
+pub use store::{Init, ParamStore};

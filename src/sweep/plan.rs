@@ -1,0 +1,203 @@
+//! A sweep plan (TOML): the base config, seeds, and the configurations to compare, each
+//! resolved into a full run config.
+
+use crate::config::{Config, Mode, PrivateInit, Proj};
+use crate::model::ParamCounts;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::fs;
+use std::path::Path;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub title: String,
+    pub seeds: Vec<u64>,
+    /// The run that "% of vanilla" refers to.
+    pub baseline: String,
+    /// Pairs (a, b) whose difference in val loss the report states.
+    #[serde(default)]
+    pub compare: Vec<[String; 2]>,
+    /// Runs the table shows a "Δ vs" column for.
+    #[serde(default)]
+    pub deltas: Vec<String>,
+    /// Prefix of the chart file names (several plans can report into one results.md).
+    #[serde(default)]
+    pub charts_prefix: String,
+    pub base: toml::Table,
+    #[serde(default)]
+    pub smoke: Option<Smoke>,
+    #[serde(rename = "run")]
+    pub runs: Vec<PlanRun>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Smoke {
+    pub seeds: Vec<u64>,
+    #[serde(default)]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRun {
+    pub name: String,
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// Another run whose unique parameter count this one must match within ±5 %.
+    #[serde(default, rename = "match")]
+    pub match_params: Option<String>,
+}
+
+/// One configuration of the plan, resolved.
+pub struct Resolved {
+    pub name: String,
+    pub cfg: Config,
+    pub counts: ParamCounts,
+}
+
+pub fn load_plan(path: &Path) -> Result<Plan> {
+    let text = fs::read_to_string(path).with_context(|| format!("cannot read --plan {}", path.display()))?;
+    let plan: Plan = toml::from_str(&text).map_err(|e| anyhow::anyhow!("--plan {}: {}", path.display(), e))?;
+    let mut seen = std::collections::HashSet::new();
+    for r in &plan.runs {
+        if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            bail!(
+                "--plan {}: run name {:?} must be non-empty and use only letters, digits, - _ .",
+                path.display(),
+                r.name
+            );
+        }
+        if !seen.insert(r.name.as_str()) {
+            bail!("--plan {}: run name {:?} appears twice", path.display(), r.name);
+        }
+    }
+    if plan.runs.is_empty() || plan.seeds.is_empty() {
+        bail!("--plan {}: needs at least one [[run]] and one seed", path.display());
+    }
+    let known = |n: &str| plan.runs.iter().any(|r| r.name == n);
+    if !known(&plan.baseline) {
+        bail!("--plan {}: baseline {:?} is not a run of the plan", path.display(), plan.baseline);
+    }
+    if !plan.charts_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
+        bail!("--plan {}: charts_prefix {:?} may only use letters, digits, - _", path.display(), plan.charts_prefix);
+    }
+    let named = plan.compare.iter().flatten().chain(&plan.deltas);
+    for name in named.chain(plan.runs.iter().filter_map(|r| r.match_params.as_ref())) {
+        if !known(name) {
+            bail!("--plan {}: {:?} (in compare, deltas or match) is not a run of the plan", path.display(), name);
+        }
+    }
+    Ok(plan)
+}
+
+/// Resolve every run's config (base + smoke overrides + the run's overrides), with the
+/// vocabulary and data directory filled in, and check the parameter matches.
+pub fn resolve(plan: &Plan, smoke: bool, data_dir: &Path, vocab: usize, plan_path: &Path) -> Result<Vec<Resolved>> {
+    let base = toml::to_string(&plan.base)?;
+    let mut out = vec![];
+    for r in &plan.runs {
+        let mut sets = vec![];
+        if smoke {
+            let s = plan
+                .smoke
+                .as_ref()
+                .with_context(|| format!("--smoke: the plan {} has no [smoke] section", plan_path.display()))?;
+            sets.extend(s.set.iter().cloned());
+        }
+        sets.extend(r.set.iter().cloned());
+        let origin = format!("{} (run {})", plan_path.display(), r.name);
+        let mut cfg = Config::from_toml_str(&base, &sets, &origin)?;
+        cfg.model.vocab_size = vocab;
+        cfg.data.dir = data_dir.to_string_lossy().into_owned();
+        let counts = ParamCounts::new(&cfg.model, &cfg.lors);
+        out.push(Resolved { name: r.name.clone(), cfg, counts });
+    }
+    for r in &plan.runs {
+        if let Some(target) = &r.match_params {
+            let a = out.iter().find(|x| x.name == r.name).expect("resolved").counts.total() as f64;
+            let b = out.iter().find(|x| &x.name == target).expect("checked in load_plan").counts.total() as f64;
+            let rel = a / b - 1.0;
+            if rel.abs() > 0.05 {
+                bail!(
+                    "{}: run {} must match the unique parameters of {} within ±5 %, but has {} vs {} ({:+.1} %): change its dims",
+                    plan_path.display(),
+                    r.name,
+                    target,
+                    a,
+                    b,
+                    100.0 * rel
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn plan_stem(plan: &Path) -> String {
+    plan.file_stem().unwrap_or_default().to_string_lossy().into_owned()
+}
+
+/// How a run's rank/schedule/groups read in the table.
+pub fn sharing_desc(cfg: &Config, show_d: bool) -> String {
+    let l = &cfg.lors;
+    let n = cfg.model.n_layers;
+    let mut parts = vec![];
+    match l.mode {
+        Mode::Vanilla | Mode::Shared => parts.push(format!("{n} layers")),
+        Mode::Lors => {
+            let attn: Vec<usize> = (0..n).map(|i| l.rank_for(Proj::Q, i)).collect();
+            let ffn: Vec<usize> = (0..n).map(|i| l.rank_for(Proj::Gate, i)).collect();
+            let uniform = |v: &[usize]| v.iter().all(|&x| x == v[0]);
+            if uniform(&attn) && uniform(&ffn) && attn[0] == ffn[0] {
+                parts.push(format!("r={}", attn[0]));
+            } else {
+                let show = |v: &[usize]| if uniform(v) { v[0].to_string() } else { format!("{v:?}").replace(' ', "") };
+                parts.push(format!("attn r={}, ffn r={}", show(&attn), show(&ffn)));
+            }
+        }
+    }
+    if l.mode != Mode::Vanilla {
+        match l.group_size {
+            Some(k) => parts.push(format!("groups of {k}")),
+            None if l.groups > 1 => parts.push(format!("{} groups", l.groups)),
+            None => {}
+        }
+        if !l.private_layers.is_empty() {
+            parts.push(format!("private layers {:?}", l.private_layers).replace(' ', ""));
+        }
+    }
+    if l.mode == Mode::Lors {
+        if l.init != PrivateInit::Paper {
+            parts.push(format!(
+                "init {}",
+                toml::Value::try_from(l.init).map(|v| v.to_string()).unwrap_or_default().trim_matches('"')
+            ));
+        }
+        if let Some(a) = l.alpha {
+            parts.push(format!("α={a}"));
+        }
+        if l.private_lr_mult != 1.0 {
+            parts.push(format!("A,B lr×{}", l.private_lr_mult));
+        }
+        if let Some(m) = l.private_b_lr_mult {
+            parts.push(format!("B lr×{m}"));
+        }
+        if let Some(w) = l.private_weight_decay {
+            parts.push(format!("A,B wd {w}"));
+        }
+    }
+    if l.mode != Mode::Vanilla && l.targets.len() < 7 {
+        parts.push(format!("targets {}", l.targets.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")));
+    }
+    if show_d {
+        parts.push(format!("d={}", cfg.model.d_model));
+    }
+    parts.join(", ")
+}
+
+/// Whether the runs differ in width (then the table names each run's d_model).
+pub fn show_d(resolved: &[Resolved]) -> bool {
+    resolved.iter().any(|r| r.cfg.model.d_model != resolved[0].cfg.model.d_model)
+}

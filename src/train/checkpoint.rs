@@ -1,0 +1,174 @@
+//! Checkpoints: `CHECKPOINTS/<step>/` holds `model.safetensors` (unique parameters only:
+//! shared bases and private factors, never merged weights), `optimizer.safetensors`,
+//! `state.json` and `config.toml`; `CHECKPOINTS/latest` names the newest complete one.
+//!
+//! A checkpoint is written into a temporary directory, every file and the directory itself
+//! fsynced, then renamed into place; `latest` is replaced (temp file + rename) last. A reader
+//! never sees half a checkpoint, and a failed write leaves the previous ones intact.
+//! `RunDir` (run_dir.rs) places the checkpoints directory inside a run.
+
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Training state stored beside the weights.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Batch-sampling RNG state after `step` steps.
+    pub data_rng: u64,
+    /// Optimizer update count.
+    pub opt_t: u64,
+    /// Training tokens consumed so far.
+    pub tokens_seen: u64,
+    /// Last validation loss, if any.
+    pub val_loss: Option<f64>,
+}
+
+/// One complete checkpoint on disk.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub step: usize,
+    pub dir: PathBuf,
+}
+
+impl Checkpoint {
+    /// The model parameters, by name.
+    pub fn params(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        load_tensors(&self.dir.join("model.safetensors"), device)
+    }
+
+    /// The optimizer moments, by name (`m.<param>`, `v.<param>`).
+    pub fn optimizer(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        load_tensors(&self.dir.join("optimizer.safetensors"), device)
+    }
+
+    pub fn state(&self) -> Result<TrainState> {
+        let p = self.dir.join("state.json");
+        let text = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))
+    }
+
+    /// The config the checkpoint was written with.
+    pub fn config(&self) -> Result<Config> {
+        Config::load(&self.dir.join("config.toml"), &[])
+    }
+}
+
+/// Steps of all complete checkpoints in `dir`, ascending.
+pub fn list(dir: &Path) -> Result<Vec<usize>> {
+    if !dir.is_dir() {
+        return Ok(vec![]);
+    }
+    let mut steps = vec![];
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        if let Some(step) = entry.file_name().to_str().and_then(|s| s.parse::<usize>().ok()) {
+            if entry.path().join("state.json").is_file() {
+                steps.push(step);
+            }
+        }
+    }
+    steps.sort_unstable();
+    Ok(steps)
+}
+
+/// The step named by `dir/latest`.
+pub fn latest(dir: &Path) -> Result<Option<usize>> {
+    let p = dir.join("latest");
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let s = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let step = s
+        .trim()
+        .parse::<usize>()
+        .with_context(|| format!("{} does not hold a step number: the run directory is damaged", p.display()))?;
+    Ok(Some(step))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// fsync a directory, so that the entries created or renamed in it are on disk.
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
+}
+
+/// Atomically write the checkpoint of `state.step` into `dir`, point `latest` at it, and keep
+/// only the newest `keep` checkpoints (0 = keep all).
+pub fn write(
+    dir: &Path,
+    cfg: &Config,
+    params: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let final_dir = dir.join(state.step.to_string());
+    let tmp = dir.join(format!(".tmp-{}", state.step));
+    let write_all = || -> Result<()> {
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
+        save_tensors(&tmp.join("model.safetensors"), params)?;
+        save_tensors(&tmp.join("optimizer.safetensors"), optimizer)?;
+        write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        write_synced(&tmp.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+        // The files' directory entries too, before the rename publishes them.
+        sync_dir(&tmp)
+    };
+    if let Err(e) = write_all() {
+        let _ = fs::remove_dir_all(&tmp); // do not leave a partial checkpoint filling the disk
+        let previous = latest(dir).ok().flatten().map_or("none".to_string(), |s| format!("step {s}"));
+        return Err(e.context(format!(
+            "cannot write the checkpoint of step {} into {} (disk full or not writable?); the previous checkpoint ({previous}) is intact",
+            state.step,
+            dir.display()
+        )));
+    }
+    if final_dir.exists() {
+        fs::remove_dir_all(&final_dir)?;
+    }
+    fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+    let latest_tmp = dir.join(".latest.tmp");
+    write_synced(&latest_tmp, state.step.to_string().as_bytes())?;
+    fs::rename(&latest_tmp, dir.join("latest"))?;
+    sync_dir(dir)?;
+    if keep > 0 {
+        let steps = list(dir)?;
+        for old in steps.iter().take(steps.len().saturating_sub(keep)) {
+            fs::remove_dir_all(dir.join(old.to_string()))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        bail!("checkpoint file {} is missing", path.display());
+    }
+    candle_core::safetensors::load(path, device).with_context(|| {
+        format!("cannot read {}: the file is truncated or corrupt (use another --checkpoint)", path.display())
+    })
+}

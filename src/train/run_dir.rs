@@ -1,0 +1,200 @@
+//! A run directory, and the one place that knows its layout:
+//!
+//! ```text
+//! RUN_DIR/config.toml                      resolved config of the run
+//! RUN_DIR/tokenizer.json, data_meta.json   copied from the prepared data
+//! RUN_DIR/metrics.jsonl                    one JSON line per step (train) or eval
+//! RUN_DIR/samples.txt                      the samples written at every eval
+//! RUN_DIR/tb/                              TensorBoard event files
+//! RUN_DIR/checkpoints/<step>/, latest      checkpoints (checkpoint.rs)
+//! ```
+//!
+//! Commands check everything they can before they write: `check_new` refuses a directory that
+//! holds another run (without `--force`) and touches nothing, so a refused command leaves the
+//! run directory byte-identical; `create` then clears and creates.
+
+use crate::config::Config;
+use crate::data::Meta;
+use crate::model::{Model, ParamStore};
+use crate::train::checkpoint::{self, Checkpoint, TrainState};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+/// Everything `generate`, `eval` and `export` need from a run directory.
+pub struct LoadedRun {
+    pub cfg: Config,
+    pub step: usize,
+    pub model: Model,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub meta: Option<Meta>,
+}
+
+impl RunDir {
+    /// The run directory at `path` (nothing is checked or created).
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        Self { root: path.into() }
+    }
+
+    /// An existing run directory (for generate, eval, export, resume).
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
+        let run = Self::at(path);
+        if !run.root.is_dir() {
+            bail!("run directory {} does not exist (pass --run RUN_DIR of a `lors-lm train` run)", run.root.display());
+        }
+        Ok(run)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.root.join("tokenizer.json")
+    }
+    pub fn data_meta_path(&self) -> PathBuf {
+        self.root.join("data_meta.json")
+    }
+    pub fn metrics_path(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+    pub fn samples_path(&self) -> PathBuf {
+        self.root.join("samples.txt")
+    }
+    pub fn tb_dir(&self) -> PathBuf {
+        self.root.join("tb")
+    }
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    /// Whether the directory holds a run (a config or checkpoints).
+    pub fn holds_run(&self) -> bool {
+        self.config_path().exists() || self.checkpoints_dir().exists()
+    }
+
+    /// Refuse to start a new run over another one unless `force`; touches nothing.
+    pub fn check_new(&self, force: bool) -> Result<()> {
+        if self.holds_run() && !force {
+            bail!(
+                "{} already holds a run: pass --resume to continue it, --force to start over (deletes its checkpoints), or another --out",
+                self.root.display()
+            );
+        }
+        if self.root.exists() && !self.root.is_dir() {
+            bail!("{} exists and is not a directory: choose another --out", self.root.display());
+        }
+        Ok(())
+    }
+
+    /// Make the directory ready for a new run (after `check_new` and every other check passed):
+    /// an earlier run's config, checkpoints, logs and samples are deleted when `force`.
+    pub fn create(&self, force: bool) -> Result<()> {
+        self.check_new(force)?;
+        for sub in [self.checkpoints_dir(), self.tb_dir()] {
+            if sub.exists() {
+                fs::remove_dir_all(&sub).with_context(|| format!("cannot clear {}", sub.display()))?;
+            }
+        }
+        for f in [self.config_path(), self.metrics_path(), self.samples_path()] {
+            if f.exists() {
+                fs::remove_file(&f).with_context(|| format!("cannot remove {}", f.display()))?;
+            }
+        }
+        fs::create_dir_all(&self.root).with_context(|| format!("cannot create run directory {}", self.root.display()))
+    }
+
+    /// Write the run's resolved config.
+    pub fn write_config(&self, cfg: &Config) -> Result<()> {
+        let p = self.config_path();
+        fs::write(&p, cfg.to_toml()?).with_context(|| format!("cannot write {}", p.display()))
+    }
+
+    /// Copy the tokenizer and the data's meta.json from a prepared data directory.
+    pub fn copy_data_files(&self, data_dir: &Path) -> Result<()> {
+        for (src, dst) in [("tokenizer.json", self.tokenizer_path()), ("meta.json", self.data_meta_path())] {
+            let s = data_dir.join(src);
+            if s.is_file() {
+                fs::copy(&s, &dst).with_context(|| format!("cannot copy {} to {}", s.display(), dst.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps of all complete checkpoints, ascending.
+    pub fn checkpoints(&self) -> Result<Vec<usize>> {
+        checkpoint::list(&self.checkpoints_dir())
+    }
+
+    /// The step named by `checkpoints/latest`.
+    pub fn latest_step(&self) -> Result<Option<usize>> {
+        checkpoint::latest(&self.checkpoints_dir())
+    }
+
+    /// The checkpoint of `step` (`--checkpoint STEP`), or the latest, with clear errors.
+    pub fn checkpoint(&self, step: Option<usize>) -> Result<Checkpoint> {
+        if !self.root.is_dir() {
+            bail!("run directory {} does not exist (pass --run RUN_DIR of a `lors-lm train` run)", self.root.display());
+        }
+        let steps = self.checkpoints()?;
+        let step = match step {
+            Some(s) => s,
+            None => match self.latest_step()? {
+                Some(s) => s,
+                None => *steps.last().with_context(|| {
+                    format!("{} holds no checkpoint yet: train first (checkpoints are written every train.ckpt_interval steps and at the end)", self.root.display())
+                })?,
+            },
+        };
+        if !steps.contains(&step) {
+            bail!("{} has no checkpoint for step {step}; available: {steps:?}", self.root.display());
+        }
+        Ok(Checkpoint { step, dir: self.checkpoints_dir().join(step.to_string()) })
+    }
+
+    /// Write a checkpoint (atomically) and keep the newest `keep` (0 = all).
+    pub fn save_checkpoint(
+        &self,
+        cfg: &Config,
+        params: &HashMap<String, Tensor>,
+        optimizer: &HashMap<String, Tensor>,
+        state: &TrainState,
+        keep: usize,
+    ) -> Result<PathBuf> {
+        checkpoint::write(&self.checkpoints_dir(), cfg, params, optimizer, state, keep)
+    }
+
+    /// The model of the checkpoint at `step` (or the latest) with its config and tokenizer.
+    pub fn load(&self, step: Option<usize>, device: &Device) -> Result<LoadedRun> {
+        let ckpt = self.checkpoint(step)?;
+        let cfg = ckpt.config()?;
+        let (model, _) = load_model(&cfg, &ckpt, device)?;
+        let tokenizer = crate::data::load_tokenizer(&self.tokenizer_path())?;
+        let meta_path = self.data_meta_path();
+        let meta = match meta_path.is_file() {
+            true => Some(
+                serde_json::from_str(&fs::read_to_string(&meta_path)?)
+                    .with_context(|| format!("{} is corrupt", meta_path.display()))?,
+            ),
+            false => None,
+        };
+        Ok(LoadedRun { cfg, step: ckpt.step, model, tokenizer, meta })
+    }
+}
+
+/// Build the model of `cfg` from a checkpoint's parameters, naming the first mismatching tensor.
+pub fn load_model(cfg: &Config, ckpt: &Checkpoint, device: &Device) -> Result<(Model, ParamStore)> {
+    let mut store = ParamStore::from_tensors(ckpt.params(device)?, DType::F32, device);
+    let model = Model::new(&cfg.model, &cfg.lors, &mut store)
+        .with_context(|| format!("cannot load {} into the run's config", ckpt.dir.display()))?;
+    Ok((model, store))
+}

@@ -1,0 +1,192 @@
+//! A training session, from a resolved config to a trained run directory: open and check the
+//! data, build (or resume) the trainer, and only then write the run directory, print the
+//! header and run the loop. `lors-lm train` and `lors-lm sweep` both come through here.
+//!
+//! Everything that can be refused is refused before anything is written: a `--resume` whose
+//! config does not fit the checkpoint, a run directory that holds another run, data that does
+//! not match the config leave the run directory as it was.
+
+use crate::config::Config;
+use crate::data::{Meta, TokenFile};
+use crate::model::ParamCounts;
+use crate::monitor::{Monitor, Paths};
+use crate::train::batches::{validation_batches, Source};
+use crate::train::fit::{fit, install_ctrlc_handler, FitOptions, FitSummary};
+use crate::train::run_dir::RunDir;
+use crate::train::trainer::Trainer;
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::path::Path;
+use std::time::Instant;
+
+/// How a session treats its run directory and console.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+    /// Start afresh over another run (its checkpoints and logs are deleted).
+    pub force: bool,
+    /// Print only errors and the final summary.
+    pub quiet: bool,
+    /// Stop after this step, checkpointing it.
+    pub stop_at: Option<usize>,
+}
+
+/// The prepared data of a run, checked against its config.
+pub struct RunData {
+    pub meta: Meta,
+    pub train: TokenFile,
+    pub val: TokenFile,
+}
+
+/// Open the prepared data in `dir`, fill in `model.vocab_size` when it is 0 and check that
+/// both splits fit the config.
+pub fn open_data(dir: &Path, cfg: &mut Config) -> Result<RunData> {
+    let meta = Meta::load(dir)?;
+    if cfg.model.vocab_size == 0 {
+        cfg.model.vocab_size = meta.vocab_size;
+    } else if cfg.model.vocab_size != meta.vocab_size {
+        bail!(
+            "model.vocab_size = {} but the data in {} has a vocabulary of {}: set model.vocab_size = 0 to take it from the data",
+            cfg.model.vocab_size,
+            dir.display(),
+            meta.vocab_size
+        );
+    }
+    cfg.data.dir = dir.to_string_lossy().into_owned();
+    let train = TokenFile::open(dir, "train", &meta)?;
+    let val = TokenFile::open(dir, "val", &meta)?;
+    let t = cfg.train.seq_len;
+    for (name, f) in [("train", &train), ("val", &val)] {
+        if f.len() < t + 1 {
+            bail!(
+                "{name} split in {} has {} tokens, fewer than one window of train.seq_len + 1 = {}: use more text or a shorter seq_len",
+                dir.display(),
+                f.len(),
+                t + 1
+            );
+        }
+        if f.max_id() as usize >= cfg.model.vocab_size {
+            bail!(
+                "{name} split holds token id {} >= vocabulary {}: the data is corrupt or from another tokenizer",
+                f.max_id(),
+                cfg.model.vocab_size
+            );
+        }
+    }
+    Ok(RunData { meta, train, val })
+}
+
+/// Train `cfg` on the prepared data in `data_dir` into `run` (see the module docs).
+pub fn train(mut cfg: Config, data_dir: &Path, run: &RunDir, device: &Device, opts: &SessionOptions) -> Result<FitSummary> {
+    let data = open_data(data_dir, &mut cfg)?;
+    let resume_from = match opts.resume {
+        true => Some(run.checkpoint(None).with_context(|| format!("--resume: nothing to resume in {}", run.path().display()))?),
+        false => {
+            run.check_new(opts.force)?;
+            None
+        }
+    };
+    let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
+    let val = validation_batches(&data.val, cfg.train.seed, cfg.train.eval_batches, b, t, device)?;
+    let train_tokens = data.train.len();
+    let source = Source::Tokens(data.train);
+    let mut trainer = match &resume_from {
+        Some(ckpt) => Trainer::resume(cfg.clone(), ckpt, source, device)?,
+        None => Trainer::new(cfg.clone(), source, device)?,
+    };
+    // Everything checked: now write.
+    if resume_from.is_none() {
+        run.create(opts.force)?;
+        run.copy_data_files(data_dir)?;
+    }
+    run.write_config(&cfg)?;
+
+    let start = trainer.state().step;
+    let paths = Paths { metrics: run.metrics_path(), tensorboard: run.tb_dir(), samples: run.samples_path() };
+    let mut monitor = Monitor::open(paths, start, opts.quiet, cfg.train.log_interval, cfg.train.max_steps)?;
+    let counts = ParamCounts::new(&cfg.model, &cfg.lors);
+    if start == 0 {
+        monitor.scalar("model/params_unique", counts.total() as f64, 0);
+        monitor.scalar("model/params_vanilla_equivalent", counts.vanilla_total as f64, 0);
+    }
+    print_header(&monitor, &cfg, &counts, run, &data.meta, train_tokens, data.val.len(), device, start);
+    if let Some((peak, _)) = crate::device::peak_tflops(&cfg.train, device) {
+        monitor.set_mfu(ParamCounts::flops_per_token(&cfg.model, t), peak * 1e12);
+    }
+    let sampler = match run.tokenizer_path() {
+        p if p.is_file() => {
+            // Samples start from BOS when the tokenizer has one, else from the first val tokens.
+            let prompt = match data.meta.bos_id {
+                Some(bos) => vec![bos],
+                None => data.val.window(0, 4.min(t))?,
+            };
+            Some((crate::data::load_tokenizer(&p)?, prompt))
+        }
+        _ => None,
+    };
+    install_ctrlc_handler();
+    let started = Instant::now();
+    let summary = fit(&mut trainer, run, &val, &mut monitor, &FitOptions { stop_at: opts.stop_at, sampler })?;
+    let wall = started.elapsed().as_secs_f64();
+    let done = summary.final_step - start;
+    monitor.summary(&format!(
+        "done: {done} steps in {wall:.1}s, mean {:.0} tok/s | final val loss {} | checkpoint {} | metrics {} | tensorboard --logdir {}",
+        (done * trainer.tokens_per_step()) as f64 / wall.max(1e-9),
+        summary.val_loss.map_or("n/a".into(), |v| format!("{v:.4} (ppl {:.2})", v.exp())),
+        summary.checkpoint.as_deref().unwrap_or(&run.checkpoints_dir()).display(),
+        monitor.metrics_path().display(),
+        monitor.tensorboard_dir().display()
+    ));
+    Ok(summary)
+}
+
+/// The resolved config, parameter table, data, device and run directory.
+#[allow(clippy::too_many_arguments)]
+fn print_header(
+    monitor: &Monitor,
+    cfg: &Config,
+    counts: &ParamCounts,
+    run: &RunDir,
+    meta: &Meta,
+    train_tokens: usize,
+    val_tokens: usize,
+    device: &Device,
+    start: usize,
+) {
+    let tc = &cfg.train;
+    monitor.line(&format!("# resolved config (saved to {})", run.config_path().display()));
+    monitor.line(cfg.to_toml().unwrap_or_default().trim_end());
+    monitor.line("");
+    monitor.line(counts.table().trim_end());
+    monitor.line(&format!(
+        "data      {} ({train_tokens} train / {val_tokens} val tokens, vocab {})",
+        cfg.data.dir, meta.vocab_size
+    ));
+    let tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum;
+    monitor.line(&format!(
+        "device    {}, dtype {}, {tokens_per_step} tokens/step ({} × {} × {} accum), {:.2} epochs over the train split, {:.2} tokens per unique parameter",
+        crate::device::describe(device),
+        tc.dtype,
+        tc.batch_size,
+        tc.seq_len,
+        tc.grad_accum,
+        (tokens_per_step * tc.max_steps) as f64 / train_tokens.max(1) as f64,
+        (tokens_per_step * tc.max_steps) as f64 / counts.total().max(1) as f64,
+    ));
+    if tc.dtype == "bf16" && device.is_cpu() {
+        monitor.line("note      train.dtype = \"bf16\" on the CPU rounds matmul inputs but runs them in f32 (slower than f32); it is meant for CUDA");
+    }
+    match crate::device::peak_tflops(tc, device) {
+        Some((p, src)) => monitor.line(&format!(
+            "mfu       {:.3} GFLOP/token (6N + 12·L·d·T) against a peak of {p} TFLOP/s ({src})",
+            ParamCounts::flops_per_token(&cfg.model, tc.seq_len) / 1e9
+        )),
+        None if !device.is_cpu() => monitor.line("mfu       not logged: unknown GPU peak; set train.peak_tflops"),
+        None => {}
+    }
+    monitor.line(&format!("run dir   {}", run.path().display()));
+    if start > 0 {
+        monitor.line(&format!("resuming  from step {start}"));
+    }
+}

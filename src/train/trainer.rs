@@ -1,0 +1,291 @@
+//! The library training API: a [`Trainer`] owns the model, its parameters, the optimizer and
+//! the training state, and takes one optimizer step at a time.
+//!
+//! ```text
+//! step():  lr = lr_at(step)
+//!          grad_accum × { micro-batch → forward → loss / grad_accum → backward → add grads }
+//!          GradSync::all_reduce (data-parallel training averages across ranks here)
+//!          global grad norm → skip if non-finite → clip to train.grad_clip → AdamW
+//! ```
+//! `train`, `sweep`, `bench` and `check-device` all step through it; the loop around it
+//! (logging, evaluation, checkpoints) is `fit.rs`.
+
+use crate::config::Config;
+use crate::model::{Model, Ops, ParamStore};
+use crate::rng::Rng;
+use crate::train::batches::Source;
+use crate::train::checkpoint::{Checkpoint, TrainState};
+use crate::train::optim::AdamW;
+use crate::train::run_dir::RunDir;
+use crate::train::schedule::lr_at;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where the gradients of one step are combined across data-parallel ranks: called once per
+/// step with the gradients summed over the micro-batches (in `Trainer::params` order) and the
+/// mean loss, before the gradient norm, clipping and the update.
+pub trait GradSync {
+    fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()>;
+}
+
+/// A single process: nothing to combine.
+pub struct Local;
+
+impl GradSync for Local {
+    fn all_reduce(&mut self, _grads: &mut [Tensor], _loss: &mut f64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStats {
+    /// The step just taken (1-based).
+    pub step: usize,
+    /// Mean training loss over the step's micro-batches.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens of this step (batch × seq_len × micro-batches).
+    pub tokens: usize,
+    /// Wall time of the step, and of its phases: forward + loss, backward, the rest
+    /// (gradient accumulation, sync, clipping, AdamW).
+    pub ms: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    /// The loss or gradient norm was not finite: the update was skipped.
+    pub skipped: bool,
+    /// Skipped steps in a row, this one included.
+    pub bad_steps: usize,
+}
+
+pub struct Trainer {
+    cfg: Config,
+    model: Model,
+    store: ParamStore,
+    /// The optimizer's parameters (sorted by name), whose gradients each step gathers.
+    params: Vec<(String, Var)>,
+    opt: AdamW,
+    state: TrainState,
+    source: Source,
+    data_rng: Rng,
+    device: Device,
+    sync: Box<dyn GradSync>,
+    bad_steps: usize,
+}
+
+impl Trainer {
+    /// A new model initialised from `train.seed`, fresh optimizer, step 0.
+    pub fn new(cfg: Config, source: Source, device: &Device) -> Result<Self> {
+        let store = ParamStore::new_init(cfg.train.seed, DType::F32, device);
+        Self::build(cfg, store, source, device, None)
+    }
+
+    /// Start from given weights (named as the model names them), fresh optimizer, step 0.
+    pub fn with_weights(cfg: Config, tensors: HashMap<String, Tensor>, source: Source, device: &Device) -> Result<Self> {
+        let store = ParamStore::from_tensors(tensors, DType::F32, device);
+        Self::build(cfg, store, source, device, None)
+    }
+
+    /// Continue from a checkpoint: weights, optimizer moments, step, data RNG.
+    pub fn resume(cfg: Config, ckpt: &Checkpoint, source: Source, device: &Device) -> Result<Self> {
+        let store = ParamStore::from_tensors(ckpt.params(device)?, DType::F32, device);
+        Self::build(cfg, store, source, device, Some(ckpt))
+            .with_context(|| format!("cannot resume from {}", ckpt.dir.display()))
+    }
+
+    fn build(cfg: Config, mut store: ParamStore, source: Source, device: &Device, ckpt: Option<&Checkpoint>) -> Result<Self> {
+        let model = Model::new(&cfg.model, &cfg.lors, &mut store)?;
+        // Mixed precision: variables and optimizer state stay f32; matmuls run in train.dtype.
+        let model = model.with_matmul_dtype(cfg.train.matmul_dtype());
+        crate::device::set_tf32(cfg.train.tf32);
+        let mut opt = AdamW::from_config(store.vars_with_roles(), &cfg)?;
+        let mut state = TrainState {
+            step: 0,
+            data_rng: Rng::new(cfg.train.seed).fork(1).state,
+            opt_t: 0,
+            tokens_seen: 0,
+            val_loss: None,
+        };
+        if let Some(ckpt) = ckpt {
+            state = ckpt.state()?;
+            opt.load_state(ckpt.optimizer(device)?, state.opt_t)?;
+        }
+        let params = opt.params().to_vec();
+        let data_rng = Rng { state: state.data_rng };
+        Ok(Self { cfg, model, store, params, opt, state, source, data_rng, device: device.clone(), sync: Box::new(Local), bad_steps: 0 })
+    }
+
+    /// Combine gradients across ranks with `sync` (data-parallel training).
+    pub fn set_grad_sync(&mut self, sync: Box<dyn GradSync>) {
+        self.sync = sync;
+    }
+
+    /// Run the model on the given implementation of its operations (benchmarks, tests).
+    pub fn set_ops(&mut self, ops: Ops) -> Result<()> {
+        self.model.set_ops(ops)
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// (name, variable) of every trained parameter, in the order of the gradients.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+    /// Tokens of one optimizer step: batch_size × seq_len × grad_accum.
+    pub fn tokens_per_step(&self) -> usize {
+        let t = &self.cfg.train;
+        t.batch_size * t.seq_len * t.grad_accum
+    }
+
+    /// One optimizer step on `train.grad_accum` micro-batches drawn from the source.
+    pub fn step(&mut self) -> Result<StepStats> {
+        let t = &self.cfg.train;
+        let micro = (0..t.grad_accum)
+            .map(|_| self.source.sample(&mut self.data_rng, t.batch_size, t.seq_len, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        self.step_on(&micro)
+    }
+
+    /// One optimizer step on the given micro-batches (inputs, targets), each (B, T): their
+    /// gradients are averaged, as if they were one batch.
+    pub fn step_on(&mut self, micro: &[(Tensor, Tensor)]) -> Result<StepStats> {
+        if micro.is_empty() {
+            bail!("a training step needs at least one micro-batch");
+        }
+        let t0 = Instant::now();
+        let step = self.state.step + 1;
+        let lr = lr_at(step, &self.cfg.train);
+        let (mut grads, mut loss, fwd, bwd) = self.gradients(micro)?;
+        self.sync.all_reduce(&mut grads, &mut loss)?;
+        let grad_norm = global_norm(&grads)?;
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        let tc = &self.cfg.train;
+        if skipped {
+            self.bad_steps += 1;
+            if self.bad_steps > tc.max_bad_steps {
+                bail!(
+                    "{} consecutive steps with a non-finite loss or gradient (last at step {step}): lower train.lr or raise train.warmup_steps",
+                    self.bad_steps
+                );
+            }
+        } else {
+            self.bad_steps = 0;
+            if tc.grad_clip > 0.0 && grad_norm > tc.grad_clip {
+                let scale = tc.grad_clip / (grad_norm + 1e-6);
+                grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<Vec<_>>>()?;
+            }
+            self.opt.step(&grads, lr)?;
+        }
+        let tokens: usize = micro.iter().map(|(x, _)| x.elem_count()).sum();
+        self.state.step = step;
+        self.state.tokens_seen += tokens as u64;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(StepStats {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            ms,
+            forward_ms: fwd,
+            backward_ms: bwd,
+            optimizer_ms: ms - fwd - bwd,
+            skipped,
+            bad_steps: self.bad_steps,
+        })
+    }
+
+    /// Gradients summed over the micro-batches of loss / k (so: of the mean loss), the mean
+    /// loss, and the time spent in forward and backward passes (ms).
+    fn gradients(&self, micro: &[(Tensor, Tensor)]) -> Result<(Vec<Tensor>, f64, f64, f64)> {
+        let k = micro.len();
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.params.len()];
+        let (mut loss_sum, mut fwd, mut bwd) = (0.0, 0.0, 0.0);
+        for (x, y) in micro {
+            let t0 = Instant::now();
+            let loss = self.model.forward_loss(x, y)?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let t1 = Instant::now();
+            let loss = if k > 1 { (loss / k as f64)? } else { loss };
+            let grads = loss.backward()?;
+            bwd += t1.elapsed().as_secs_f64() * 1e3;
+            fwd += (t1 - t0).as_secs_f64() * 1e3;
+            for (slot, (name, var)) in acc.iter_mut().zip(&self.params) {
+                let g = grads.get(var.as_tensor()).with_context(|| format!("parameter {name} received no gradient"))?;
+                *slot = Some(match slot.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        let grads = acc.into_iter().flatten().collect();
+        Ok((grads, loss_sum / k as f64, fwd, bwd))
+    }
+
+    /// Mean loss over fixed batches, without building a graph (the weights are merged and
+    /// detached first); recorded as the run's last validation loss.
+    pub fn evaluate(&mut self, batches: &[(Tensor, Tensor)]) -> Result<f64> {
+        let loss = evaluate(&self.model, batches)?;
+        self.state.val_loss = Some(loss);
+        Ok(loss)
+    }
+
+    /// Write a checkpoint of the current step into `run` (atomically), keeping the newest
+    /// `train.keep_checkpoints`.
+    pub fn save(&mut self, run: &RunDir) -> Result<PathBuf> {
+        self.state.data_rng = self.data_rng.state;
+        self.state.opt_t = self.opt.t;
+        run.save_checkpoint(
+            &self.cfg,
+            &self.store.tensors(),
+            &self.opt.state_tensors(),
+            &self.state,
+            self.cfg.train.keep_checkpoints,
+        )
+    }
+}
+
+/// Mean loss of `model` over fixed batches, without building a graph.
+pub fn evaluate(model: &Model, batches: &[(Tensor, Tensor)]) -> Result<f64> {
+    if batches.is_empty() {
+        bail!("evaluation needs at least one batch");
+    }
+    let frozen = model.merged()?;
+    let mut total = 0.0;
+    for (x, y) in batches {
+        total += frozen.forward_loss(x, y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok(total / batches.len() as f64)
+}
+
+/// Global L2 norm of all gradients, with one host sync.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum: Option<Tensor> = None;
+    for g in grads {
+        let s = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+        sum = Some(match sum {
+            Some(acc) => (acc + s)?,
+            None => s,
+        });
+    }
+    Ok(sum.map_or(Ok(0.0), |s| s.to_scalar::<f64>())?.sqrt())
+}
