@@ -7,8 +7,8 @@ mod common;
 use common::{bin, repo, run_ok, train_tiny};
 
 use candle_core::{Device, Tensor};
-use lors_lm::train::RunDir;
 use lors_lm::infer::generate::{generate_tokens, Sampler};
+use lors_lm::train::RunDir;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

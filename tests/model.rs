@@ -3,16 +3,16 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
-use lors_lm::train::run_dir::load_model;
-use lors_lm::train::{RunDir, TrainState};
 use lors_lm::config::{Config, Mode, Proj};
 use lors_lm::infer::generate::{generate_tokens, Sampler};
 use lors_lm::model::LorsLinear;
 use lors_lm::model::Model;
-use lors_lm::train::optim::AdamW;
 use lors_lm::model::ParamCounts;
-use lors_lm::rng::Rng;
 use lors_lm::model::ParamStore;
+use lors_lm::rng::Rng;
+use lors_lm::train::optim::AdamW;
+use lors_lm::train::run_dir::load_model;
+use lors_lm::train::{RunDir, TrainState};
 
 fn tiny(mode: Mode) -> Config {
     let mut c = Config::tiny();

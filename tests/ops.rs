@@ -5,10 +5,10 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
 use lors_lm::config::{Config, Mode};
-use lors_lm::model::Model;
 use lors_lm::kernels as ops;
-use lors_lm::rng::Rng;
+use lors_lm::model::Model;
 use lors_lm::model::ParamStore;
+use lors_lm::rng::Rng;
 
 fn rand(rng: &mut Rng, shape: &[usize], scale: f64, dtype: DType) -> Result<Tensor> {
     let n: usize = shape.iter().product();

@@ -9,8 +9,8 @@ use common::{bin, repo};
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use lors_lm::config::Config;
 use lors_lm::cmd::check_device as devcheck;
+use lors_lm::config::Config;
 use lors_lm::model::Model;
 use lors_lm::model::ParamCounts;
 use lors_lm::model::ParamStore;

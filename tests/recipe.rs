@@ -8,8 +8,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use lors_lm::config::{Config, Mode, PrivateInit, Proj};
 use lors_lm::model::Model;
-use lors_lm::train::optim::AdamW;
 use lors_lm::model::ParamStore;
+use lors_lm::train::optim::AdamW;
 use std::collections::HashMap;
 
 fn cfg(sets: &[&str]) -> Config {

@@ -80,4 +80,3 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     );
     Ok(())
 }
-

@@ -23,7 +23,6 @@
 //! finished runs (with `result.json`) are kept, interrupted ones resume from their last
 //! checkpoint, and a run directory that holds a different config is an error, never overwritten.
 
-
 use crate::data::{Meta, TokenFile};
 use crate::sweep::plan::{load_plan, plan_stem, resolve, sharing_desc, show_d, Plan, Resolved};
 use crate::sweep::report::{report, write_results, ReportInput};
@@ -177,7 +176,6 @@ fn print_plan(plan: &Plan, resolved: &[Resolved], seeds: &[u64], train_tokens: u
         );
     }
 }
-
 
 /// The command that regenerates the report.
 fn command_line(args: &SweepArgs) -> String {

@@ -171,12 +171,13 @@ fn rope_theta(v: &Value, origin: &Path) -> Result<f64> {
             ),
         }
         if key == "rope_scaling" && kind.is_none() {
-            bail!("{}: rope_scaling {params} is not supported: lors-lm implements the default RoPE only", origin.display());
+            bail!(
+                "{}: rope_scaling {params} is not supported: lors-lm implements the default RoPE only",
+                origin.display()
+            );
         }
         if let Some(theta) = params.get("rope_theta") {
-            return theta
-                .as_f64()
-                .with_context(|| format!("{}: {key}.rope_theta is not a number", origin.display()));
+            return theta.as_f64().with_context(|| format!("{}: {key}.rope_theta is not a number", origin.display()));
         }
     }
     Ok(v.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0))

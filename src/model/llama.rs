@@ -16,10 +16,10 @@
 //! `layers.{l}.{p}.weight`, `layers.{l}.{p}.lors_{a,b}`); `norm.weight` (d);
 //! `lm_head.weight` (V, d) when untied.
 
+use crate::model::lors::Role;
 use crate::model::lors::{LorsConfig, LorsLinear, Proj};
 use crate::model::ops::{linear_as, Ops};
 use crate::model::store::{Init, ParamStore};
-use crate::model::lors::Role;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -95,7 +95,10 @@ impl ModelConfig {
             self.d_model.is_multiple_of(self.n_heads),
             format!("model.d_model ({}) must be divisible by model.n_heads ({})", self.d_model, self.n_heads),
         )?;
-        check(self.head_dim().is_multiple_of(2), "model.d_model / model.n_heads must be even (RoPE rotates pairs)".into())?;
+        check(
+            self.head_dim().is_multiple_of(2),
+            "model.d_model / model.n_heads must be even (RoPE rotates pairs)".into(),
+        )?;
         check(
             self.n_heads.is_multiple_of(self.kv_heads()),
             format!("model.n_heads ({}) must be divisible by model.n_kv_heads ({})", self.n_heads, self.kv_heads()),
@@ -452,7 +455,8 @@ impl Model {
     /// `loss` on the given implementation.
     pub fn loss_with(ops: Ops, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, t, v) = logits.dims3()?;
-        ops.cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?) // (B·T, V), (B·T)
+        ops.cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
+        // (B·T, V), (B·T)
     }
 
     /// For each layer and projection with a private residual: `‖B_l A_l‖_F / ‖W_shared‖_F`.

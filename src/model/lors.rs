@@ -411,7 +411,8 @@ impl LorsLinear {
     /// config's sharing, grouping, rank and init say.
     pub fn new(store: &mut ParamStore, lors: &LorsConfig, m: &ModelConfig, proj: Proj, layer: usize) -> Result<Self> {
         let (out, inp) = proj.shape(m);
-        let base = store.get(&base_name(lors, proj, layer, m.n_layers), &[out, inp], Init::Normal(0.02), Role::Matrix)?;
+        let base =
+            store.get(&base_name(lors, proj, layer, m.n_layers), &[out, inp], Init::Normal(0.02), Role::Matrix)?;
         let rank = lors.rank_for(proj, layer);
         if rank == 0 {
             return Ok(Self { base, residual: None, scale: 1.0 });
@@ -474,7 +475,8 @@ impl LorsLinear {
     /// ‖s·B A‖_F / ‖W_shared‖_F: how far this layer has moved from its shared base.
     pub fn residual_ratio(&self) -> Result<f32> {
         let Some((a, b)) = &self.residual else { return Ok(0.0) };
-        let norm = |t: &Tensor| -> Result<f32> { Ok(t.detach().sqr()?.sum_all()?.sqrt()?.to_dtype(DType::F32)?.to_scalar()?) };
+        let norm =
+            |t: &Tensor| -> Result<f32> { Ok(t.detach().sqr()?.sum_all()?.sqrt()?.to_dtype(DType::F32)?.to_scalar()?) };
         let delta = (b.matmul(a)? * self.scale)?;
         Ok(norm(&delta)? / norm(&self.base)?.max(f32::MIN_POSITIVE))
     }
@@ -499,13 +501,19 @@ mod tests {
     #[test]
     fn private_layers_share_nothing_and_groups_skip_them() {
         let l = LorsConfig { private_layers: vec![0, 5], group_size: Some(2), ..Default::default() };
-        assert_eq!((0..6).map(|i| l.group_of(i, 6)).collect::<Vec<_>>(), [None, Some(0), Some(0), Some(1), Some(1), None]);
+        assert_eq!(
+            (0..6).map(|i| l.group_of(i, 6)).collect::<Vec<_>>(),
+            [None, Some(0), Some(0), Some(1), Some(1), None]
+        );
         assert!(!l.is_shared(Proj::Q, 0) && l.is_shared(Proj::Q, 1));
         assert_eq!(l.rank_for(Proj::Q, 5), 0);
         assert_eq!(base_name(&l, Proj::Up, 5, 6), "layers.5.up.weight");
         assert_eq!(base_name(&l, Proj::Up, 3, 6), "shared.1.up.weight");
         let l = LorsConfig { private_layers: vec![0, 5], groups: 2, ..Default::default() };
-        assert_eq!((0..6).map(|i| l.group_of(i, 6)).collect::<Vec<_>>(), [None, Some(0), Some(0), Some(1), Some(1), None]);
+        assert_eq!(
+            (0..6).map(|i| l.group_of(i, 6)).collect::<Vec<_>>(),
+            [None, Some(0), Some(0), Some(1), Some(1), None]
+        );
     }
 
     #[test]

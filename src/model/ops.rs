@@ -72,7 +72,8 @@ impl Ops {
         let (b, h, t, hd) = q.dims4()?;
         if self == Ops::Fused {
             // One kernel: scores, causal softmax and P·v per head, GQA included.
-            return Ok(kernels::attention(q, k, v, scale)?.reshape((b, t, h * hd))?); // (B, T, H, hd) -> (B, T, H·hd)
+            return Ok(kernels::attention(q, k, v, scale)?.reshape((b, t, h * hd))?);
+            // (B, T, H, hd) -> (B, T, H·hd)
         }
         let (_, hkv, s, _) = k.dims4()?;
         let (k, v) = if h != hkv {
@@ -124,7 +125,8 @@ impl Ops {
         let (b, t, width) = qkv.dims3()?;
         let hd = width / (h + 2 * hkv);
         let part = |start: usize, heads: usize| -> Result<Tensor> {
-            Ok(qkv.narrow(2, start * hd, heads * hd)?.reshape((b, t, heads, hd))?) // (B, T, heads, hd)
+            Ok(qkv.narrow(2, start * hd, heads * hd)?.reshape((b, t, heads, hd))?)
+            // (B, T, heads, hd)
         };
         let q = self.rope(&part(0, h)?, cos, sin, offset)?; // (B, H, T, hd)
         let k = self.rope(&part(h, hkv)?, cos, sin, offset)?; // (B, Hkv, T, hd)

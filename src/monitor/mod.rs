@@ -149,7 +149,9 @@ impl Monitor {
         ratios: &[(usize, Proj, f32)],
         sample: Option<&str>,
     ) -> Result<()> {
-        self.log(serde_json::json!({"step": step, "val_loss": val_loss, "val_ppl": val_loss.exp(), "tokens": tokens_seen}))?;
+        self.log(
+            serde_json::json!({"step": step, "val_loss": val_loss, "val_ppl": val_loss.exp(), "tokens": tokens_seen}),
+        )?;
         self.console.line(&format!("eval  {step:>6} | val loss {val_loss:.4} | val ppl {:.2}", val_loss.exp()));
         self.board.scalar("val/loss", val_loss, step);
         self.board.scalar("val/ppl", val_loss.exp(), step);

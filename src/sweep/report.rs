@@ -105,7 +105,8 @@ fn collect_rows<'a>(input: &ReportInput<'a>) -> Result<Vec<Row<'a>>> {
 
 /// Title, provenance, data, and how to read the table.
 fn header(md: &mut String, input: &ReportInput, rows: &[Row]) {
-    let (plan, resolved, seeds, meta, train_tokens) = (input.plan, input.resolved, input.seeds, input.meta, input.train_tokens);
+    let (plan, resolved, seeds, meta, train_tokens) =
+        (input.plan, input.resolved, input.seeds, input.meta, input.train_tokens);
     let _ = writeln!(md, "## {}\n", plan.title);
     let _ = writeln!(
         md,
@@ -175,8 +176,7 @@ fn table(md: &mut String, input: &ReportInput, rows: &[Row]) {
     let (plan, resolved, seeds) = (input.plan, input.resolved, input.seeds);
     let t = &resolved[0].cfg.train;
     let tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
-    let baseline_total =
-        resolved.iter().find(|r| r.name == plan.baseline).map_or(1.0, |r| r.counts.total() as f64);
+    let baseline_total = resolved.iter().find(|r| r.name == plan.baseline).map_or(1.0, |r| r.counts.total() as f64);
     let _ = writeln!(
         md,
         "| config | mode | rank / schedule / groups / recipe | unique block params | total unique | % of {} | val loss (mean ± spread) | val ppl | tokens/s | train time (s) | seeds |{}",
@@ -332,7 +332,6 @@ pub fn write_results(docs: &Path, rep: &Report) -> Result<()> {
         &rep.front,
     )
 }
-
 
 /// The CPU, cores and threads, for the report's provenance line.
 fn machine() -> String {

@@ -54,7 +54,13 @@ pub struct FitSummary {
 
 /// Train until `train.max_steps` (or --stop-at, or Ctrl-C), evaluating on `val` and
 /// checkpointing into `run` as the config says.
-pub fn fit(trainer: &mut Trainer, run: &RunDir, val: &[(Tensor, Tensor)], monitor: &mut Monitor, opts: &FitOptions) -> Result<FitSummary> {
+pub fn fit(
+    trainer: &mut Trainer,
+    run: &RunDir,
+    val: &[(Tensor, Tensor)],
+    monitor: &mut Monitor,
+    opts: &FitOptions,
+) -> Result<FitSummary> {
     let tc = trainer.cfg().train.clone();
     let start = trainer.state().step;
     let mut checkpoint = run.latest_step()?.map(|s| run.checkpoints_dir().join(s.to_string()));
@@ -93,7 +99,10 @@ pub fn fit(trainer: &mut Trainer, run: &RunDir, val: &[(Tensor, Tensor)], monito
         }
         if stopped_early {
             let why = if interrupted { "interrupted" } else { "--stop-at" };
-            monitor.summary(&format!("stopped at step {step} ({why}); continue with --resume --out {}", run.path().display()));
+            monitor.summary(&format!(
+                "stopped at step {step} ({why}); continue with --resume --out {}",
+                run.path().display()
+            ));
             break;
         }
     }

@@ -78,10 +78,18 @@ pub fn open_data(dir: &Path, cfg: &mut Config) -> Result<RunData> {
 }
 
 /// Train `cfg` on the prepared data in `data_dir` into `run` (see the module docs).
-pub fn train(mut cfg: Config, data_dir: &Path, run: &RunDir, device: &Device, opts: &SessionOptions) -> Result<FitSummary> {
+pub fn train(
+    mut cfg: Config,
+    data_dir: &Path,
+    run: &RunDir,
+    device: &Device,
+    opts: &SessionOptions,
+) -> Result<FitSummary> {
     let data = open_data(data_dir, &mut cfg)?;
     let resume_from = match opts.resume {
-        true => Some(run.checkpoint(None).with_context(|| format!("--resume: nothing to resume in {}", run.path().display()))?),
+        true => Some(
+            run.checkpoint(None).with_context(|| format!("--resume: nothing to resume in {}", run.path().display()))?,
+        ),
         false => {
             run.check_new(opts.force)?;
             None

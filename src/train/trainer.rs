@@ -87,7 +87,12 @@ impl Trainer {
     }
 
     /// Start from given weights (named as the model names them), fresh optimizer, step 0.
-    pub fn with_weights(cfg: Config, tensors: HashMap<String, Tensor>, source: Source, device: &Device) -> Result<Self> {
+    pub fn with_weights(
+        cfg: Config,
+        tensors: HashMap<String, Tensor>,
+        source: Source,
+        device: &Device,
+    ) -> Result<Self> {
         let store = ParamStore::from_tensors(tensors, DType::F32, device);
         Self::build(cfg, store, source, device, None)
     }
@@ -99,7 +104,13 @@ impl Trainer {
             .with_context(|| format!("cannot resume from {}", ckpt.dir.display()))
     }
 
-    fn build(cfg: Config, mut store: ParamStore, source: Source, device: &Device, ckpt: Option<&Checkpoint>) -> Result<Self> {
+    fn build(
+        cfg: Config,
+        mut store: ParamStore,
+        source: Source,
+        device: &Device,
+        ckpt: Option<&Checkpoint>,
+    ) -> Result<Self> {
         let model = Model::new(&cfg.model, &cfg.lors, &mut store)?;
         // Mixed precision: variables and optimizer state stay f32; matmuls run in train.dtype.
         let model = model.with_matmul_dtype(cfg.train.matmul_dtype());
@@ -118,7 +129,19 @@ impl Trainer {
         }
         let params = opt.params().to_vec();
         let data_rng = Rng { state: state.data_rng };
-        Ok(Self { cfg, model, store, params, opt, state, source, data_rng, device: device.clone(), sync: Box::new(Local), bad_steps: 0 })
+        Ok(Self {
+            cfg,
+            model,
+            store,
+            params,
+            opt,
+            state,
+            source,
+            data_rng,
+            device: device.clone(),
+            sync: Box::new(Local),
+            bad_steps: 0,
+        })
     }
 
     /// Combine gradients across ranks with `sync` (data-parallel training).
