@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: fetch Moby Dick → prepare (BPE 4096) → train a LORS model → generate.
-# About 10-15 minutes on 2 CPU cores (most of it training). Usage: scripts/quickstart.sh [CONFIG]
+# About 4 minutes on 2 CPU cores once built (training ~2.5 of them; a cold `cargo build` adds
+# 10-15 minutes). Usage: scripts/quickstart.sh [CONFIG]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG="${1:-configs/moby-lors.toml}"

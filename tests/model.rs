@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use lors_lm::config::{Config, Mode, Proj};
 use lors_lm::infer::generate::{generate_tokens, Sampler};
 use lors_lm::model::LorsLinear;
-use lors_lm::model::Model;
+use lors_lm::model::{Model, Ops};
 use lors_lm::model::ParamCounts;
 use lors_lm::model::ParamStore;
 use lors_lm::rng::Rng;
@@ -370,5 +370,46 @@ fn softmax_rows_of_the_attention_are_causal() -> Result<()> {
     let p = candle_nn::ops::softmax(&la, D::Minus1)?.sum(D::Minus1)?;
     let p: Vec<f32> = p.flatten_all()?.to_vec1()?;
     assert!(p.iter().all(|s| (s - 1.0).abs() < 1e-5));
+    Ok(())
+}
+
+/// `Ops::Plain` means plain everywhere: its training loss is candle's own cross-entropy of
+/// its own logits, bit for bit. (An earlier `with_fused_ops(false)` still ran the fused
+/// cross-entropy, whose fast exp differs in the last bits: the weights below are scaled so
+/// that it does here, which the test checks too, so the test can tell the two apart.)
+#[test]
+fn the_plain_model_computes_its_loss_with_plain_ops() -> Result<()> {
+    let cfg = tiny(Mode::Lors);
+    let (_, store) = build(&cfg, DType::F32, 1)?;
+    let scaled = store.tensors().into_iter().map(|(n, t)| Ok((n.clone(), if t.rank() == 2 { (t * 8.0)? } else { t })));
+    let mut store = ParamStore::from_tensors(scaled.collect::<Result<_>>()?, DType::F32, &Device::Cpu);
+    let plain = Model::new(&cfg.model, &cfg.lors, &mut store)?.with_ops(Ops::Plain)?;
+    let x = Tensor::from_vec((0..64u32).map(|i| (i * 7 + 1) % 50).collect(), (4, 16), &Device::Cpu)?;
+    let y = Tensor::from_vec((0..64u32).map(|i| (i * 3 + 1) % 50).collect(), (4, 16), &Device::Cpu)?;
+    let logits = plain.forward(&x)?.reshape((64, 50))?;
+    let want = candle_nn::loss::cross_entropy(&logits, &y.reshape(64)?)?.to_scalar::<f32>()?;
+    let fused = lors_lm::kernels::cross_entropy(&logits, &y.reshape(64)?)?.mean_all()?.to_scalar::<f32>()?;
+    assert_ne!(fused, want, "this input must tell the fused and the plain cross-entropy apart");
+    assert_eq!(plain.forward_loss(&x, &y)?.to_scalar::<f32>()?, want);
+    assert_eq!(Model::loss_with(Ops::Plain, &logits.reshape((4, 16, 50))?, &y)?.to_scalar::<f32>()?, want);
+    Ok(())
+}
+
+/// Without a cache, positions offset..offset+T attend among themselves (RoPE shifted by the
+/// offset): the plain and fused paths agree (the plain one used to fail on a mask built for
+/// offset + T keys), and since RoPE scores depend on relative positions only, the logits
+/// equal those at offset 0.
+#[test]
+fn forward_at_an_offset_without_a_cache_agrees_between_plain_and_fused() -> Result<()> {
+    let cfg = tiny(Mode::Lors);
+    let (model, store) = build(&cfg, DType::F32, 12)?;
+    let mut rng = Rng::new(6);
+    perturb_b(&store, &mut rng)?;
+    let x = ids(&mut rng, 2, 7, 50)?;
+    let fused = model.forward_at(&x, 5, None)?;
+    let plain = model.with_ops(Ops::Plain)?;
+    let got = plain.forward_at(&x, 5, None)?;
+    assert!(max_abs_diff(&fused, &got)? < 1e-4, "plain vs fused at offset 5");
+    assert!(max_abs_diff(&plain.forward_at(&x, 0, None)?, &got)? < 1e-4, "RoPE is relative");
     Ok(())
 }

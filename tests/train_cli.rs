@@ -162,6 +162,55 @@ fn train_refuses_bad_input_clearly() {
     assert!(e.contains("999"), "{e}");
 }
 
+/// Every file of a directory tree with its bytes, to compare a directory before and after.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A command that refuses leaves the run directory byte-identical: a --resume whose config
+/// does not fit the checkpoint (other dimensions, another vocabulary), a new run over an
+/// existing one without --force, a --force run whose config is invalid.
+#[test]
+fn refused_commands_leave_the_run_directory_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    synthetic_data(&data, 3_000, 500);
+    let run = tmp.path().join("r");
+    let two_steps = ["--set", "train.max_steps=2", "--set", "train.warmup_steps=0"];
+    run_ok(train_tiny(&data, &run).args(two_steps));
+    let before = snapshot(&run);
+    let resume = |extra: &[&str]| {
+        let mut c = bin();
+        c.args(["train", "--quiet", "--resume", "--out"]).arg(&run).arg("--data").arg(&data).args(extra);
+        c
+    };
+    let e = run_err(&mut resume(&["--set", "model.d_model=48", "--set", "train.max_steps=4"]));
+    assert!(e.contains("shape"), "{e}");
+    assert!(snapshot(&run) == before, "a refused --resume with other dimensions changed {}", run.display());
+    let e = run_err(&mut resume(&["--set", "lors.rank=2", "--set", "train.max_steps=4"]));
+    assert!(e.contains("lors_a"), "{e}");
+    assert!(snapshot(&run) == before, "a refused --resume with another rank changed {}", run.display());
+    let e = run_err(train_tiny(&data, &run).args(two_steps));
+    assert!(e.contains("--force"), "{e}");
+    assert!(snapshot(&run) == before, "a refused new run changed {}", run.display());
+    let e = run_err(train_tiny(&data, &run).args(["--force", "--set", "model.n_heads=3"]));
+    assert!(e.contains("divisible"), "{e}");
+    assert!(snapshot(&run) == before, "a --force run with an invalid config changed {}", run.display());
+}
+
 /// prepare → train (overfit a short text) → generate through the real binary: greedy decoding
 /// reproduces the training text, and seeded sampling is reproducible.
 #[test]
