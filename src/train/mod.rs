@@ -8,6 +8,19 @@
 //! * `schedule.rs`: the learning rate at each step.
 //! * `batches.rs`: training and validation batches.
 //! * `run_dir.rs` + `checkpoint.rs`: the run directory's layout and atomic checkpoints.
+//!
+//! ```
+//! use lors_lm::{config::Config, train::{Source, Trainer}};
+//! # fn main() -> anyhow::Result<()> {
+//! let mut cfg = Config::tiny();
+//! cfg.model.vocab_size = 50;
+//! let mut trainer = Trainer::new(cfg, Source::Random { vocab: 50 }, &candle_core::Device::Cpu)?;
+//! let stats = trainer.step()?; // StepStats { step, loss, lr, grad_norm, tokens, ms, .. }
+//! assert_eq!((stats.step, stats.tokens), (1, 4 * 16));
+//! assert!(stats.loss.is_finite() && stats.grad_norm > 0.0);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod adamw;
 pub mod batches;
