@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `cmd` | one file per command: its arguments and `run` |
 //! | `sweep` | comparison plans: plan, run, report |
+//! | `compress` | a trained model → LORS by mean bases and truncated SVD of the residuals |
 //! | `train` | `Trainer` (the step), the loop, optimizer, schedule, run directory, checkpoints |
 //! | `infer`, `formats` | generation and perplexity; Hugging Face import/export |
 //! | `model` | the Llama model, the LORS method (`model/lors.rs`), parameters |
@@ -14,6 +15,7 @@
 //! | `data`, `monitor`, `config`, `device`, `rng` | prepared data, reports, configuration, devices |
 
 pub mod cmd;
+pub mod compress;
 pub mod config;
 pub mod data;
 pub mod device;

@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use lors_lm::cmd::{bench, check_device, eval, export, generate, params, prepare, sweep, train};
+use lors_lm::cmd::{bench, check_device, compress, eval, export, generate, params, prepare, sweep, train};
 use lors_lm::device;
 
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
@@ -31,6 +31,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Export a run as a plain Hugging Face Llama checkpoint (LORS weights merged).
     Export(export::ExportArgs),
+    /// Compress a trained model (run, Hugging Face dir) into a LORS run: mean bases per group,
+    /// truncated SVD of each layer's residual.
+    Compress(compress::CompressArgs),
     /// Print the parameter table of a config or a run: unique vs vanilla.
     Params(params::ParamsArgs),
     /// Measure training-step and generation throughput of a config per sharing mode.
@@ -51,6 +54,7 @@ fn main() {
         Command::Generate(args) => generate::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::Compress(args) => compress::run(&args),
         Command::Params(args) => params::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Sweep(args) => sweep::run(&args),

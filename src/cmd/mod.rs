@@ -3,10 +3,12 @@
 
 pub mod bench;
 pub mod check_device;
+pub mod compress;
 pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod params;
 pub mod prepare;
+pub mod source;
 pub mod sweep;
 pub mod train;

@@ -39,6 +39,7 @@ use crate::model::store::{Init, ParamStore};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 // ---------------------------------------------------------------------------------------------
@@ -177,6 +178,10 @@ pub struct LorsConfig {
     pub private_layers: Vec<usize>,
     /// Projection types that are shared; the others stay private per layer.
     pub targets: Vec<Proj>,
+    /// Per-projection, per-layer ranks (e.g. `q = [8, 12, 16, 8]`, one per layer; layers that
+    /// share nothing take any value); override every other rank setting. `lors-lm compress
+    /// --energy` writes them.
+    pub proj_ranks: BTreeMap<Proj, Vec<usize>>,
     /// Initialisation of the private factors: "paper" (A Kaiming-uniform U(±1/√in), B zeros:
     /// every layer starts equal to its shared base) or "small" (A and B both N(0, 0.02²), the
     /// model's own init scale, so layers differ from step 0 and both factors get gradients).
@@ -205,6 +210,7 @@ impl Default for LorsConfig {
             group_size: None,
             private_layers: vec![],
             targets: Proj::ALL.to_vec(),
+            proj_ranks: BTreeMap::new(),
             init: PrivateInit::Paper,
             alpha: None,
             private_lr_mult: 1.0,
@@ -277,6 +283,9 @@ impl LorsConfig {
         if self.mode != Mode::Lors || !self.is_shared(proj, layer) {
             return 0;
         }
+        if let Some(ranks) = self.proj_ranks.get(&proj) {
+            return ranks[layer];
+        }
         let (schedule, typed) = if proj.is_attn() {
             (&self.attn_rank_schedule, self.attn_rank)
         } else {
@@ -340,9 +349,12 @@ impl LorsConfig {
                 ),
             )?;
         }
-        for (key, sched) in
-            [("lors.attn_rank_schedule", &self.attn_rank_schedule), ("lors.ffn_rank_schedule", &self.ffn_rank_schedule)]
-        {
+        let per_proj = self.proj_ranks.iter().map(|(p, r)| (format!("lors.proj_ranks.{p}"), Some(r)));
+        let schedules = [
+            ("lors.attn_rank_schedule".to_string(), self.attn_rank_schedule.as_ref()),
+            ("lors.ffn_rank_schedule".to_string(), self.ffn_rank_schedule.as_ref()),
+        ];
+        for (key, sched) in schedules.into_iter().chain(per_proj) {
             if let Some(s) = sched {
                 check(
                     s.len() == m.n_layers,
@@ -360,8 +372,8 @@ impl LorsConfig {
                         format!("rank of {p} at layer {layer} is 0: lors mode needs rank >= 1 (use mode = \"shared\" for no private term)"),
                     )?;
                     check(
-                        r < out.min(inp),
-                        format!("rank {r} of {p} at layer {layer} must be < min(out, in) = {} (a full-rank residual shares nothing)", out.min(inp)),
+                        r <= out.min(inp),
+                        format!("rank {r} of {p} at layer {layer} exceeds min(out, in) = {} of its weight", out.min(inp)),
                     )?;
                 }
             }
@@ -538,6 +550,15 @@ mod tests {
         assert_eq!(l.options(Role::Gain, 0.1), ParamOptions { lr_mult: 1.0, weight_decay: 0.0 });
         assert_eq!(l.options(Role::FactorA, 0.1), ParamOptions { lr_mult: 2.0, weight_decay: 0.0 });
         assert_eq!(l.options(Role::FactorB, 0.1), ParamOptions { lr_mult: 8.0, weight_decay: 0.0 });
+    }
+
+    #[test]
+    fn per_projection_ranks_override_and_survive_toml() {
+        let mut l = LorsConfig { rank: 8, ..Default::default() };
+        l.proj_ranks.insert(Proj::Up, vec![3, 5]);
+        assert_eq!((l.rank_for(Proj::Up, 1), l.rank_for(Proj::Q, 1)), (5, 8));
+        let text = toml::to_string(&l).unwrap();
+        assert_eq!(toml::from_str::<LorsConfig>(&text).unwrap(), l, "{text}");
     }
 
     #[test]

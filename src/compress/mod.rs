@@ -1,0 +1,185 @@
+//! Compression: turn a trained Llama (any stack, as its merged per-layer weights) into a LORS
+//! model, the initialisation that Relaxed Recursive Transformers (ICLR 2025) use:
+//!
+//! ```text
+//! for every shared projection type p and group g of layers:
+//!     W_shared = mean of W_l over the layers l of g
+//!     for every layer l of g:  (B_l, A_l) = rank-r truncated SVD of W_l − W_shared
+//!                              B = U_r Σ_r^½,  A = Σ_r^½ V_rᵀ      (exact at full rank)
+//! ```
+//! Private layers (`private_layers`) and projection types that are not targets keep their full
+//! weights; embeddings, norms and the head are copied. The rank of each projection is fixed
+//! (`rank`, `attn_rank`, `ffn_rank`) or chosen per projection and layer to keep a fraction of
+//! the residual's energy (`energy`: Σ_{i<r} σ_i² / Σ σ_i²). The result is a LORS config and
+//! its named tensors; `lors-lm compress` writes them as a run directory.
+
+pub mod svd;
+
+use crate::model::lors::{factor_names, LorsConfig, Mode, Proj};
+use crate::model::ModelConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use svd::ResidualSvd;
+
+/// What to compress into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// Rank of every private residual (unless attn_rank / ffn_rank / energy decide).
+    pub rank: usize,
+    pub attn_rank: Option<usize>,
+    pub ffn_rank: Option<usize>,
+    /// Number of groups of consecutive layers, or (instead) layers per group.
+    pub groups: usize,
+    pub group_size: Option<usize>,
+    /// Projection types that share a base; the others stay private.
+    pub targets: Vec<Proj>,
+    /// Layers that keep all their weights.
+    pub private_layers: Vec<usize>,
+    /// Choose each projection's rank to keep this fraction of its residual's energy.
+    pub energy: Option<f64>,
+}
+
+/// One projection of one layer after compression.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjReport {
+    pub proj: Proj,
+    pub layer: usize,
+    /// The group whose base it shares (None: kept private).
+    pub group: Option<usize>,
+    /// Rank of its private residual (0 when kept private).
+    pub rank: usize,
+    /// Fraction of ‖W_l − W_shared‖²_F the residual keeps (1 when kept private).
+    pub energy_kept: f64,
+    /// ‖W_l − W_shared‖_F / ‖W_l‖_F: how far the layer is from its group's mean.
+    pub residual_norm: f64,
+}
+
+pub struct Compressed {
+    pub lors: LorsConfig,
+    /// Every parameter of the LORS model, named as the model names them.
+    pub tensors: HashMap<String, Tensor>,
+    pub report: Vec<ProjReport>,
+}
+
+impl Spec {
+    /// The LORS config this spec asks for (ranks per projection are filled in by `compress`
+    /// when `energy` decides them).
+    pub fn lors_config(&self) -> LorsConfig {
+        LorsConfig {
+            mode: Mode::Lors,
+            rank: self.rank,
+            attn_rank: self.attn_rank,
+            ffn_rank: self.ffn_rank,
+            groups: self.groups,
+            group_size: self.group_size,
+            private_layers: self.private_layers.clone(),
+            targets: self.targets.clone(),
+            ..LorsConfig::default()
+        }
+    }
+}
+
+/// Compress the vanilla-named weights `source` (`Model::merged_tensors`) of a model with
+/// dimensions `m` as `spec` says.
+pub fn compress(m: &ModelConfig, source: &HashMap<String, Tensor>, spec: &Spec) -> Result<Compressed> {
+    if let Some(f) = spec.energy {
+        if !(f > 0.0 && f <= 1.0) {
+            bail!("--energy {f}: the fraction of residual energy to keep must be in (0, 1]");
+        }
+    }
+    let mut lors = spec.lors_config();
+    let mut tensors = HashMap::new();
+    let mut report = vec![];
+    let get = |name: &str| -> Result<Tensor> {
+        let t = source.get(name).with_context(|| format!("the source model has no tensor {name}"))?;
+        Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+    };
+    for name in ["embed.weight", "norm.weight", "lm_head.weight"] {
+        if source.contains_key(name) {
+            tensors.insert(name.to_string(), get(name)?);
+        }
+    }
+    for l in 0..m.n_layers {
+        for n in ["attn_norm", "ffn_norm"] {
+            let name = format!("layers.{l}.{n}.weight");
+            tensors.insert(name.clone(), get(&name)?);
+        }
+    }
+    let n = m.n_layers;
+    for p in Proj::ALL {
+        let mut ranks = vec![0; n];
+        // Layers kept private: their full weight.
+        for l in (0..n).filter(|&l| !lors.is_shared(p, l)) {
+            let name = format!("layers.{l}.{p}.weight");
+            tensors.insert(name.clone(), get(&name)?);
+            report.push(ProjReport { proj: p, layer: l, group: None, rank: 0, energy_kept: 1.0, residual_norm: 0.0 });
+        }
+        for g in 0..lors.n_groups(n) {
+            let layers: Vec<usize> = (0..n).filter(|&l| lors.is_shared(p, l) && lors.group_of(l, n) == Some(g)).collect();
+            if layers.is_empty() {
+                continue;
+            }
+            let weights = layers.iter().map(|l| get(&format!("layers.{l}.{p}.weight"))).collect::<Result<Vec<_>>>()?;
+            let shared = (Tensor::stack(&weights, 0)?.sum(0)? / layers.len() as f64)?; // (out, in)
+            tensors.insert(format!("shared.{g}.{p}.weight"), shared.clone());
+            for (&l, w) in layers.iter().zip(&weights) {
+                let (rank, r) = compress_layer(&lors, spec, p, l, w, &shared, &mut tensors)?;
+                ranks[l] = rank;
+                report.push(ProjReport { proj: p, layer: l, group: Some(g), ..r });
+            }
+        }
+        if spec.energy.is_some() && (0..n).any(|l| lors.is_shared(p, l)) {
+            lors.proj_ranks.insert(p, ranks);
+        }
+    }
+    report.sort_by_key(|r| (r.layer, r.proj));
+    Ok(Compressed { lors, tensors, report })
+}
+
+/// The private factors of `proj` in `layer` from the SVD of `w − shared`; returns the rank
+/// and the layer's report (group filled in by the caller).
+fn compress_layer(
+    lors: &LorsConfig,
+    spec: &Spec,
+    proj: Proj,
+    layer: usize,
+    w: &Tensor,
+    shared: &Tensor,
+    tensors: &mut HashMap<String, Tensor>,
+) -> Result<(usize, ProjReport)> {
+    let (out, inp) = w.dims2()?;
+    let residual = (w - shared)?;
+    let svd = ResidualSvd::new(&residual.flatten_all()?.to_vec1::<f32>()?, out, inp)?;
+    let rank = match spec.energy {
+        Some(f) => svd.rank_for_energy(f),
+        None => lors.rank_for(proj, layer),
+    };
+    if rank > svd.k() {
+        bail!(
+            "rank {rank} of {proj} is larger than min(out, in) = {} of its {out}×{inp} weight: choose a rank ≤ {}",
+            svd.k(),
+            svd.k()
+        );
+    }
+    let (b, a) = svd.factors(rank)?;
+    let (a_name, b_name) = factor_names(proj, layer);
+    tensors.insert(a_name, Tensor::from_vec(a, (rank, inp), &Device::Cpu)?);
+    tensors.insert(b_name, Tensor::from_vec(b, (out, rank), &Device::Cpu)?);
+    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt()) };
+    let residual_norm = svd.energy().sqrt() / norm(w)?.max(f64::MIN_POSITIVE);
+    let energy_kept = svd.energy_kept(rank);
+    Ok((rank, ProjReport { proj, layer, group: None, rank, energy_kept, residual_norm }))
+}
+
+/// Energy kept per projection type, averaged over its shared layers (for summaries).
+pub fn mean_energy_by_proj(report: &[ProjReport]) -> BTreeMap<Proj, f64> {
+    let mut acc: BTreeMap<Proj, (f64, usize)> = BTreeMap::new();
+    for r in report.iter().filter(|r| r.group.is_some()) {
+        let e = acc.entry(r.proj).or_default();
+        e.0 += r.energy_kept;
+        e.1 += 1;
+    }
+    acc.into_iter().map(|(p, (s, n))| (p, s / n as f64)).collect()
+}
