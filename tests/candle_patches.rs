@@ -132,18 +132,18 @@ fn weight_gradients_of_transposed_products_are_right_and_contiguous() -> Result<
 /// Where OpenBLAS is loaded, the row bands of f32 matmuls go through it: it must take
 /// every layout candle and the fused kernels pass (row-major or transposed operands, a leading
 /// dimension wider than the row), overwriting or accumulating into C, and decline, touching
-/// nothing, what CBLAS cannot express.
+/// nothing, what CBLAS cannot express. Needs OpenBLAS loaded: scripts/test.sh leaves this test
+/// out (`--skip openblas_bands`, with a note) where libopenblas.so.0 is not installed, and in
+/// its second pass with `LORS_LM_BLAS=gemm`.
 #[cfg(feature = "openblas")]
 #[test]
 fn openblas_bands_match_a_naive_product_and_decline_other_layouts() -> Result<()> {
     use candle_core::cpu_backend::openblas::{backend, sgemm};
     if let Err(why) = backend() {
-        // scripts/test.sh runs the suite a second time with LORS_LM_BLAS=gemm.
-        let required = std::env::var_os("LORS_LM_REQUIRE_OPENBLAS").is_some()
-            && std::env::var("LORS_LM_BLAS").as_deref() != Ok("gemm");
-        assert!(!required, "LORS_LM_REQUIRE_OPENBLAS is set, but OpenBLAS is not loaded: {why}");
-        eprintln!("skipped: OpenBLAS is not loaded ({why})");
-        return Ok(());
+        panic!(
+            "OpenBLAS is not loaded ({why}): install it (apt install libopenblas0), or leave this test \
+             out with `-- --skip openblas_bands` (scripts/test.sh does where it is not installed)"
+        );
     }
     let mut rng = Rng::new(9);
     // 300 rows: enough for the row-band path on 2 threads in the candle check at the end.

@@ -265,22 +265,49 @@ fn ctrl_c_saves_a_checkpoint_and_flushes_the_logs() {
     all_checkpoints_readable(&run);
     // The event file holds every step up to the interrupted one.
     let tb = std::fs::read_dir(run.join("tb")).unwrap().flatten().next().unwrap().path();
-    let events = lors_lm::monitor::tensorboard::read_event_file(&tb).unwrap();
+    let events = common::tb_reader::read_event_file(&tb).unwrap();
     let logged = events.scalars.iter().filter(|(t, _, _)| t == "train/loss").count();
     assert_eq!(logged, step);
 }
 
-/// Mount a small tmpfs (root only); None where mounting is not permitted.
-fn small_tmpfs(dir: &Path, size: &str) -> Option<()> {
-    std::fs::create_dir_all(dir).unwrap();
-    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status();
-    match ok {
-        Ok(s) if s.success() => Some(()),
-        _ => {
-            println!("skipped: cannot mount a tmpfs here (needs root)");
-            None
+/// Run `cmd` with a tmpfs of `size` mounted at `mnt`, in a private mount namespace (so the
+/// mount needs no cleanup and vanishes with the process), then copy `mnt/run` to `copy` (the
+/// tmpfs is gone afterwards). `unshare --mount` works as root; elsewhere `unshare --mount
+/// --map-root-user` does where unprivileged user namespaces are allowed. Panics, saying so,
+/// where neither can mount.
+fn run_on_small_tmpfs(mnt: &Path, size: &str, cmd: &Command, copy: &Path) -> std::process::Output {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mounted = copy.with_extension("mounted");
+    // $1 size, $2 mount point, $3 marker written once mounted, $4 copy, then the command.
+    let script = r#"mount -t tmpfs -o "size=$1" tmpfs "$2" || exit 1
+: > "$3"
+m=$2 c=$4; shift 4
+"$@"; rc=$?
+cp -a "$m/run" "$c" 2>/dev/null
+exit $rc"#;
+    let mut tried = Vec::new();
+    for flags in [&["--mount"][..], &["--mount", "--map-root-user"]] {
+        let mut unshare = Command::new("unshare");
+        unshare.args(flags).args(["sh", "-c", script, "sh", size]).arg(mnt).arg(&mounted).arg(copy);
+        unshare.arg(cmd.get_program()).args(cmd.get_args());
+        for (key, value) in cmd.get_envs() {
+            match value {
+                Some(v) => unshare.env(key, v),
+                None => unshare.env_remove(key),
+            };
         }
+        let out = unshare.output().expect("run unshare (util-linux)");
+        if mounted.exists() {
+            return out;
+        }
+        tried.push(format!("unshare {}: {}", flags.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
     }
+    panic!(
+        "cannot mount a tmpfs for the full-disk test: run as root, or allow unprivileged user \
+         namespaces (sysctl kernel.unprivileged_userns_clone=1 / \
+         kernel.apparmor_restrict_unprivileged_userns=0)\n{}",
+        tried.join("\n")
+    );
 }
 
 #[test]
@@ -288,11 +315,8 @@ fn a_full_disk_while_saving_gives_a_clear_error_and_keeps_the_previous_checkpoin
     let tmp = tempfile::tempdir().unwrap();
     let data = prepared(tmp.path());
     let mnt = tmp.path().join("small");
-    if small_tmpfs(&mnt, "1200k").is_none() {
-        return;
-    }
-    let run = mnt.join("run");
-    let out = bin()
+    let mut train = bin();
+    train
         .args([
             "train",
             "--quiet",
@@ -302,14 +326,13 @@ fn a_full_disk_while_saving_gives_a_clear_error_and_keeps_the_previous_checkpoin
             data.to_str().unwrap(),
             "--out",
         ])
-        .arg(&run)
-        .args(["--set", "train.max_steps=200", "--set", "train.ckpt_interval=1", "--set", "train.keep_checkpoints=0"])
-        .output()
-        .unwrap();
+        .arg(mnt.join("run"))
+        .args(["--set", "train.max_steps=200", "--set", "train.ckpt_interval=1", "--set", "train.keep_checkpoints=0"]);
+    let run = tmp.path().join("run-copy");
+    let out = run_on_small_tmpfs(&mnt, "1200k", &train, &run);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     let steps = RunDir::at(&run).checkpoints().unwrap();
     all_checkpoints_readable(&run);
-    let _ = Command::new("umount").arg(&mnt).status();
     assert!(!out.status.success(), "the disk should have filled up");
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("disk full or not writable"), "{err}");

@@ -1,13 +1,15 @@
-//! TensorBoard event files written through `lors_lm::tb`: framing and content checked by our
-//! own reader, and by TensorBoard's own `EventAccumulator` (through scripts/tb_read.py) when a
-//! Python with the `tensorboard` package is available (`LORS_LM_TB_PYTHON`, else `.venv-tb`
-//! from scripts/setup_tb_venv.sh; required when `CI` is set).
+//! TensorBoard event files written through `lors_lm::monitor::tensorboard`: framing and content
+//! checked by our own reader (tests/common/tb_reader.rs), and by TensorBoard's own loaders and
+//! custom-scalars plugin (through scripts/tb_read.py, with the Python of `LORS_LM_TB_PYTHON`,
+//! else `.venv-tb` from scripts/setup_tb_venv.sh: those tests fail without it).
 
 mod common;
 
+use common::tb_reader::{crc32c, masked_crc32c, read_event_file, EventFileContents};
 use common::{bin, repo, tb_python};
-use lors_lm::monitor::tensorboard::{read_event_file, Board, EventFileContents};
-use serde_json::Value;
+use lors_lm::model::Proj;
+use lors_lm::monitor::tensorboard::{training_layout, Board, Category};
+use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -105,8 +107,87 @@ fn events_are_framed_and_decoded() {
 }
 
 #[test]
+fn crc32c_known_vectors() {
+    assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    assert_eq!(crc32c(b""), 0);
+    // Against tensorboard-rs's own table, which is what writes the files.
+    for data in [&b""[..], b"a", b"123456789", &[0u8; 8], &[0xffu8; 37]] {
+        assert_eq!(masked_crc32c(data), tensorboard_rs::masked_crc32c::masked_crc32c(data));
+    }
+}
+
+/// `flush` returns once the file holds every queued event: a process killed afterwards keeps
+/// them.
+#[test]
+fn flush_waits_until_the_file_holds_every_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut board = Board::open(tmp.path(), None).unwrap();
+    board.text("config", "# run", 0);
+    for step in 1..=5 {
+        board.scalar("train/loss", value(1, step), step);
+    }
+    board.flush();
+    let files = event_files(tmp.path());
+    assert_eq!(files.len(), 1);
+    let got = read_event_file(&files[0]).unwrap();
+    assert!(!got.truncated_tail);
+    assert_eq!(got.records, 8); // file_version + START + text + 5 scalars
+    assert_eq!(got.scalars.len(), 5);
+    drop(board);
+}
+
+#[test]
+fn corruption_and_truncation_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut board = Board::open(tmp.path(), None).unwrap();
+    for step in 0..10 {
+        board.scalar("x", step as f64, step);
+    }
+    drop(board);
+    let file = event_files(tmp.path()).remove(0);
+    let bytes = std::fs::read(&file).unwrap();
+    // Start offsets of the 12 records (file_version, START, 10 scalars), and the end.
+    let mut starts = vec![0usize];
+    while *starts.last().unwrap() < bytes.len() {
+        let at = *starts.last().unwrap();
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        starts.push(at + 16 + len);
+    }
+    assert_eq!(starts.len(), 13);
+    assert_eq!(starts[12], bytes.len());
+    let (first_len, second_len) = (starts[1], starts[2] - starts[1]);
+    let last_len = starts[12] - starts[11];
+
+    // The last record cut short (a writer killed mid-write): the prefix is readable.
+    for cut in [1, 4, 5, last_len - 12, last_len - 1] {
+        std::fs::write(&file, &bytes[..bytes.len() - cut]).unwrap();
+        let got = read_event_file(&file).unwrap();
+        assert!(got.truncated_tail, "cut {cut}");
+        assert_eq!(got.records, 11, "cut {cut}"); // file_version + START + 9 scalars
+        assert_eq!(got.scalars.len(), 9);
+    }
+
+    // A flipped data byte in record 1.
+    let mut bad = bytes.clone();
+    bad[first_len + 14] ^= 0x40;
+    std::fs::write(&file, &bad).unwrap();
+    let err = format!("{:#}", read_event_file(&file).unwrap_err());
+    assert!(err.contains(&format!("record 1 at byte offset {first_len}")), "{err}");
+    assert!(err.contains("data CRC mismatch"), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+
+    // A flipped length byte in record 2.
+    let mut bad = bytes.clone();
+    bad[first_len + second_len] ^= 0x01;
+    std::fs::write(&file, &bad).unwrap();
+    let err = format!("{:#}", read_event_file(&file).unwrap_err());
+    assert!(err.contains("record 2 at byte offset"), "{err}");
+    assert!(err.contains("length CRC mismatch"), "{err}");
+}
+
+#[test]
 fn tensorboard_reads_scalars_and_text() {
-    let Some(python) = tb_python() else { return };
+    let python = tb_python();
     let tmp = tempfile::tempdir().unwrap();
     write_run(tmp.path());
     let want_text = serde_json::json!([[0, "| key | value |\n|---|---|\n| lr | 3e-4 |\nünïcode ✓"]]);
@@ -126,6 +207,82 @@ fn tensorboard_reads_scalars_and_text() {
             assert_eq!(view["tensor_tags"], serde_json::json!(["config"]));
         }
     }
+}
+
+// ------------------------------------------------------------ the custom-scalars layout
+
+const LAYOUT_TAG: &str = "custom_scalars__config__";
+
+/// A layout as [[category title, [[chart title, [tag regex, ...]], ...]], ...].
+fn layout_json(categories: &[Category]) -> Value {
+    let charts = |c: &Category| c.charts.iter().map(|ch| json!([ch.title, ch.tags])).collect::<Vec<_>>();
+    Value::Array(categories.iter().map(|c| json!([c.title, charts(c)])).collect())
+}
+
+/// The same from TensorBoard's JSON of a `tensorboard.Layout` proto.
+fn tb_layout_json(layout: &Value) -> Value {
+    let categories = layout["category"].as_array().unwrap_or_else(|| panic!("no categories in {layout}"));
+    let charts = |c: &Value| -> Vec<Value> {
+        c["chart"].as_array().unwrap().iter().map(|ch| json!([ch["title"], ch["multiline"]["tag"]])).collect()
+    };
+    Value::Array(categories.iter().map(|c| json!([c["title"], charts(c)])).collect())
+}
+
+/// Custom-scalars layouts in one file (as our reader sees them): the steps they were written at.
+fn layout_steps(file: &EventFileContents) -> Vec<i64> {
+    file.tensors
+        .iter()
+        .filter(|(plugin, tag, _)| plugin == "custom_scalars" && tag == LAYOUT_TAG)
+        .map(|t| t.2)
+        .collect()
+}
+
+/// The tags TensorBoard's custom-scalars plugin plots for each chart of `layout`: the losses in
+/// one chart, and for each LORS projection type the lines of layers 0..`layers`.
+fn assert_layout_plots(custom_scalars: &Value, layers: usize) {
+    let layout = training_layout();
+    assert_eq!(tb_layout_json(&custom_scalars["layout"]), layout_json(&layout));
+    let tags = &custom_scalars["tags"];
+    let loss = &layout[0].charts[0].tags;
+    assert_eq!([&tags[&loss[0]], &tags[&loss[1]]], [&json!(["train/loss"]), &json!(["val/loss"])], "{tags}");
+    for chart in &layout[0].charts {
+        assert!(chart.tags.iter().all(|t| tags[t].as_array().is_some_and(|a| a.len() == 1)), "{tags}");
+    }
+    assert_eq!(layout[1].charts.len(), Proj::ALL.len());
+    for (chart, p) in layout[1].charts.iter().zip(Proj::ALL) {
+        let want: Vec<String> = (0..layers).map(|l| format!("lors/{p}/layer_{l:02}")).collect();
+        assert_eq!(tags[&chart.tags[0]], json!(want), "{}", chart.title);
+    }
+}
+
+#[test]
+fn tensorboard_reads_the_custom_scalars_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut board = Board::open(tmp.path(), None).unwrap();
+    board.layout(&training_layout());
+    for step in 1..=3 {
+        for tag in TRAIN_TAGS.iter().chain(&["val/loss", "val/ppl", "train/mfu"]) {
+            board.scalar(tag, value(1, step), step);
+        }
+        for layer in 0..2 {
+            for p in Proj::ALL {
+                board.scalar(&format!("lors/{p}/layer_{layer:02}"), value(1, step), step);
+            }
+        }
+    }
+    drop(board);
+    let files = read_all(tmp.path());
+    assert_eq!(layout_steps(&files[0]), vec![0]);
+    assert_eq!(files[0].tensors.len(), 1);
+
+    let python = tb_python();
+    let classic = tensorboard_view(&python, tmp.path(), false);
+    let layouts = classic["layouts"].as_array().unwrap();
+    assert_eq!(layouts.len(), 1, "{classic}");
+    assert_eq!(layouts[0][0], 0);
+    assert_eq!(tb_layout_json(&layouts[0][1]), layout_json(&training_layout()));
+    let plugin = tensorboard_view(&python, tmp.path(), true);
+    assert_layout_plots(&plugin["custom_scalars"], 2);
 }
 
 /// Steps 1..=10 in a first process, then a second process: resumed from the checkpoint at
@@ -157,7 +314,7 @@ fn resume_purges_the_earlier_process_after_its_checkpoint() {
     assert_eq!(files[0].scalars.len(), 10);
     assert_eq!(files[1].scalars.len(), 6);
 
-    let Some(python) = tb_python() else { return };
+    let python = tb_python();
     let want: Vec<(i64, f64)> = (1..=12).map(|s| (s as i64, value(if s <= 6 { 1 } else { 2 }, s))).collect();
     let classic = tensorboard_view(&python, tmp.path(), false);
     assert_eq!(tb_scalars(&classic, "loss"), want);
@@ -171,7 +328,7 @@ fn resume_purges_the_earlier_process_after_its_checkpoint() {
 
 #[test]
 fn fresh_run_in_a_used_directory_supersedes_the_old_events() {
-    let Some(python) = tb_python() else { return };
+    let python = tb_python();
     let tmp = tempfile::tempdir().unwrap();
     write_two_processes(tmp.path(), false);
     let want: Vec<(i64, f64)> = (7..=12).map(|s| (s as i64, value(2, s))).collect();
@@ -185,7 +342,7 @@ fn fresh_run_in_a_used_directory_supersedes_the_old_events() {
 /// steps 7..=10, out of order. This is what `Board::open`'s START event prevents.
 #[test]
 fn without_start_events_tensorboard_duplicates_steps() {
-    let Some(python) = tb_python() else { return };
+    let python = tb_python();
     let tmp = tempfile::tempdir().unwrap();
     let mut first = tensorboard_rs::summary_writer::SummaryWriter::new(tmp.path());
     for step in 1..=10 {
@@ -213,9 +370,7 @@ fn without_start_events_tensorboard_duplicates_steps() {
 #[test]
 #[ignore = "helper: run as a child process by sigkill_mid_write"]
 fn sigkill_child_writer() {
-    let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
-        return;
-    };
+    let dir = std::env::var_os(CHILD_DIR_ENV).expect("run by sigkill_mid_write, which sets LORS_LM_TB_CHILD_DIR");
     let mut board = Board::open(Path::new(&dir), None).unwrap();
     for step in 1..=1000 {
         board.scalar("x", value(1, step), step);
@@ -271,7 +426,7 @@ fn sigkill_mid_write() {
     assert_eq!(got.session_starts, vec![0]);
     println!("killed after step {} (truncated tail: {})", steps.len(), got.truncated_tail);
 
-    let Some(python) = tb_python() else { return };
+    let python = tb_python();
     for plugin in [false, true] {
         let view = tensorboard_view(&python, tmp.path(), plugin);
         let tb_steps: Vec<i64> = tb_scalars(&view, "x").iter().map(|p| p.0).collect();
@@ -339,7 +494,7 @@ fn a_training_run_logs_every_tag_at_its_steps() {
     assert_eq!(steps_of("val/loss"), vec![10, 20, 30]);
     assert_eq!(steps_of("sys/rss_mb"), vec![1, 5, 10, 15, 20, 25, 30]);
     // TensorBoard itself.
-    let Some(python) = tb_python() else { return };
+    let python = tb_python();
     let view = tensorboard_view(&python, &tb, false);
     for tag in TRAIN_TAGS {
         let pts = tb_scalars(&view, tag);
@@ -366,6 +521,10 @@ fn a_training_run_logs_every_tag_at_its_steps() {
     }
     let samples = view["texts"]["samples"].as_array().unwrap_or_else(|| panic!("no samples text in {view}"));
     assert_eq!(samples.len(), 3);
+    // The Custom Scalars tab: one layout, whose every chart plots the run's tags.
+    assert_eq!(layout_steps(&files[0]), vec![0]);
+    let plugin = tensorboard_view(&python, &tb, true);
+    assert_layout_plots(&plugin["custom_scalars"], 3);
 }
 
 #[test]
@@ -385,15 +544,21 @@ fn a_resumed_training_run_does_not_repeat_steps_in_tensorboard() {
     std::fs::write(run.join("checkpoints/latest"), "8").unwrap();
     let out = bin().args(["train", "--quiet", "--resume", "--out"]).arg(&run).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(read_all(&run.join("tb")).len(), 2);
-    let Some(python) = tb_python() else { return };
+    let files = read_all(&run.join("tb"));
+    assert_eq!(files.len(), 2);
+    // The layout is written by the fresh run only, and outlives the resume.
+    assert_eq!((layout_steps(&files[0]), layout_steps(&files[1])), (vec![0], vec![]));
+    let python = tb_python();
     for plugin in [false, true] {
         let view = tensorboard_view(&python, &run.join("tb"), plugin);
         let steps: Vec<i64> = tb_scalars(&view, "train/loss").iter().map(|p| p.0).collect();
         assert_eq!(steps, (1..=20).collect::<Vec<_>>(), "plugin={plugin}");
         let val: Vec<i64> = tb_scalars(&view, "val/loss").iter().map(|p| p.0).collect();
         assert_eq!(val, vec![5, 10, 15, 20], "plugin={plugin}");
+        assert_eq!(view["layouts"].as_array().map(Vec::len), Some(1), "plugin={plugin}");
     }
+    let plugin = tensorboard_view(&python, &run.join("tb"), true);
+    assert_eq!(tb_layout_json(&plugin["custom_scalars"]["layout"]), layout_json(&training_layout()));
 }
 
 #[test]
@@ -441,7 +606,7 @@ fn sigkill_mid_training_leaves_a_readable_event_file() {
     assert!(val.len() >= 2 && val[..2] == [10, 20], "val/loss steps after kill: {val:?}");
     let loss_steps = files[0].scalars.iter().filter(|(t, _, _)| t == "train/loss").count();
     assert!(loss_steps >= 20);
-    let Some(python) = tb_python() else { return };
+    let python = tb_python();
     let view = tensorboard_view(&python, &run.join("tb"), false);
     assert!(tb_scalars(&view, "train/loss").len() >= 20);
 }

@@ -50,10 +50,6 @@ impl Console {
         }
     }
 
-    pub fn is_interactive(&self) -> bool {
-        self.bar.is_some()
-    }
-
     pub fn progress(&self, step: usize, loss: f64, tok_s: f64) {
         if let Some(b) = &self.bar {
             b.set_position(step as u64);

@@ -61,7 +61,10 @@ impl Monitor {
             .append(true)
             .open(&paths.metrics)
             .with_context(|| format!("cannot open {}", paths.metrics.display()))?;
-        let board = Board::open(&paths.tensorboard, (start_step > 0).then_some(start_step))?;
+        let mut board = Board::open(&paths.tensorboard, (start_step > 0).then_some(start_step))?;
+        if start_step == 0 {
+            board.layout(&tensorboard::training_layout());
+        }
         Ok(Self {
             metrics,
             metrics_path: paths.metrics,

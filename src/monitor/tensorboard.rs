@@ -27,16 +27,23 @@
 //! - The Rust data server (`tensorboard --load_fast=true`, the default) ignores START events: a
 //!   point at step s evicts that tag's earlier points with step >= s.
 //!
-//! [`read_event_file`] is an independent reader (its own CRC32C and protobuf wire decoding) used
-//! to validate what was written.
+//! Layout: [`Board::layout`] writes a custom-scalars layout (TensorBoard's "Custom Scalars"
+//! tab): categories of charts, each plotting every tag that matches one of its regexes, e.g.
+//! train and val loss in one chart and one chart per LORS projection with a line per layer
+//! ([`training_layout`]); the per-tag cards of the Scalars tab stay as they are.
+//!
+//! Tests validate the files with an independent reader (tests/common/tb_reader.rs) and with
+//! TensorBoard's own loaders (tests/tensorboard_files.rs).
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::model::Proj;
+use anyhow::{anyhow, Context, Result};
 use protobuf::{Message, RepeatedField};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tensorboard_proto::event::{Event, SessionLog, SessionLog_SessionStatus};
+use tensorboard_proto::layout;
 use tensorboard_proto::summary::{Summary, SummaryMetadata, SummaryMetadata_PluginData, Summary_Value};
 use tensorboard_proto::tensor::TensorProto;
 use tensorboard_proto::tensor_shape::TensorShapeProto;
@@ -50,6 +57,10 @@ const EVENT_FILE_PREFIX: &str = "events.out.tfevents.";
 const FILE_VERSION: &str = "brain.Event:2";
 /// TensorBoard's text plugin.
 const TEXT_PLUGIN: &str = "text";
+/// TensorBoard's custom-scalars plugin reads its layout (a serialized `tensorboard.Layout`, as
+/// a string tensor) from the summary with this tag (tensorboard/plugins/custom_scalar/metadata.py).
+const CUSTOM_SCALARS_PLUGIN: &str = "custom_scalars";
+const LAYOUT_TAG: &str = "custom_scalars__config__";
 /// Longest `flush` waits for the writer thread to catch up.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -147,23 +158,31 @@ impl Board {
 
     /// A text summary for TensorBoard's text plugin (markdown is rendered).
     pub fn text(&mut self, tag: &str, text: &str, step: usize) {
-        let mut plugin = SummaryMetadata_PluginData::new();
-        plugin.set_plugin_name(TEXT_PLUGIN.to_string());
-        let mut metadata = SummaryMetadata::new();
-        metadata.set_plugin_data(plugin);
-        let mut tensor = TensorProto::new();
-        tensor.set_dtype(DataType::DT_STRING);
-        tensor.set_tensor_shape(TensorShapeProto::new()); // rank 0: one string
-        tensor.set_string_val(RepeatedField::from_vec(vec![text.as_bytes().to_vec()]));
-        let mut value = Summary_Value::new();
-        value.set_tag(tag.to_string());
-        value.set_metadata(metadata);
-        value.set_tensor(tensor);
-        let mut summary = Summary::new();
-        summary.set_value(RepeatedField::from_vec(vec![value]));
-        let mut event = Event::new();
-        event.set_summary(summary);
-        self.add(event, step);
+        self.string_tensor(TEXT_PLUGIN, tag, text.as_bytes().to_vec(), step);
+    }
+
+    /// The layout of TensorBoard's "Custom Scalars" tab, at step 0: write it once per fresh run
+    /// (the plugin reads one layout per run directory; a resume's START event, at a later step,
+    /// keeps it, and a fresh run in the same directory replaces it along with the old points).
+    pub fn layout(&mut self, categories: &[Category]) {
+        let mut proto = layout::Layout::new();
+        for c in categories {
+            let mut category = layout::Category::new();
+            category.set_title(c.title.clone());
+            for ch in &c.charts {
+                let mut lines = layout::MultilineChartContent::new();
+                lines.set_tag(RepeatedField::from_vec(ch.tags.clone()));
+                let mut chart = layout::Chart::new();
+                chart.set_title(ch.title.clone());
+                chart.set_multiline(lines);
+                category.mut_chart().push(chart);
+            }
+            proto.mut_category().push(category);
+        }
+        match proto.write_to_bytes() {
+            Ok(bytes) => self.string_tensor(CUSTOM_SCALARS_PLUGIN, LAYOUT_TAG, bytes, 0),
+            Err(e) => eprintln!("warning: TensorBoard layout not written: {e}"),
+        }
     }
 
     /// Write every queued event to the file (the OS has it when this returns: a process killed
@@ -197,6 +216,27 @@ impl Board {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(10));
         }
+    }
+
+    /// A rank-0 string tensor summary for `plugin` (its metadata names the plugin that reads it).
+    fn string_tensor(&mut self, plugin: &str, tag: &str, bytes: Vec<u8>, step: usize) {
+        let mut plugin_data = SummaryMetadata_PluginData::new();
+        plugin_data.set_plugin_name(plugin.to_string());
+        let mut metadata = SummaryMetadata::new();
+        metadata.set_plugin_data(plugin_data);
+        let mut tensor = TensorProto::new();
+        tensor.set_dtype(DataType::DT_STRING);
+        tensor.set_tensor_shape(TensorShapeProto::new()); // rank 0: one string
+        tensor.set_string_val(RepeatedField::from_vec(vec![bytes]));
+        let mut value = Summary_Value::new();
+        value.set_tag(tag.to_string());
+        value.set_metadata(metadata);
+        value.set_tensor(tensor);
+        let mut summary = Summary::new();
+        summary.set_value(RepeatedField::from_vec(vec![value]));
+        let mut event = Event::new();
+        event.set_summary(summary);
+        self.add(event, step);
     }
 
     /// Queue `event` at `step` (the crate sets its wall time and step).
@@ -253,6 +293,51 @@ impl Drop for Board {
     }
 }
 
+/// A chart of the custom-scalars dashboard: one line per tag that one of `tags` matches (Python
+/// regexes, matched from the start of the tag, as `re.match` does).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chart {
+    pub title: String,
+    pub tags: Vec<String>,
+}
+
+/// A collapsible section of charts on the custom-scalars dashboard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Category {
+    pub title: String,
+    pub charts: Vec<Chart>,
+}
+
+/// The custom-scalars layout of a training run, over the tags `Monitor` writes: the training
+/// curves first (train and val loss in one chart), then one chart per LORS projection type
+/// with a line per layer (`lors/<proj>/layer_NN`, empty for vanilla and shared models).
+pub fn training_layout() -> Vec<Category> {
+    let chart = |title: &str, tags: &[&str]| Chart {
+        title: title.to_string(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+    };
+    let training = Category {
+        title: "training".to_string(),
+        charts: vec![
+            chart("loss (train, val)", &["train/loss$", "val/loss$"]),
+            chart("learning rate", &["train/lr$"]),
+            chart("gradient norm (before clipping)", &["train/grad_norm$"]),
+            chart("throughput (tokens/s)", &["train/tokens_per_sec$"]),
+        ],
+    };
+    let lors = Category {
+        title: "LORS: ‖B_l A_l‖ / ‖W_shared‖ per layer".to_string(),
+        charts: Proj::ALL
+            .iter()
+            .map(|p| {
+                let name = p.name();
+                chart(&format!("{name} (one line per layer)"), &[&format!(r"lors/{name}/layer_\d+$")])
+            })
+            .collect(),
+    };
+    vec![training, lors]
+}
+
 /// Length on disk of `event` as one TFRecord (8-byte length, 4-byte CRC, data, 4-byte CRC).
 fn record_len(event: &Event) -> u64 {
     16 + u64::from(event.compute_size())
@@ -279,379 +364,11 @@ fn newest_event_file_secs(dir: &Path) -> Option<u64> {
     std::fs::read_dir(dir).ok()?.flatten().filter_map(|e| event_file_secs(e.file_name().to_str()?)).max()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Reading and validating event files.
-
-/// What [`read_event_file`] found in one event file.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EventFileContents {
-    /// Scalar (`simple_value`) summaries as (tag, step, value), in file order.
-    pub scalars: Vec<(String, i64, f32)>,
-    /// Text-plugin summaries as (tag, step, text), in file order.
-    pub texts: Vec<(String, i64, String)>,
-    /// Complete, valid records read.
-    pub records: usize,
-    /// The last record is cut short (the writer was killed mid-write); everything before it
-    /// is valid.
-    pub truncated_tail: bool,
-    /// The `file_version` of the file (the first event: "brain.Event:2").
-    pub file_version: Option<String>,
-    /// Steps of SessionLog START events (written when a run resumes).
-    pub session_starts: Vec<i64>,
-}
-
-/// Read and validate every record of one event file: TFRecord framing (u64 LE length, masked
-/// CRC32C of the length bytes, data, masked CRC32C of the data) and the protobuf of each
-/// event. An error names the file, the record index and its byte offset. A last record cut
-/// short is not an error: `truncated_tail` is set and the records before it are returned.
-pub fn read_event_file(path: &Path) -> Result<EventFileContents> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read event file {}", path.display()))?;
-    let mut out = EventFileContents::default();
-    let mut offset = 0usize;
-    while offset < bytes.len() {
-        let index = out.records;
-        let rest = &bytes[offset..];
-        let fail = |what: String| anyhow!("{}: record {index} at byte offset {offset}: {what}", path.display());
-        if rest.len() < 12 {
-            out.truncated_tail = true;
-            break;
-        }
-        let len_bytes = &rest[..8];
-        let stored = u32::from_le_bytes(rest[8..12].try_into().unwrap());
-        let computed = masked_crc32c(len_bytes);
-        if stored != computed {
-            return Err(fail(format!("length CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")));
-        }
-        let len = u64::from_le_bytes(len_bytes.try_into().unwrap());
-        let total = usize::try_from(len)
-            .ok()
-            .and_then(|l| l.checked_add(16))
-            .ok_or_else(|| fail(format!("record length {len} is impossible")))?;
-        if rest.len() < total {
-            out.truncated_tail = true;
-            break;
-        }
-        let data = &rest[12..total - 4];
-        let stored = u32::from_le_bytes(rest[total - 4..total].try_into().unwrap());
-        let computed = masked_crc32c(data);
-        if stored != computed {
-            return Err(fail(format!("data CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")));
-        }
-        decode_event(data, &mut out).map_err(|e| fail(format!("bad Event protobuf: {e:#}")))?;
-        out.records += 1;
-        offset += total;
-    }
-    Ok(out)
-}
-
-/// Decode one `Event` (wall_time=1 double, step=2 int64, file_version=3 string, summary=5,
-/// session_log=7) into `out`.
-fn decode_event(data: &[u8], out: &mut EventFileContents) -> Result<()> {
-    let mut step = 0i64;
-    let mut summaries = Vec::new();
-    let mut session_status = None;
-    for field in Fields(data) {
-        match field? {
-            (1, Wire::Fixed64) => {}
-            (2, Wire::Varint(v)) => step = v as i64,
-            (3, Wire::Bytes(b)) => out.file_version = Some(utf8(b, "file_version")?),
-            (5, Wire::Bytes(b)) => summaries.push(b),
-            (7, Wire::Bytes(b)) => {
-                for field in Fields(b) {
-                    if let (1, Wire::Varint(v)) = field? {
-                        session_status = Some(v);
-                    }
-                }
-            }
-            (1 | 2 | 3 | 5 | 7, _) => bail!("wrong wire type for a field of Event"),
-            _ => {}
-        }
-    }
-    if session_status == Some(SessionLog_SessionStatus::START as u64) {
-        out.session_starts.push(step);
-    }
-    for summary in summaries {
-        for field in Fields(summary) {
-            match field? {
-                (1, Wire::Bytes(value)) => decode_value(value, step, out)?,
-                (1, _) => bail!("wrong wire type for Summary.value"),
-                _ => {}
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Decode one `Summary.Value`: tag=1, simple_value=2 (float), metadata=9 (plugin_data=1 →
-/// plugin_name=1), tensor=8 (dtype=1, string_val=8).
-fn decode_value(data: &[u8], step: i64, out: &mut EventFileContents) -> Result<()> {
-    let mut tag = String::new();
-    let mut simple = None;
-    let mut plugin = String::new();
-    let mut strings: Option<(u64, Vec<String>)> = None;
-    for field in Fields(data) {
-        match field? {
-            (1, Wire::Bytes(b)) => tag = utf8(b, "tag")?,
-            (2, Wire::Fixed32(v)) => simple = Some(f32::from_bits(v)),
-            (9, Wire::Bytes(b)) => {
-                for field in Fields(b) {
-                    if let (1, Wire::Bytes(pd)) = field? {
-                        for field in Fields(pd) {
-                            if let (1, Wire::Bytes(name)) = field? {
-                                plugin = utf8(name, "plugin_name")?;
-                            }
-                        }
-                    }
-                }
-            }
-            (8, Wire::Bytes(b)) => {
-                let (mut dtype, mut vals) = (0, Vec::new());
-                for field in Fields(b) {
-                    match field? {
-                        (1, Wire::Varint(v)) => dtype = v,
-                        (8, Wire::Bytes(s)) => vals.push(utf8(s, "string_val")?),
-                        _ => {}
-                    }
-                }
-                strings = Some((dtype, vals));
-            }
-            (1 | 2 | 8 | 9, _) => bail!("wrong wire type for a field of Summary.Value"),
-            _ => {}
-        }
-    }
-    if let Some(v) = simple {
-        out.scalars.push((tag, step, v));
-    } else if let Some((dtype, vals)) = strings {
-        if plugin == TEXT_PLUGIN && dtype == DataType::DT_STRING as u64 {
-            out.texts.push((tag, step, vals.join("\n")));
-        }
-    }
-    Ok(())
-}
-
-fn utf8(bytes: &[u8], what: &str) -> Result<String> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| anyhow!("{what} is not UTF-8"))
-}
-
-/// A protobuf field's payload, by wire type.
-enum Wire<'a> {
-    Varint(u64),
-    /// (its value is not needed: only `Event.wall_time` has this type)
-    Fixed64,
-    Bytes(&'a [u8]),
-    Fixed32(u32),
-}
-
-/// Iterator over the (field number, payload) pairs of one protobuf message.
-struct Fields<'a>(&'a [u8]);
-
-impl<'a> Fields<'a> {
-    fn varint(&mut self) -> Result<u64> {
-        let mut v = 0u64;
-        for (i, &b) in self.0.iter().enumerate().take(10) {
-            v |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                self.0 = &self.0[i + 1..];
-                return Ok(v);
-            }
-        }
-        bail!("bad varint")
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.0.len() < n {
-            bail!("field runs past the end of its message");
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-
-    fn field(&mut self) -> Result<(u64, Wire<'a>)> {
-        let key = self.varint()?;
-        let wire = match key & 7 {
-            0 => Wire::Varint(self.varint()?),
-            1 => {
-                self.take(8)?;
-                Wire::Fixed64
-            }
-            2 => {
-                let len = usize::try_from(self.varint()?)?;
-                Wire::Bytes(self.take(len)?)
-            }
-            5 => Wire::Fixed32(u32::from_le_bytes(self.take(4)?.try_into().unwrap())),
-            t => bail!("unsupported wire type {t}"),
-        };
-        Ok((key >> 3, wire))
-    }
-}
-
-impl<'a> Iterator for Fields<'a> {
-    type Item = Result<(u64, Wire<'a>)>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.0.is_empty() {
-            return None;
-        }
-        let item = self.field();
-        if item.is_err() {
-            self.0 = &[]; // stop after the first error
-        }
-        Some(item)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// CRC32C (Castagnoli), as TFRecord framing uses it.
-
-const CRC32C_TABLE: [u32; 256] = crc32c_table();
-
-const fn crc32c_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-}
-
-/// CRC32C (Castagnoli polynomial, reflected) of `data`.
-pub fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc = CRC32C_TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
-}
-
-/// The masked CRC32C that TFRecord framing stores: rotate right by 15, add 0xa282ead8.
-pub fn masked_crc32c(data: &[u8]) -> u32 {
-    crc32c(data).rotate_right(15).wrapping_add(0xa282_ead8)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn event_files(dir: &Path) -> Vec<PathBuf> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.file_name().unwrap().to_str().unwrap().contains("tfevents"))
-            .collect();
-        files.sort();
-        files
-    }
-
-    #[test]
-    fn crc32c_known_vectors() {
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        assert_eq!(crc32c(b""), 0);
-        // Against tensorboard-rs's own table, which is what writes the files.
-        for data in [&b""[..], b"a", b"123456789", &[0u8; 8], &[0xffu8; 37]] {
-            assert_eq!(masked_crc32c(data), tensorboard_rs::masked_crc32c::masked_crc32c(data));
-        }
-    }
-
-    #[test]
-    fn write_then_read_back() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("tb");
-        let mut board = Board::open(&dir, None).unwrap();
-        board.text("config", "# run\nlr = 3e-4 — ünïcode", 0);
-        for step in 1..=5 {
-            board.scalar("train/loss", 1.0 / step as f64, step);
-        }
-        board.scalar("train/lr", 3e-4, 5);
-        board.flush();
-        // After flush the file already holds everything (the writer thread has caught up).
-        let files = event_files(&dir);
-        assert_eq!(files.len(), 1);
-        assert_eq!(read_event_file(&files[0]).unwrap().records, 9);
-        drop(board);
-
-        let got = read_event_file(&files[0]).unwrap();
-        assert_eq!(got.records, 9); // file_version + START + text + 6 scalars
-        assert!(!got.truncated_tail);
-        assert_eq!(got.file_version.as_deref(), Some(FILE_VERSION));
-        assert_eq!(got.session_starts, vec![0]);
-        let mut want: Vec<(String, i64, f32)> =
-            (1..=5).map(|s| ("train/loss".to_string(), s, (1.0 / s as f64) as f32)).collect();
-        want.push(("train/lr".to_string(), 5, 3e-4f64 as f32));
-        assert_eq!(got.scalars, want);
-        assert_eq!(got.texts, vec![("config".to_string(), 0, "# run\nlr = 3e-4 — ünïcode".to_string())]);
-    }
-
-    #[test]
-    fn resume_writes_start_event_after_the_checkpoint_step() {
-        let tmp = tempfile::tempdir().unwrap();
-        drop(Board::open(tmp.path(), None).unwrap());
-        let mut board = Board::open(tmp.path(), Some(40)).unwrap();
-        board.scalar("loss", 2.0, 41);
-        drop(board);
-        let files = event_files(tmp.path());
-        assert_eq!(files.len(), 2, "the second writer must not overwrite the first file");
-        let second = read_event_file(&files[1]).unwrap();
-        assert_eq!(second.session_starts, vec![41]);
-        assert_eq!(second.scalars, vec![("loss".to_string(), 41, 2.0)]);
-    }
-
-    #[test]
-    fn corruption_and_truncation_are_reported() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut board = Board::open(tmp.path(), None).unwrap();
-        for step in 0..10 {
-            board.scalar("x", step as f64, step);
-        }
-        drop(board);
-        let file = event_files(tmp.path()).remove(0);
-        let bytes = std::fs::read(&file).unwrap();
-        // Start offsets of the 12 records (file_version, START, 10 scalars), and the end.
-        let mut starts = vec![0usize];
-        while *starts.last().unwrap() < bytes.len() {
-            let at = *starts.last().unwrap();
-            let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
-            starts.push(at + 16 + len);
-        }
-        assert_eq!(starts.len(), 13);
-        assert_eq!(starts[12], bytes.len());
-        let (first_len, second_len) = (starts[1], starts[2] - starts[1]);
-        let last_len = starts[12] - starts[11];
-
-        // The last record cut short (a writer killed mid-write): the prefix is readable.
-        for cut in [1, 4, 5, last_len - 12, last_len - 1] {
-            std::fs::write(&file, &bytes[..bytes.len() - cut]).unwrap();
-            let got = read_event_file(&file).unwrap();
-            assert!(got.truncated_tail, "cut {cut}");
-            assert_eq!(got.records, 11, "cut {cut}"); // file_version + START + 9 scalars
-            assert_eq!(got.scalars.len(), 9);
-        }
-
-        // A flipped data byte in record 1.
-        let mut bad = bytes.clone();
-        bad[first_len + 14] ^= 0x40;
-        std::fs::write(&file, &bad).unwrap();
-        let err = format!("{:#}", read_event_file(&file).unwrap_err());
-        assert!(err.contains(&format!("record 1 at byte offset {first_len}")), "{err}");
-        assert!(err.contains("data CRC mismatch"), "{err}");
-        assert!(err.contains(&file.display().to_string()), "{err}");
-
-        // A flipped length byte in record 2.
-        let mut bad = bytes.clone();
-        bad[first_len + second_len] ^= 0x01;
-        std::fs::write(&file, &bad).unwrap();
-        let err = format!("{:#}", read_event_file(&file).unwrap_err());
-        assert!(err.contains("record 2 at byte offset"), "{err}");
-        assert!(err.contains("length CRC mismatch"), "{err}");
-    }
+    // Writing and reading back: tests/tensorboard_files.rs (our own reader and TensorBoard's).
 
     #[test]
     fn open_reports_an_unusable_directory() {
@@ -661,5 +378,15 @@ mod tests {
         let dir = file.join("tb");
         let err = format!("{:#}", Board::open(&dir, None).err().unwrap());
         assert!(err.contains(&dir.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn training_layout_has_the_losses_first_and_a_chart_per_projection() {
+        let layout = training_layout();
+        assert_eq!(layout[0].charts[0].tags, ["train/loss$", "val/loss$"]);
+        let lors: Vec<&str> = layout[1].charts.iter().map(|c| c.tags[0].as_str()).collect();
+        assert_eq!(lors.len(), Proj::ALL.len());
+        assert_eq!(lors[0], r"lors/q/layer_\d+$");
+        assert_eq!(lors[6], r"lors/down/layer_\d+$");
     }
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by integration tests.
 #![allow(dead_code)]
 
+pub mod tb_reader;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -54,21 +56,20 @@ pub fn train_tiny(data: &Path, run: &Path) -> Command {
 }
 
 /// The test Python (`.venv-tb` from scripts/setup_tb_venv.sh: tensorboard, numpy, safetensors),
-/// from `LORS_LM_TB_PYTHON` or the repo's `.venv-tb`; `None` (test skipped) outside CI.
-pub fn tb_python() -> Option<PathBuf> {
+/// from `LORS_LM_TB_PYTHON` or the repo's `.venv-tb`. Panics, saying what to run, when there is
+/// none: `bash scripts/test.sh` (the README's test command) creates it, and a test that needs it
+/// must fail rather than pass without checking.
+pub fn tb_python() -> PathBuf {
     if let Some(python) = std::env::var_os("LORS_LM_TB_PYTHON") {
-        return Some(python.into());
+        return python.into();
     }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-tb/bin/python");
-    if venv.exists() {
-        return Some(venv);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "no python with tensorboard: CI must run scripts/setup_tb_venv.sh \
-             (or set LORS_LM_TB_PYTHON)"
-        );
-    }
-    println!("skipped: no python with tensorboard (run scripts/setup_tb_venv.sh)");
-    None
+    let venv = repo(".venv-tb/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python with tensorboard at {}: run `bash scripts/setup_tb_venv.sh` (scripts/test.sh, the \
+         README's test command, does), or set LORS_LM_TB_PYTHON to a python with tensorboard, numpy \
+         and safetensors",
+        venv.display()
+    );
+    venv
 }
