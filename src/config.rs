@@ -71,6 +71,15 @@ pub struct TrainConfig {
     /// Consecutive steps with a non-finite loss or gradient norm (each skipped) before
     /// training stops with an error.
     pub max_bad_steps: usize,
+    /// Knowledge distillation: the teacher model (a run directory, a Hugging Face Llama
+    /// directory or hf:OWNER/NAME; `--teacher` sets it); "" = none.
+    pub teacher: String,
+    /// Weight α of the distillation term: loss = (1−α)·CE + α·T²·KL(teacher ‖ student).
+    pub distill_alpha: f64,
+    /// Temperature T that softens both distributions in the KL term.
+    pub distill_temperature: f64,
+    /// Where the initial weights came from (`--init-from`; recorded for provenance).
+    pub init_from: String,
 }
 
 impl TrainConfig {
@@ -109,6 +118,10 @@ impl Default for TrainConfig {
             log_interval: 10,
             keep_checkpoints: 3,
             max_bad_steps: 5,
+            teacher: String::new(),
+            distill_alpha: 0.0,
+            distill_temperature: 1.0,
+            init_from: String::new(),
         }
     }
 }
@@ -168,6 +181,11 @@ impl Config {
         Self::from_toml_str(&text, sets, &path.display().to_string())
     }
 
+    /// This config with `--set section.key=value` overrides applied (and validated).
+    pub fn with_sets(&self, sets: &[String], origin: &str) -> Result<Self> {
+        Self::from_toml_str(&self.to_toml()?, sets, origin)
+    }
+
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)
     }
@@ -204,6 +222,12 @@ impl Config {
         ensure(t.log_interval > 0, "train.log_interval must be > 0")?;
         ensure(t.dtype == "f32" || t.dtype == "bf16", &format!("train.dtype {:?}: use \"f32\" or \"bf16\"", t.dtype))?;
         ensure(t.peak_tflops.is_none_or(|p| p > 0.0), "train.peak_tflops must be > 0")?;
+        ensure((0.0..=1.0).contains(&t.distill_alpha), "train.distill_alpha must be in [0, 1]")?;
+        ensure(t.distill_temperature > 0.0, "train.distill_temperature must be > 0")?;
+        ensure(
+            t.distill_alpha == 0.0 || !t.teacher.is_empty(),
+            "train.distill_alpha > 0 needs a teacher: pass --teacher RUN_DIR|HF_DIR (or set train.teacher)",
+        )?;
         Ok(())
     }
 }

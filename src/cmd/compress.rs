@@ -84,7 +84,8 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     }
     cfg.validate().context("the compressed config is invalid")?;
     let mut store = ParamStore::from_tensors(compressed.tensors.clone(), DType::F32, &device);
-    let model = Model::new(&cfg.model, &cfg.lors, &mut store).context("the compressed tensors do not form the model")?;
+    let model =
+        Model::new(&cfg.model, &cfg.lors, &mut store).context("the compressed tensors do not form the model")?;
     let losses = match &args.data {
         Some(dir) => Some(validation_losses(dir, &src, &model, &cfg)?),
         None => None,
@@ -117,9 +118,17 @@ pub fn run(args: &CompressArgs) -> Result<()> {
             after.total()
         );
         if let Some((s, c, n)) = losses {
-            println!("validation loss over {n} tokens: source {s:.4} (ppl {:.2}), compressed {c:.4} (ppl {:.2})", s.exp(), c.exp());
+            println!(
+                "validation loss over {n} tokens: source {s:.4} (ppl {:.2}), compressed {c:.4} (ppl {:.2})",
+                s.exp(),
+                c.exp()
+            );
         }
-        println!("wrote {} (checkpoint 0, compress.json); uptrain with `lors-lm train --init-from {}`", args.out.display(), args.out.display());
+        println!(
+            "wrote {} (checkpoint 0, compress.json); uptrain with `lors-lm train --init-from {}`",
+            args.out.display(),
+            args.out.display()
+        );
     }
     Ok(())
 }
@@ -143,7 +152,10 @@ fn spec(args: &CompressArgs, n_layers: usize) -> Result<Spec> {
     let targets = args
         .targets
         .iter()
-        .map(|t| Proj::from_name(t.trim()).with_context(|| format!("--targets: unknown projection type {t:?} (q, k, v, o, gate, up, down)")))
+        .map(|t| {
+            Proj::from_name(t.trim())
+                .with_context(|| format!("--targets: unknown projection type {t:?} (q, k, v, o, gate, up, down)"))
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut private_layers = vec![];
     for s in &args.private_layers {
@@ -186,7 +198,9 @@ fn check_groups_align(src: &LorsConfig, dst: &LorsConfig, n: usize) -> Result<()
     let refines = pairs().all(|(a, b)| !same(dst, a, b) || same(src, a, b));
     let coarsens = pairs().all(|(a, b)| !same(src, a, b) || same(dst, a, b));
     if !refines && !coarsens {
-        let groups = |c: &LorsConfig| (0..n).map(|l| c.group_of(l, n).map_or("-".into(), |g| g.to_string())).collect::<Vec<_>>().join(",");
+        let groups = |c: &LorsConfig| {
+            (0..n).map(|l| c.group_of(l, n).map_or("-".into(), |g| g.to_string())).collect::<Vec<_>>().join(",")
+        };
         bail!(
             "the source's groups ({}) and the requested groups ({}) do not divide each other: choose --group-size/--groups whose groups each lie within one source group, or each contain whole source groups",
             groups(src),
@@ -248,10 +262,12 @@ fn write_run(
     }
     let opt = AdamW::from_config(store.vars_with_roles(), cfg)?;
     let val_loss = report["val"]["compressed_loss"].as_f64();
-    let state = TrainState { step: 0, data_rng: Rng::new(cfg.train.seed).fork(1).state, opt_t: 0, tokens_seen: 0, val_loss };
+    let state =
+        TrainState { step: 0, data_rng: Rng::new(cfg.train.seed).fork(1).state, opt_t: 0, tokens_seen: 0, val_loss };
     run.save_checkpoint(cfg, &compressed.tensors, &opt.state_tensors(), &state, 0)?;
     let path = out.join("compress.json");
-    fs::write(&path, serde_json::to_string_pretty(report)? + "\n").with_context(|| format!("cannot write {}", path.display()))
+    fs::write(&path, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Rank and energy kept per layer (rows) and projection type (columns).

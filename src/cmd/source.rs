@@ -8,7 +8,8 @@ use crate::formats::hf;
 use crate::model::Model;
 use crate::train::RunDir;
 use anyhow::{bail, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// What kind of source a model was loaded from.
@@ -30,6 +31,9 @@ pub struct Loaded {
     pub meta: Option<Meta>,
     pub bos: Option<u32>,
     pub eos: Vec<u32>,
+    /// The model's own parameters, by name: a run's unique parameters (shared bases and
+    /// factors), a Hugging Face model's weights under our vanilla names.
+    pub params: HashMap<String, Tensor>,
 }
 
 impl Loaded {
@@ -55,7 +59,8 @@ pub fn load(spec: &str, step: Option<usize>, device: &Device, flag: &str) -> Res
         let (cfg, model, tokenizer, hf_cfg) = hf::load_hf_dir(&dir, device)?;
         let bos = hf::token_ids(&hf_cfg, "bos_token_id").first().copied();
         let eos = hf::token_ids(&hf_cfg, "eos_token_id");
-        return Ok(Loaded { kind: Kind::Hf { dir }, cfg, model, tokenizer, meta: None, bos, eos });
+        let params = model.merged_tensors()?.into_iter().collect();
+        return Ok(Loaded { kind: Kind::Hf { dir }, cfg, model, tokenizer, meta: None, bos, eos, params });
     }
     if path.is_dir() {
         let run = RunDir::open(path)?;
@@ -66,7 +71,9 @@ pub fn load(spec: &str, step: Option<usize>, device: &Device, flag: &str) -> Res
         let bos = loaded.meta.as_ref().and_then(|m| m.bos_id);
         let eos = loaded.meta.as_ref().and_then(|m| m.eos_id).into_iter().collect();
         let kind = Kind::Run { dir: path.to_path_buf(), step: loaded.step };
-        return Ok(Loaded { kind, cfg: loaded.cfg, model: loaded.model, tokenizer: loaded.tokenizer, meta: loaded.meta, bos, eos });
+        let (cfg, model, tokenizer, meta, params) =
+            (loaded.cfg, loaded.model, loaded.tokenizer, loaded.meta, loaded.params);
+        return Ok(Loaded { kind, cfg, model, tokenizer, meta, bos, eos, params });
     }
     bail!("{flag} {spec}: no such directory (expected a lors-lm run directory, a Hugging Face Llama directory, or hf:OWNER/NAME)")
 }

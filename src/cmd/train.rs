@@ -1,10 +1,14 @@
-//! `lors-lm train`: resolve the config from the command line, then run a training session
-//! (`train::session`).
+//! `lors-lm train`: resolve the config, the starting weights (`--init-from`) and the teacher
+//! (`--teacher`) from the command line, then run a training session (`train::session`).
 
-use crate::config::Config;
+use crate::cmd::source;
+use crate::config::{Config, Mode};
+use crate::data::Meta;
 use crate::train::{session, FitSummary, RunDir, SessionOptions};
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -38,25 +42,49 @@ pub struct TrainArgs {
     /// Print only errors and the final summary.
     #[arg(long)]
     pub quiet: bool,
+    /// Start a new run from the weights of a trained model (a run directory, e.g. from
+    /// `lors-lm compress`, a Hugging Face Llama directory or hf:OWNER/NAME) with a fresh
+    /// optimizer and schedule. Without --config, the model's own config is used.
+    #[arg(long, value_name = "SOURCE", conflicts_with = "resume")]
+    pub init_from: Option<String>,
+    /// Distil from this model (run directory, Hugging Face dir or hf:OWNER/NAME; same
+    /// tokenizer): loss = (1−α)·CE + α·T²·KL(teacher ‖ student), with α =
+    /// train.distill_alpha (set it, e.g. --set train.distill_alpha=0.5) and T =
+    /// train.distill_temperature.
+    #[arg(long, value_name = "SOURCE")]
+    pub teacher: Option<String>,
 }
 
 pub fn run(args: &TrainArgs) -> Result<FitSummary> {
     let out = match (&args.out, &args.config) {
         (Some(o), _) => o.clone(),
         (None, Some(c)) => PathBuf::from("runs").join(c.file_stem().unwrap_or_default()),
-        (None, None) => bail!("pass --config FILE (or --out RUN_DIR with --resume)"),
+        (None, None) => {
+            bail!("pass --out RUN_DIR (and --config FILE, unless --resume or --init-from gives the config)")
+        }
     };
     let run = RunDir::at(&out);
-    let cfg_path = match (&args.config, args.resume) {
-        (Some(c), _) => c.clone(),
-        (None, true) => run.config_path(),
-        (None, false) => bail!("pass --config FILE"),
-    };
     if args.resume {
         // Say what is missing in the run directory before which file could not be read.
         run.checkpoint(None).with_context(|| format!("--resume: nothing to resume in {}", out.display()))?;
     }
-    let mut cfg = Config::load(&cfg_path, &args.sets)?;
+    let device = crate::device::parse_device(&args.device)?;
+    let mut sets = args.sets.clone();
+    if let Some(t) = &args.teacher {
+        sets.push(format!("train.teacher={}", toml::Value::String(t.clone())));
+    }
+    let init = match &args.init_from {
+        Some(spec) => Some(source::load(spec, None, &device, "--init-from")?),
+        None => None,
+    };
+    let mut cfg = match (&args.config, args.resume, &init) {
+        (Some(c), _, _) => Config::load(c, &sets)?,
+        (None, true, _) => Config::load(&run.config_path(), &sets)?,
+        (None, false, Some(src)) => {
+            src.cfg.with_sets(&sets, &format!("the config of --init-from {}", src.describe()))?
+        }
+        (None, false, None) => bail!("pass --config FILE (or --init-from SOURCE, whose config is then used)"),
+    };
     if let Some(n) = args.log_interval {
         if n == 0 {
             bail!("--log-interval must be > 0");
@@ -68,7 +96,85 @@ pub fn run(args: &TrainArgs) -> Result<FitSummary> {
         None if !cfg.data.dir.is_empty() => PathBuf::from(&cfg.data.dir),
         None => bail!("no data: pass --data DIR (from `lors-lm prepare`) or set data.dir in the config"),
     };
-    let device = crate::device::parse_device(&args.device)?;
-    let opts = SessionOptions { resume: args.resume, force: args.force, quiet: args.quiet, stop_at: args.stop_at };
+    let init_weights = match init {
+        Some(src) => {
+            cfg.train.init_from = args.init_from.clone().unwrap_or_default();
+            Some(init_weights(src, &cfg)?)
+        }
+        None => None,
+    };
+    let teacher = match cfg.train.teacher.as_str() {
+        "" => None,
+        spec => {
+            if cfg.train.distill_alpha == 0.0 {
+                bail!("--teacher {spec}: set the weight of the distillation term, e.g. --set train.distill_alpha=0.5");
+            }
+            let t = source::load(spec, None, &device, "--teacher")?;
+            check_same_tokenizer(&t, &data_dir)?;
+            Some(t.model)
+        }
+    };
+    let opts = SessionOptions {
+        resume: args.resume,
+        force: args.force,
+        quiet: args.quiet,
+        stop_at: args.stop_at,
+        init_weights,
+        teacher,
+    };
     session::train(cfg, &data_dir, &run, &device, &opts)
+}
+
+/// The weights a new run starts from: the source's own parameters when they fit the config
+/// (a LORS run into the same LORS config, any model into a vanilla one, merged); else a clear
+/// error pointing at `lors-lm compress`.
+fn init_weights(src: source::Loaded, cfg: &Config) -> Result<HashMap<String, Tensor>> {
+    if cfg.model != src.cfg.model {
+        let (a, b) = (&cfg.model, &src.cfg.model);
+        bail!(
+            "--init-from {}: the model dimensions differ from the config's (d_model {} vs {}, n_layers {} vs {}, heads {}/{} vs {}/{}, ffn {} vs {}, vocab {} vs {}, max_seq_len {} vs {}): use the source's own config (leave out --config) or matching [model] values",
+            src.describe(),
+            b.d_model, a.d_model, b.n_layers, a.n_layers, b.n_heads, b.kv_heads(), a.n_heads, a.kv_heads(),
+            b.ffn_hidden, a.ffn_hidden, b.vocab_size, a.vocab_size, b.max_seq_len, a.max_seq_len
+        );
+    }
+    if cfg.lors.mode == Mode::Vanilla {
+        return Ok(src.model.merged_tensors()?.into_iter().collect());
+    }
+    if src.cfg.lors != cfg.lors {
+        bail!(
+            "--init-from {}: its sharing ([lors] mode {}) differs from the config's (mode {}): compress it first (`lors-lm compress --from {} ...`) and start from that run",
+            src.describe(),
+            src.cfg.lors.mode,
+            cfg.lors.mode,
+            src.describe()
+        );
+    }
+    Ok(src.params)
+}
+
+/// The teacher must tokenize as the training data does (same vocabulary, same ids).
+fn check_same_tokenizer(teacher: &source::Loaded, data_dir: &Path) -> Result<()> {
+    let meta = Meta::load(data_dir)?;
+    let theirs = teacher.cfg.model.vocab_size;
+    if theirs != meta.vocab_size {
+        bail!(
+            "--teacher {}: it predicts over {theirs} tokens but the data in {} has a vocabulary of {}: the teacher needs the data's tokenizer",
+            teacher.describe(),
+            data_dir.display(),
+            meta.vocab_size
+        );
+    }
+    let ours = data_dir.join("tokenizer.json");
+    if ours.is_file() {
+        let data_tok = crate::data::load_tokenizer(&ours)?;
+        if data_tok.get_vocab(true) != teacher.tokenizer.get_vocab(true) {
+            bail!(
+                "--teacher {}: its tokenizer differs from the data's ({}): distillation compares next-token distributions, so both must use the same tokens",
+                teacher.describe(),
+                ours.display()
+            );
+        }
+    }
+    Ok(())
 }

@@ -117,7 +117,8 @@ pub fn compress(m: &ModelConfig, source: &HashMap<String, Tensor>, spec: &Spec) 
             report.push(ProjReport { proj: p, layer: l, group: None, rank: 0, energy_kept: 1.0, residual_norm: 0.0 });
         }
         for g in 0..lors.n_groups(n) {
-            let layers: Vec<usize> = (0..n).filter(|&l| lors.is_shared(p, l) && lors.group_of(l, n) == Some(g)).collect();
+            let layers: Vec<usize> =
+                (0..n).filter(|&l| lors.is_shared(p, l) && lors.group_of(l, n) == Some(g)).collect();
             if layers.is_empty() {
                 continue;
             }

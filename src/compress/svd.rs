@@ -120,7 +120,10 @@ mod tests {
         let svd = ResidualSvd::new(&r, 6, 4)?;
         let product = |rank: usize| -> Result<Vec<f32>> {
             let (b, a) = svd.factors(rank)?;
-            Ok((0..6).flat_map(|i| (0..4).map(move |j| (i, j))).map(|(i, j)| (0..rank).map(|t| b[i * rank + t] * a[t * 4 + j]).sum()).collect())
+            Ok((0..6)
+                .flat_map(|i| (0..4).map(move |j| (i, j)))
+                .map(|(i, j)| (0..rank).map(|t| b[i * rank + t] * a[t * 4 + j]).sum())
+                .collect())
         };
         let full = product(4)?;
         assert!(full.iter().zip(&r).all(|(x, y)| (x - y).abs() < 1e-5));

@@ -323,6 +323,7 @@ impl Block {
 // The model
 // ---------------------------------------------------------------------------------------------
 
+#[derive(Clone)]
 pub struct Model {
     pub cfg: ModelConfig,
     embed: Tensor,

@@ -373,7 +373,10 @@ impl LorsConfig {
                     )?;
                     check(
                         r <= out.min(inp),
-                        format!("rank {r} of {p} at layer {layer} exceeds min(out, in) = {} of its weight", out.min(inp)),
+                        format!(
+                            "rank {r} of {p} at layer {layer} exceeds min(out, in) = {} of its weight",
+                            out.min(inp)
+                        ),
                     )?;
                 }
             }

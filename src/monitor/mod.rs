@@ -28,6 +28,9 @@ pub struct StepReport {
     /// Tokens of this step.
     pub tokens: usize,
     pub ms: f64,
+    /// With distillation: the step's cross-entropy and KL(teacher ‖ student).
+    pub ce: Option<f64>,
+    pub kl: Option<f64>,
 }
 
 /// Where a run's reports go.
@@ -112,6 +115,12 @@ impl Monitor {
         if let Some(m) = mfu {
             line["mfu"] = m.into();
             self.board.scalar("train/mfu", m, r.step);
+        }
+        for (key, v) in [("ce", r.ce), ("kl", r.kl)] {
+            if let Some(v) = v {
+                line[key] = v.into();
+                self.board.scalar(&format!("train/{key}"), v, r.step);
+            }
         }
         self.log(line)?;
         for (tag, v) in [

@@ -79,7 +79,7 @@ pub fn train_one(r: &Resolved, seed: u64, dir: &Path, data_dir: &Path, ev: &Fina
         resume = run.latest_step()?.is_some();
     }
     let start = Instant::now();
-    let opts = SessionOptions { resume, force: !resume, quiet: false, stop_at: None };
+    let opts = SessionOptions { resume, force: !resume, ..Default::default() };
     let summary = session::train(cfg.clone(), data_dir, &run, &ev.device, &opts)?;
     if summary.final_step < cfg.train.max_steps {
         bail!(

@@ -79,8 +79,8 @@ pub fn fit(
             ));
         }
         let tokens_seen = trainer.state().tokens_seen;
-        let (loss, lr, grad_norm, tokens, ms) = (s.loss, s.lr, s.grad_norm, s.tokens, s.ms);
-        monitor.step(&StepReport { step, loss, lr, grad_norm, tokens_seen, tokens, ms })?;
+        let (loss, lr, grad_norm, tokens, ms, ce, kl) = (s.loss, s.lr, s.grad_norm, s.tokens, s.ms, s.ce, s.kl);
+        monitor.step(&StepReport { step, loss, lr, grad_norm, tokens_seen, tokens, ms, ce, kl })?;
         if step.is_multiple_of(tc.eval_interval) || step == tc.max_steps {
             let val_loss = trainer.evaluate(val)?;
             let sample = match &opts.sampler {

@@ -6,6 +6,7 @@
 //! * `session.rs`: a whole training run from a resolved config (`train` and `sweep` use it).
 //! * `optim.rs` + `adamw.rs`: AdamW with per-parameter options, and its in-place CPU update.
 //! * `schedule.rs`: the learning rate at each step.
+//! * `distill.rs`: knowledge distillation from a teacher model.
 //! * `batches.rs`: training and validation batches.
 //! * `run_dir.rs` + `checkpoint.rs`: the run directory's layout and atomic checkpoints.
 //!
@@ -25,6 +26,7 @@
 pub mod adamw;
 pub mod batches;
 pub mod checkpoint;
+pub mod distill;
 pub mod fit;
 pub mod optim;
 pub mod run_dir;

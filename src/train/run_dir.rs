@@ -35,6 +35,8 @@ pub struct LoadedRun {
     pub model: Model,
     pub tokenizer: tokenizers::Tokenizer,
     pub meta: Option<Meta>,
+    /// The checkpoint's parameters, by name (unique parameters: shared bases, factors).
+    pub params: HashMap<String, Tensor>,
 }
 
 impl RunDir {
@@ -177,7 +179,7 @@ impl RunDir {
     pub fn load(&self, step: Option<usize>, device: &Device) -> Result<LoadedRun> {
         let ckpt = self.checkpoint(step)?;
         let cfg = ckpt.config()?;
-        let (model, _) = load_model(&cfg, &ckpt, device)?;
+        let (model, store) = load_model(&cfg, &ckpt, device)?;
         let tokenizer = crate::data::load_tokenizer(&self.tokenizer_path())?;
         let meta_path = self.data_meta_path();
         let meta = match meta_path.is_file() {
@@ -187,7 +189,7 @@ impl RunDir {
             ),
             false => None,
         };
-        Ok(LoadedRun { cfg, step: ckpt.step, model, tokenizer, meta })
+        Ok(LoadedRun { cfg, step: ckpt.step, model, tokenizer, meta, params: store.tensors() })
     }
 }
 

@@ -8,19 +8,20 @@
 
 use crate::config::Config;
 use crate::data::{Meta, TokenFile};
-use crate::model::ParamCounts;
+use crate::model::{Model, ParamCounts};
 use crate::monitor::{Monitor, Paths};
 use crate::train::batches::{validation_batches, Source};
 use crate::train::fit::{fit, install_ctrlc_handler, FitOptions, FitSummary};
 use crate::train::run_dir::RunDir;
 use crate::train::trainer::Trainer;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-/// How a session treats its run directory and console.
-#[derive(Debug, Clone, Default)]
+/// How a session starts, treats its run directory and reports.
+#[derive(Clone, Default)]
 pub struct SessionOptions {
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
@@ -30,6 +31,11 @@ pub struct SessionOptions {
     pub quiet: bool,
     /// Stop after this step, checkpointing it.
     pub stop_at: Option<usize>,
+    /// Start a new run from these weights (named as the model names them) instead of a fresh
+    /// initialisation; the optimizer and schedule start afresh.
+    pub init_weights: Option<HashMap<String, Tensor>>,
+    /// Distil from this teacher (train.distill_alpha, train.distill_temperature).
+    pub teacher: Option<Model>,
 }
 
 /// The prepared data of a run, checked against its config.
@@ -99,10 +105,15 @@ pub fn train(
     let val = validation_batches(&data.val, cfg.train.seed, cfg.train.eval_batches, b, t, device)?;
     let train_tokens = data.train.len();
     let source = Source::Tokens(data.train);
-    let mut trainer = match &resume_from {
-        Some(ckpt) => Trainer::resume(cfg.clone(), ckpt, source, device)?,
-        None => Trainer::new(cfg.clone(), source, device)?,
+    let mut trainer = match (&resume_from, &opts.init_weights) {
+        (Some(ckpt), _) => Trainer::resume(cfg.clone(), ckpt, source, device)?,
+        (None, Some(weights)) => Trainer::with_weights(cfg.clone(), weights.clone(), source, device)
+            .with_context(|| format!("--init-from {}: its weights do not fit the config", cfg.train.init_from))?,
+        (None, None) => Trainer::new(cfg.clone(), source, device)?,
     };
+    if let Some(teacher) = &opts.teacher {
+        trainer.set_teacher(teacher).with_context(|| format!("--teacher {}", cfg.train.teacher))?;
+    }
     // Everything checked: now write.
     if resume_from.is_none() {
         run.create(opts.force)?;

@@ -15,6 +15,7 @@ use crate::model::{Model, Ops, ParamStore};
 use crate::rng::Rng;
 use crate::train::batches::Source;
 use crate::train::checkpoint::{Checkpoint, TrainState};
+use crate::train::distill::Distill;
 use crate::train::optim::AdamW;
 use crate::train::run_dir::RunDir;
 use crate::train::schedule::lr_at;
@@ -62,6 +63,9 @@ pub struct StepStats {
     pub skipped: bool,
     /// Skipped steps in a row, this one included.
     pub bad_steps: usize,
+    /// With distillation: the mean cross-entropy and KL(teacher ‖ student) of the step.
+    pub ce: Option<f64>,
+    pub kl: Option<f64>,
 }
 
 pub struct Trainer {
@@ -77,6 +81,7 @@ pub struct Trainer {
     device: Device,
     sync: Box<dyn GradSync>,
     bad_steps: usize,
+    distill: Option<Distill>,
 }
 
 impl Trainer {
@@ -141,12 +146,21 @@ impl Trainer {
             device: device.clone(),
             sync: Box::new(Local),
             bad_steps: 0,
+            distill: None,
         })
     }
 
     /// Combine gradients across ranks with `sync` (data-parallel training).
     pub fn set_grad_sync(&mut self, sync: Box<dyn GradSync>) {
         self.sync = sync;
+    }
+
+    /// Distil from `teacher` (same vocabulary) with `train.distill_alpha` and
+    /// `train.distill_temperature`: every step's loss becomes (1−α)·CE + α·T²·KL.
+    pub fn set_teacher(&mut self, teacher: &Model) -> Result<()> {
+        let t = &self.cfg.train;
+        self.distill = Some(Distill::new(teacher, &self.model, t.distill_alpha, t.distill_temperature)?);
+        Ok(())
     }
 
     /// Run the model on the given implementation of its operations (benchmarks, tests).
@@ -197,7 +211,7 @@ impl Trainer {
         let t0 = Instant::now();
         let step = self.state.step + 1;
         let lr = lr_at(step, &self.cfg.train);
-        let (mut grads, mut loss, fwd, bwd) = self.gradients(micro)?;
+        let (mut grads, mut loss, fwd, bwd, parts) = self.gradients(micro)?;
         self.sync.all_reduce(&mut grads, &mut loss)?;
         let grad_norm = global_norm(&grads)?;
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
@@ -234,18 +248,30 @@ impl Trainer {
             optimizer_ms: ms - fwd - bwd,
             skipped,
             bad_steps: self.bad_steps,
+            ce: parts.map(|p| p.0),
+            kl: parts.map(|p| p.1),
         })
     }
 
     /// Gradients summed over the micro-batches of loss / k (so: of the mean loss), the mean
-    /// loss, and the time spent in forward and backward passes (ms).
-    fn gradients(&self, micro: &[(Tensor, Tensor)]) -> Result<(Vec<Tensor>, f64, f64, f64)> {
+    /// loss, the time spent in forward and backward passes (ms), and with distillation the
+    /// mean (CE, KL).
+    #[allow(clippy::type_complexity)]
+    fn gradients(&self, micro: &[(Tensor, Tensor)]) -> Result<(Vec<Tensor>, f64, f64, f64, Option<(f64, f64)>)> {
         let k = micro.len();
         let mut acc: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let (mut loss_sum, mut fwd, mut bwd) = (0.0, 0.0, 0.0);
+        let mut parts = self.distill.as_ref().map(|_| (0.0, 0.0));
         for (x, y) in micro {
             let t0 = Instant::now();
-            let loss = self.model.forward_loss(x, y)?;
+            let loss = match (&self.distill, parts.as_mut()) {
+                (Some(d), Some((ce, kl))) => {
+                    let l = d.loss(&self.model, x, y)?;
+                    (*ce, *kl) = (*ce + l.ce / k as f64, *kl + l.kl / k as f64);
+                    l.loss
+                }
+                _ => self.model.forward_loss(x, y)?,
+            };
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let t1 = Instant::now();
             let loss = if k > 1 { (loss / k as f64)? } else { loss };
@@ -261,7 +287,7 @@ impl Trainer {
             }
         }
         let grads = acc.into_iter().flatten().collect();
-        Ok((grads, loss_sum / k as f64, fwd, bwd))
+        Ok((grads, loss_sum / k as f64, fwd, bwd, parts))
     }
 
     /// Mean loss over fixed batches, without building a graph (the weights are merged and
