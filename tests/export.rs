@@ -1,13 +1,17 @@
 //! `lors-lm export` and `eval` checked against an independent reference
 //! (tests/reference/llama_ref.py: numpy + safetensors only) for LORS, vanilla, shared and
-//! untied-head models; and the round trip export → `generate --hf`.
+//! untied-head models; the round trip export → `generate --hf`; and `generate --hf` on the
+//! config.json shapes of newer checkpoints (transformers >= 5 `rope_parameters`, a list of
+//! end-of-sequence ids).
 
 mod common;
 
-use common::{bin, repo, run_ok, train_tiny};
+use common::{bin, repo, run_err, run_ok, train_tiny};
 
 use candle_core::{Device, Tensor};
+use lors_lm::formats::hf;
 use lors_lm::infer::generate::{generate_tokens, Sampler};
+use lors_lm::model::Model;
 use lors_lm::train::RunDir;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -152,4 +156,81 @@ fn export_refuses_to_overwrite_and_bf16_exports_load() {
     // params --run reports the checkpoint vs merged export sizes.
     let p = json(&run_ok(bin().args(["params", "--json", "--run"]).arg(&run)));
     assert!(p["merged_export_bytes"].as_u64().unwrap() > p["checkpoint_bytes"].as_u64().unwrap());
+}
+
+/// transformers >= 5 writes RoPE as `rope_parameters` (no top-level `rope_theta`), and Llama 3
+/// configs list several end-of-sequence ids (`[128001, 128008, 128009]`). `generate --hf`
+/// must honour that `rope_theta`, stop at any listed id, and refuse a scaled RoPE by name.
+#[test]
+fn generate_hf_reads_rope_parameters_and_every_eos_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let run = tmp.path().join("run");
+    // A RoPE base other than the default 10000, so that a loader ignoring rope_parameters shows;
+    // 100 steps, so that greedy text is the corpus rather than one token repeated.
+    train(&data, &run, &["model.rope_theta=500000", "train.max_steps=100"]);
+    let hf = tmp.path().join("hf");
+    run_ok(bin().args(["export", "--run"]).arg(&run).arg("--out").arg(&hf));
+    let prompt = "whenever I";
+    let generate = || {
+        let mut c = bin();
+        c.args(["generate", "--temperature", "0", "--max-new-tokens", "24", "--prompt", prompt, "--hf"]).arg(&hf);
+        c
+    };
+    let text = |c: &mut Command| String::from_utf8(run_ok(c).stdout).unwrap();
+    let before = text(&mut generate());
+
+    // The greedy ids behind that text (stopping at the run's eos, 0, as the export says).
+    let loaded = RunDir::open(&run).unwrap().load(None, &Device::Cpu).unwrap();
+    let tok = &loaded.tokenizer;
+    let prompt_ids = tok.encode(prompt, false).unwrap().get_ids().to_vec();
+    let mut greedy = Sampler::new(0.0, None, None, 0).unwrap();
+    let merged = loaded.model.merged().unwrap();
+    let ids = generate_tokens(&merged, &prompt_ids, 24, &mut greedy, &[0], |_| Ok(()), || {}).unwrap();
+    let decoded = |ids: &[u32]| format!("{prompt}{}\n", tok.decode(ids, true).unwrap());
+    assert_eq!(before, decoded(&ids));
+    // An id generation reaches after a few tokens (first seen at position k >= 4), and one it
+    // never reaches.
+    let k = (4..ids.len()).find(|&k| !ids[..k].contains(&ids[k])).expect("a new token after position 4");
+    let unreached = (1..).find(|i| !ids.contains(i)).unwrap();
+
+    let config_path = hf.join("config.json");
+    let original: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    assert_eq!(original["rope_theta"], 500000.0);
+    assert_eq!(original["eos_token_id"], 0);
+    let rewrite = |rope_parameters: Value, eos: Value| {
+        let mut cfg = original.clone();
+        let m = cfg.as_object_mut().unwrap();
+        m.remove("rope_theta");
+        m.remove("rope_scaling");
+        m.insert("rope_parameters".into(), rope_parameters);
+        m.insert("eos_token_id".into(), eos);
+        std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    };
+    let default_rope = serde_json::json!({"rope_theta": 500000.0, "rope_type": "default"});
+
+    // The transformers 5 layout with ids generation does not reach: the same text.
+    rewrite(default_rope.clone(), serde_json::json!([0, unreached]));
+    assert_eq!(text(&mut generate()), before, "rope_parameters.rope_theta must be honoured");
+    // The loader behind --hf reads that RoPE base, so its logits are the run's.
+    let (cfg, model, _, _) = hf::load_hf_dir(&hf, &Device::Cpu).unwrap();
+    assert_eq!(cfg.model.rope_theta, 500000.0);
+    let x = Tensor::new(prompt_ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = |m: &Model| -> Vec<f32> { m.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    let (ours, theirs) = (logits(&merged), logits(&model));
+    let diff = ours.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-4, "logits of the rewritten export differ from the run's by {diff}");
+
+    // Generation stops at any listed id, not only the first.
+    rewrite(default_rope, serde_json::json!([0, unreached, ids[k]]));
+    let stopped = text(&mut generate());
+    assert_eq!(stopped, decoded(&ids[..=k]), "generation must stop at eos id {} (token {k})", ids[k]);
+    assert!(stopped.len() < before.len());
+
+    // A scaled RoPE (Llama 3.1's) is refused, naming the key.
+    let llama3 = serde_json::json!({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    rewrite(llama3, serde_json::json!([0]));
+    let err = run_err(&mut generate());
+    assert!(err.contains("rope_parameters.rope_type \"llama3\"") && err.contains("config.json"), "{err}");
 }

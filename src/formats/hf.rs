@@ -283,3 +283,87 @@ pub fn merged_size_bytes(model: &Model) -> Result<usize> {
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     Ok(safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))?.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small Llama `config.json` with `extra` keys added (or replaced; `null` removes one).
+    fn hf_json(extra: Value) -> Value {
+        let mut v = json!({
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "vocab_size": 300,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            match x {
+                Value::Null => v.as_object_mut().unwrap().remove(k),
+                _ => v.as_object_mut().unwrap().insert(k.clone(), x.clone()),
+            };
+        }
+        v
+    }
+
+    fn config(extra: Value) -> Result<Config> {
+        config_from_hf(&hf_json(extra), Path::new("dir/config.json"))
+    }
+
+    #[test]
+    fn rope_theta_from_the_top_level_or_rope_parameters() {
+        assert_eq!(config(json!({})).unwrap().model.rope_theta, 10000.0);
+        assert_eq!(config(json!({"rope_theta": 250000.0})).unwrap().model.rope_theta, 250000.0);
+        assert_eq!(config(json!({"rope_theta": null})).unwrap().model.rope_theta, 10000.0);
+        // transformers >= 5: no top-level rope_theta, RoPE in rope_parameters.
+        let v5 = json!({"rope_theta": null, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}});
+        assert_eq!(config(v5).unwrap().model.rope_theta, 500000.0);
+        // rope_parameters wins over a stale top-level value; a null rope_scaling (our exports) is fine.
+        let both = json!({"rope_theta": 10000.0, "rope_scaling": null,
+                          "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}});
+        assert_eq!(config(both).unwrap().model.rope_theta, 500000.0);
+        let err = config(json!({"rope_parameters": {"rope_theta": "big", "rope_type": "default"}})).unwrap_err();
+        assert!(err.to_string().contains("rope_parameters.rope_theta is not a number"), "{err:#}");
+    }
+
+    #[test]
+    fn scaled_rope_is_refused_naming_the_key() {
+        for key in ["rope_parameters", "rope_scaling"] {
+            for kind in ["llama3", "linear", "dynamic", "yarn", "longrope"] {
+                let params = json!({"rope_theta": 500000.0, "rope_type": kind, "factor": 8.0});
+                let err = config(json!({ key: params })).unwrap_err().to_string();
+                assert!(err.contains(&format!("{key}.rope_type \"{kind}\"")), "{key} {kind}: {err}");
+                assert!(err.contains("scaled RoPE") && err.starts_with("dir/config.json"), "{err}");
+            }
+        }
+        // The old spelling ("type"), and a rope_scaling without any type, are refused too.
+        let err = config(json!({"rope_scaling": {"type": "linear", "factor": 2.0}})).unwrap_err().to_string();
+        assert!(err.contains("rope_scaling.rope_type \"linear\""), "{err}");
+        let err = config(json!({"rope_scaling": {"factor": 2.0}})).unwrap_err().to_string();
+        assert!(err.contains("rope_scaling {\"factor\":2.0} is not supported"), "{err}");
+    }
+
+    #[test]
+    fn token_ids_are_a_number_a_list_or_absent() {
+        let v = json!({
+            "bos_token_id": 128000,
+            "eos_token_id": [128001, 128008, 128009],
+            "pad_token_id": null,
+        });
+        assert_eq!(token_ids(&v, "bos_token_id"), vec![128000]);
+        assert_eq!(token_ids(&v, "eos_token_id"), vec![128001, 128008, 128009]);
+        assert_eq!(token_ids(&v, "pad_token_id"), Vec::<u32>::new());
+        assert_eq!(token_ids(&v, "missing"), Vec::<u32>::new());
+        // Our own exports write one id or null; both read back.
+        let cfg = config(json!({})).unwrap();
+        let ours = hf_config(&cfg.model, "float32", Some(0), None);
+        assert_eq!(token_ids(&ours, "bos_token_id"), vec![0]);
+        assert_eq!(token_ids(&ours, "eos_token_id"), Vec::<u32>::new());
+    }
+}
