@@ -202,8 +202,9 @@ impl Trainer {
         self.step_on(&micro)
     }
 
-    /// One optimizer step on the given micro-batches (inputs, targets), each (B, T): their
-    /// gradients are averaged, as if they were one batch.
+    /// One optimizer step on the given micro-batches (inputs, targets), each (B, T): the mean
+    /// of their mean losses is minimised, which equals one batch of all of them when the
+    /// micro-batches have the same size (as `step` draws them).
     pub fn step_on(&mut self, micro: &[(Tensor, Tensor)]) -> Result<StepStats> {
         if micro.is_empty() {
             bail!("a training step needs at least one micro-batch");
