@@ -332,8 +332,7 @@ fn checkpoint_round_trip_restores_identical_logits() -> Result<()> {
     let state = TrainState { step: 7, data_rng: 123, opt_t: 7, tokens_seen: 99, val_loss: Some(1.5) };
     let run = RunDir::at(dir.path());
     let (params, optimizer) = (store.tensors(), opt.state_tensors());
-    let contents = |state| Contents { cfg: &cfg, params: &params, optimizer: &optimizer, state };
-    run.save_checkpoint(&contents(&state), 2)?;
+    run.save_checkpoint(&Contents { cfg: &cfg, params: &params, optimizer: &optimizer, state: &state }, 2)?;
     let ckpt = run.checkpoint(None)?;
     let (loaded, _) = load_model(&cfg, &ckpt, &Device::Cpu)?;
     let x = ids(&mut rng, 2, 9, 50)?;
@@ -353,7 +352,7 @@ fn checkpoint_round_trip_restores_identical_logits() -> Result<()> {
     // keep = 2: older checkpoints are pruned.
     for step in [8, 9] {
         let s = TrainState { step, ..state.clone() };
-        run.save_checkpoint(&contents(&s), 2)?;
+        run.save_checkpoint(&Contents { cfg: &cfg, params: &params, optimizer: &optimizer, state: &s }, 2)?;
     }
     assert_eq!(run.checkpoints()?, vec![8, 9]);
     Ok(())
