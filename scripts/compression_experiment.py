@@ -4,18 +4,20 @@ into LORS and briefly uptraining it beat the same-size alternatives?
 
     bash scripts/fetch_corpus.sh all
     lors-lm prepare --input data/moby-dick data/brown --out data/mb-4k --vocab-size 4096
-    python3 scripts/compression_experiment.py            # hours on 2 cores; resumable
+    python3 scripts/compression_experiment.py            # about 1-2 hours on 2 cores; resumable
     python3 scripts/compression_experiment.py --quick    # the same pipeline, tiny, minutes
 
-Teachers: vanilla Llamas (d 128, 4 and 8 layers) trained on D tokens of Moby Dick + Brown.
-Students at about 50 % and 35 % of the teacher's block (projection) parameters are made by
-`lors-lm compress` (one group, groups of 4, the sandwich pattern with the first and last
-layers private) and uptrained on U (about 16 % of D) at a lower learning rate, with and
+Teachers: vanilla Llamas (d 64, ffn 172, 4 heads; 8 and 4 layers) trained on D tokens of Moby
+Dick + Brown. Students at about 50 % and 35 % of the teacher's block (projection) parameters
+are made by `lors-lm compress` (one group; for the 8-layer teacher at 50 % also groups of 4
+and the sandwich pattern with the first and last layers private; ranks are the largest that
+fit the budget) and uptrained on U (about 16 % of D) at a lower learning rate, with and
 without distillation from the teacher (`train --teacher`). Baselines with the same block
 parameters and the same U tokens: (a) vanilla from scratch on D+U, (b) vanilla from scratch
-on U, (c) layer dropping + uptraining, (d) per-layer truncated SVD without sharing
-(`compress --mode lowrank`) + uptraining, (e) a shallow vanilla student distilled from the
-teacher on U. Every trained row runs with two seeds. Every run's final loss is `lors-lm eval`
+on U, (c) layer dropping (evenly spaced layers, first and last kept) + uptraining, (d)
+per-layer truncated SVD without sharing (`compress --mode lowrank`) + uptraining, (e) a
+shallow vanilla student distilled from the teacher on U. Every trained row runs with two
+seeds; --jobs runs train at once (one thread each). Every run's final loss is `lors-lm eval`
 over the whole validation split. Finished runs are kept (their eval.json), so the script can
 be stopped and started again; it writes the table between markers in docs/results.md and a
 Pareto chart (loss vs unique block parameters) as docs/compression_pareto.svg.
@@ -28,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,18 +58,38 @@ class Exp:
         self.quick = a.quick
         self.rows = []
         self.meta = json.loads((self.data / "meta.json").read_text())
-        # Dimensions and budgets.
+        # Dimensions and budgets (d_model, ffn_hidden); teachers use n_kv_heads = n_heads.
         if self.quick:
-            self.dims = ["model.d_model=32", "model.n_heads=4", "model.ffn_hidden=64", "model.max_seq_len=64"]
+            self.d, self.ffn = 32, 64
             self.batch = ["train.batch_size=4", "train.seq_len=32"]
             self.teacher_steps, self.up_steps = 60, 12
         else:
-            self.dims = ["model.d_model=128", "model.n_heads=4", "model.ffn_hidden=344", "model.max_seq_len=128"]
-            self.batch = ["train.batch_size=16", "train.seq_len=128"]
-            self.teacher_steps, self.up_steps = 1500, 240
+            self.d, self.ffn = 64, 172
+            self.batch = ["train.batch_size=8", "train.seq_len=128"]
+            self.teacher_steps, self.up_steps = 1000, 160
+        self.dims = [f"model.d_model={self.d}", "model.n_heads=4", f"model.ffn_hidden={self.ffn}",
+                     "model.max_seq_len=128"]
         tok_step = int(self.batch[0].split("=")[1]) * int(self.batch[1].split("=")[1])
         self.tokens_d = self.teacher_steps * tok_step
         self.tokens_u = self.up_steps * tok_step
+        self.pool = ThreadPoolExecutor(a.jobs)
+
+    def layer_params(self, ffn=None):
+        """Projection parameters of one vanilla layer (q, k, v, o and the SwiGLU MLP)."""
+        return 4 * self.d * self.d + 3 * self.d * (ffn or self.ffn)
+
+    def rank_for(self, frac, layers, bases=1, private=0, base=True):
+        """The largest uniform rank whose student stays within `frac` of the teacher's block
+        parameters: `bases` shared bases (none for per-layer SVD) plus `private` private layers
+        plus a rank-r pair per projection in every other layer."""
+        per_rank = 4 * 2 * self.d + 3 * (self.d + self.ffn)
+        left = frac * layers * self.layer_params() - (bases if base else 0) * self.layer_params() \
+            - private * self.layer_params()
+        return max(1, int(left // ((layers - private) * per_rank)))
+
+    def ffn_for(self, frac, layers, n):
+        """The ffn_hidden of an n-layer vanilla model with `frac` of the teacher's block parameters."""
+        return int((frac * layers * self.layer_params() - n * 4 * self.d * self.d) // (3 * self.d * n))
 
     def sets(self, extra):
         out = []
@@ -132,63 +155,72 @@ class Exp:
                               total=total, tokens=self.tokens_d, after_compress=None))
         return run, block
 
+    def trained_losses(self, specs):
+        """Train (in parallel, --jobs at a time) and evaluate runs given as train() keyword dicts."""
+        return list(self.pool.map(lambda kw: self.evaluate(self.train(**kw)), specs))
+
     def student(self, layers, teacher, label, flags, frac, seeds):
-        run, rep = self.compress(f"t{layers}-{label}", teacher, flags)
+        run, rep = self.compress(f"t{layers}-{label.replace(' ', '').replace(',', '-')}", teacher, flags)
         block = rep["params"]["after"]["block"]
-        for distill in (False, True):
-            losses = [self.evaluate(self.train(f"t{layers}-{label}{'-kd' if distill else ''}-s{s}", self.up_steps, [],
-                                               seed=s, init=run, teacher=teacher if distill else None))
-                      for s in seeds]
+        specs = [dict(name=f"t{layers}-{label.replace(' ', '').replace(',', '-')}{'-kd' if kd else ''}-s{s}",
+                      steps=self.up_steps, extra=[], seed=s, init=run, teacher=teacher if kd else None)
+                 for kd in (False, True) for s in seeds]
+        losses = self.trained_losses(specs)
+        for i, kd in enumerate((False, True)):
             self.rows.append(dict(teacher=layers, kind="LORS" if "lowrank" not in label else "(d) per-layer SVD",
-                                  name=f"{label}{' + KD' if distill else ''}", seeds=losses, block=block,
-                                  total=rep["params"]["after"]["total"], tokens=self.tokens_u, frac=frac,
+                                  name=f"{label}{' + KD' if kd else ''}", seeds=losses[i * len(seeds):(i + 1) * len(seeds)],
+                                  block=block, total=rep["params"]["after"]["total"], tokens=self.tokens_u, frac=frac,
                                   after_compress=rep["val"]["compressed_loss"]))
 
-    def baselines(self, layers, teacher, vanilla_shapes, drops, lowranks, seeds):
-        for frac, (n, ffn) in vanilla_shapes.items():
+    def baselines(self, layers, teacher, seeds, fracs):
+        for frac in fracs:
+            n = max(1, round(layers * frac / 100))
+            ffn = self.ffn_for(frac / 100, layers, n)
             shape = [f"model.ffn_hidden={ffn}", "lors.mode=vanilla"]
-            for kind, label, steps, extra in (
+            kinds = (
                 ("(a) vanilla, D+U", f"{n}L-ffn{ffn}-DU", self.teacher_steps + self.up_steps, {"lr": "3e-3", "warmup": 100}),
                 ("(b) vanilla, U", f"{n}L-ffn{ffn}-U", self.up_steps, {"lr": "3e-3", "warmup": 20}),
                 ("(e) vanilla + KD, U", f"{n}L-ffn{ffn}-U-kd", self.up_steps, {"lr": "3e-3", "warmup": 20, "teacher": teacher}),
-            ):
-                runs = [self.train(f"t{layers}-{label}-s{s}", steps, shape, seed=s, layers=n, **extra) for s in seeds]
-                block, total = self.block_params(runs[0])
+            )
+            specs = [dict(name=f"t{layers}-{label}-s{s}", steps=steps, extra=shape, seed=s, layers=n, **extra)
+                     for _, label, steps, extra in kinds for s in seeds]
+            losses = self.trained_losses(specs)
+            for i, (kind, label, steps, _) in enumerate(kinds):
+                block, total = self.block_params(self.out / f"t{layers}-{label}-s{seeds[0]}")
                 self.rows.append(dict(teacher=layers, kind=kind, name=f"{n} layers, ffn {ffn}",
-                                      seeds=[self.evaluate(r) for r in runs], block=block, total=total,
+                                      seeds=losses[i * len(seeds):(i + 1) * len(seeds)], block=block, total=total,
                                       tokens=steps * self.tokens_u // self.up_steps, frac=frac, after_compress=None))
-        for frac, keep in drops.items():
-            run, rep = self.compress(f"t{layers}-keep{keep.replace(',', '_')}", teacher, ["--keep-layers", keep])
-            losses = [self.evaluate(self.train(f"t{layers}-keep{keep.replace(',', '_')}-s{s}", self.up_steps, [], seed=s,
-                                               init=run)) for s in seeds]
+            # (c) layer dropping: keep n evenly spaced layers, the first and the last among them.
+            keep = ",".join(str(round(i * (layers - 1) / (n - 1))) if n > 1 else "0" for i in range(n))
+            tag = f"t{layers}-keep{keep.replace(',', '_')}"
+            run, rep = self.compress(tag, teacher, ["--keep-layers", keep])
+            losses = self.trained_losses([dict(name=f"{tag}-s{s}", steps=self.up_steps, extra=[], seed=s, init=run)
+                                          for s in seeds])
             self.rows.append(dict(teacher=layers, kind="(c) layer dropping", name=f"keep {keep}", seeds=losses,
                                   block=rep["params"]["after"]["block"], total=rep["params"]["after"]["total"],
                                   tokens=self.tokens_u, frac=frac, after_compress=rep["val"]["compressed_loss"]))
-        for frac, r in lowranks.items():
-            self.student(layers, teacher, f"lowrank-r{r}", ["--mode", "lowrank", "--rank", str(r)], frac, seeds)
+            # (d) per-layer truncated SVD, no sharing.
+            r = self.rank_for(frac / 100, layers, base=False)
+            self.student(layers, teacher, f"lowrank r{r}", ["--mode", "lowrank", "--rank", str(r)], frac, seeds)
 
     def run(self):
         self.out.mkdir(parents=True, exist_ok=True)
         seeds = [1, 2]
-        q = self.quick
-        # 8-layer teacher: d 128, block 1,581,056 (vanilla) = 8 × 197,632.
-        t8, _ = self.teacher(8)
-        for label, flags, frac in (
-            (f"1 group, r{4 if q else 30}", ["--rank", "4" if q else "30"], 50),
-            (f"1 group, r{2 if q else 18}", ["--rank", "2" if q else "18"], 35),
-            (f"groups of 4, r{4 if q else 20}", ["--group-size", "4", "--rank", "4" if q else "20"], 50),
-            (f"groups of 4, r{1 if q else 8}", ["--group-size", "4", "--rank", "1" if q else "8"], 35),
-            (f"sandwich, r{3 if q else 13}", ["--private-layers", "0,L-1", "--rank", "3" if q else "13"], 50),
-        ):
-            self.student(8, t8, label, flags, frac, seeds)
-        self.baselines(8, t8, {50: (4, 64 if q else 344), 35: (3, 50 if q else 310)}, {50: "0,2,5,7", 35: "0,4,7"},
-                       {50: 5 if q else 40, 35: 3 if q else 28}, seeds)
-        # 4-layer teacher: block 790,528.
-        t4, _ = self.teacher(4)
-        for label, flags, frac in ((f"1 group, r{4 if q else 20}", ["--rank", "4" if q else "20"], 50),
-                                   (f"1 group, r{2 if q else 8}", ["--rank", "2" if q else "8"], 35)):
-            self.student(4, t4, label, flags, frac, seeds)
-        self.baselines(4, t4, {50: (2, 64 if q else 344)}, {50: "0,3"}, {50: 5 if q else 40}, seeds)
+        (t8, _), (t4, _) = self.pool.map(self.teacher, [8, 4])
+        for layers, teacher in ((8, t8), (4, t4)):
+            for frac in (50, 35):
+                f = frac / 100
+                plans = [(f"1 group r{self.rank_for(f, layers)}", ["--rank", str(self.rank_for(f, layers))])]
+                if layers == 8:
+                    # Groups of 2 would spend the whole 50 % on four bases; groups of 4 leave room for residuals.
+                    if frac == 50:
+                        r = self.rank_for(f, layers, bases=2)
+                        plans.append((f"groups of 4 r{r}", ["--group-size", "4", "--rank", str(r)]))
+                        r = self.rank_for(f, layers, private=2)
+                        plans.append((f"sandwich r{r}", ["--private-layers", "0,L-1", "--rank", str(r)]))
+                for label, flags in plans:
+                    self.student(layers, teacher, label, flags, frac, seeds)
+            self.baselines(layers, teacher, seeds, (50, 35) if layers == 8 else (50,))
         self.report()
 
     # -- the report ------------------------------------------------------------------------------
@@ -288,13 +320,14 @@ def main():
     ap.add_argument("--data", type=Path, default=ROOT / "data/mb-4k")
     ap.add_argument("--out", type=Path, default=None, help="runs directory [runs/compression, or runs/compression-quick]")
     ap.add_argument("--quick", action="store_true", help="tiny dimensions and few steps: the pipeline in minutes")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once, one CPU thread each [2]")
     a = ap.parse_args()
     a.out = a.out or ROOT / ("runs/compression-quick" if a.quick else "runs/compression")
     if not (a.data / "meta.json").is_file():
         sys.exit(f"{a.data}: no prepared data (see the usage at the top of this script)")
     if not a.bin.is_file():
         sys.exit(f"{a.bin}: build lors-lm first (cargo build --release)")
-    os.environ.setdefault("RAYON_NUM_THREADS", "2")
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.jobs)))
     t = time.time()
     Exp(a).run()
     print(f"total {time.time() - t:.0f} s")
