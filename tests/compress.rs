@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{bin, repo, run_err, run_ok, train_tiny};
 use lors_lm::compress::{compress, Spec};
 use lors_lm::config::{Config, Mode, Proj};
-use lors_lm::model::{Model, ParamStore};
+use lors_lm::model::{Model, Ops, ParamStore};
 use lors_lm::rng::Rng;
 use lors_lm::train::distill::{kl_divergence, Distill};
 use std::collections::HashMap;
@@ -174,7 +174,16 @@ fn distillation_loss_and_gradient_match_a_plain_composition_and_finite_differenc
     assert!(kl > 0.0, "different models must disagree");
     // KL of a model with itself is zero.
     let logits = student.forward(&x)?;
-    assert!(kl_divergence(&logits, &logits, temp)?.to_scalar::<f64>()?.abs() < 1e-12);
+    for ops in [Ops::Fused, Ops::Plain] {
+        assert!(kl_divergence(ops, &logits, &logits, temp)?.to_scalar::<f64>()?.abs() < 1e-12);
+    }
+    // The fused kernel (which the CPU student uses) and the plain composition agree.
+    let teacher_logits = teacher.forward(&x)?;
+    let (fused, plain) = (
+        kl_divergence(Ops::Fused, &teacher_logits, &logits, temp)?.to_scalar::<f64>()?,
+        kl_divergence(Ops::Plain, &teacher_logits, &logits, temp)?.to_scalar::<f64>()?,
+    );
+    assert!((fused - plain).abs() < 1e-12 && (fused - kl).abs() < 1e-10, "fused {fused}, plain {plain}, want {kl}");
     // Gradients against finite differences.
     let grads = got.loss.backward()?;
     let mut rng = Rng::new(9);

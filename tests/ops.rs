@@ -174,6 +174,38 @@ fn cross_entropy_matches_candle_and_finite_differences() -> Result<()> {
 }
 
 #[test]
+fn kl_div_matches_the_plain_composition_and_finite_differences() -> Result<()> {
+    let mut rng = Rng::new(2);
+    for temp in [1.0, 2.5] {
+        for dtype in [DType::F32, DType::F64] {
+            // Teacher logits are a constant of the op (captured), like the targets of the loss.
+            let teacher = rand(&mut rng, &[5, 19], 3.0, dtype)?;
+            let t1 = teacher.clone();
+            let fused = move |x: &[Tensor]| ops::kl_div(&x[0], &t1, temp);
+            let t2 = teacher.clone();
+            let plain = move |x: &[Tensor]| -> candle_core::Result<Tensor> {
+                let log_q = candle_nn::ops::log_softmax(&(&x[0] / temp)?, D::Minus1)?;
+                let log_p = candle_nn::ops::log_softmax(&(&t2 / temp)?, D::Minus1)?;
+                (log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)
+            };
+            let student = rand(&mut rng, &[5, 19], 3.0, dtype)?;
+            check_against_plain(&fused, &plain, std::slice::from_ref(&student), 1e-5)?;
+            if dtype == DType::F64 {
+                check_finite_differences(&fused, &[student])?;
+            }
+            // A distribution against itself: zero, and KL ≥ 0 otherwise.
+            let same: Vec<f64> = ops::kl_div(&teacher, &teacher, temp)?.to_dtype(DType::F64)?.to_vec1()?;
+            assert!(same.iter().all(|k| k.abs() < 1e-6), "{same:?}");
+        }
+    }
+    // Mismatched shapes or a bad temperature are errors, not panics.
+    let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+    assert!(ops::kl_div(&x, &Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?, 1.0).is_err());
+    assert!(ops::kl_div(&x, &x, 0.0).is_err());
+    Ok(())
+}
+
+#[test]
 fn linear_cross_entropy_matches_head_then_loss_and_finite_differences() -> Result<()> {
     let mut rng = Rng::new(8);
     // 150 rows: more than two backward blocks of 64, the last one partial.

@@ -10,6 +10,7 @@
 //! | op | replaces | forward | backward | file |
 //! |---|---|---|---|---|
 //! | [`cross_entropy()`] | log-softmax, gather, mean | per-row loss | `g·(softmax − onehot)` | `cross_entropy.rs` |
+//! | [`kl_div()`] | two log-softmaxes, exp, sub, mul, sum (distillation) | per-row KL | `g·(q − p)/T` | `kl_div.rs` |
 //! | [`linear_cross_entropy()`] | LM head matmul, log-softmax, gather, and their backward | loss | blockwise dx, dw | `linear_cross_entropy.rs` |
 //! | [`lors_merge()`] | B·A, scale, add (three stored tensors) | `W + s·B A` | dW, dB, dA | `lors_merge.rs` |
 //! | [`attention()`] | qkᵀ, scale, mask, softmax (5 ops), P·v, transpose | per head | recomputes P per head | `attention.rs` |
@@ -240,6 +241,7 @@ macro_rules! cpu_fwd3 {
 mod attention;
 mod attention_qkv;
 mod cross_entropy;
+mod kl_div;
 mod linear_cross_entropy;
 mod lors_merge;
 mod matmul;
@@ -251,6 +253,7 @@ mod swiglu;
 pub use attention::attention;
 pub use attention_qkv::attention_qkv;
 pub use cross_entropy::cross_entropy;
+pub use kl_div::kl_div;
 pub use linear_cross_entropy::linear_cross_entropy;
 pub use lors_merge::lors_merge;
 pub use rms_norm::rms_norm;

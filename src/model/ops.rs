@@ -162,6 +162,18 @@ impl Ops {
         Ok(candle_nn::loss::cross_entropy(logits, targets)?)
     }
 
+    /// Mean over rows of KL(softmax(teacher / T) ‖ softmax(student / T)) for logits (N, V),
+    /// differentiable in the student's logits (the teacher is detached).
+    pub fn kl_divergence(self, teacher: &Tensor, student: &Tensor, temperature: f64) -> Result<Tensor> {
+        if self == Ops::Fused {
+            return Ok(kernels::kl_div(student, teacher, temperature)?.mean_all()?);
+        }
+        let log_q = candle_nn::ops::log_softmax(&(student / temperature)?, D::Minus1)?; // (N, V)
+        let log_p = candle_nn::ops::log_softmax(&(teacher.detach() / temperature)?, D::Minus1)?;
+        let p = log_p.exp()?;
+        Ok((p * (log_p - log_q)?)?.sum(D::Minus1)?.mean_all()?) // Σ_v p (log p − log q), mean over rows
+    }
+
     /// Mean cross-entropy of the LM head `x wᵀ` (x (N, d), w (V, d)) against targets (N,):
     /// the fused version never stores the logits or their gradient.
     pub fn linear_cross_entropy(self, x: &Tensor, w: &Tensor, targets: &Tensor, mm: DType) -> Result<Tensor> {

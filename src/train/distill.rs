@@ -8,9 +8,9 @@
 //! each term the mean over positions; T² keeps the gradient of the soft term on the scale of
 //! the hard one as T changes. The teacher runs without a graph (merged, detached).
 
-use crate::model::Model;
+use crate::model::{Model, Ops};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 /// A teacher and how much to listen to it.
 pub struct Distill {
@@ -48,7 +48,7 @@ impl Distill {
         let logits = student.forward(x)?; // (B, T, V)
         let ce = Model::loss_with(student.ops(), &logits, targets)?;
         let teacher = self.teacher.forward(x)?.detach(); // (B, T, V)
-        let kl = kl_divergence(&teacher, &logits, self.temperature)?;
+        let kl = kl_divergence(student.ops(), &teacher, &logits, self.temperature)?;
         let (a, t) = (self.alpha, self.temperature);
         let loss = ((&ce * (1.0 - a))? + (&kl * (a * t * t))?)?;
         let scalar = |x: &Tensor| -> Result<f64> { Ok(x.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
@@ -57,11 +57,10 @@ impl Distill {
 }
 
 /// Mean over positions of KL(softmax(teacher / T) ‖ softmax(student / T)), for logits
-/// (B, T, V); differentiable in the student's logits.
-pub fn kl_divergence(teacher: &Tensor, student: &Tensor, temperature: f64) -> Result<Tensor> {
+/// (B, T, V); differentiable in the student's logits. `ops` picks the fused CPU kernel or
+/// the plain candle composition (`Ops` in `model/ops.rs`).
+pub fn kl_divergence(ops: Ops, teacher: &Tensor, student: &Tensor, temperature: f64) -> Result<Tensor> {
     let (b, t, v) = student.dims3()?;
-    let log_q = candle_nn::ops::log_softmax(&(student.reshape((b * t, v))? / temperature)?, D::Minus1)?; // (B·T, V)
-    let log_p = candle_nn::ops::log_softmax(&(teacher.reshape((b * t, v))? / temperature)?, D::Minus1)?.detach();
-    let p = log_p.exp()?;
-    Ok((p * (log_p - log_q)?)?.sum(D::Minus1)?.mean_all()?) // Σ_v p (log p − log q), mean over rows
+    ops.kl_divergence(&teacher.reshape((b * t, v))?, &student.reshape((b * t, v))?, temperature)
+    // (B·T, V)
 }
