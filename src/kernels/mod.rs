@@ -17,6 +17,7 @@
 //! | [`swiglu`] | silu, mul | `silu(g)·u` | dg and du in one op |
 //! | [`attention_qkv`] | narrow ×3, [`rope_t`] ×2, transpose, [`attention`] on packed q, k, v | rotate, attend | packed dqkv |
 //! | [`swiglu_packed`] | narrow ×2, [`swiglu`] on packed [gate, up] | `silu(g)·u` | packed [dg, du] |
+//! | [`matvec::linear_rows`] | matmul of a few rows (decoding), `+ s·(x Aᵀ) Bᵀ` of factored LORS | one pass over W | none (inference) |
 //!
 //! [`attention`] is FlashAttention's idea on a CPU: one task per head computes its scores,
 //! masks and normalises them and multiplies by v without storing the (T, S) probabilities;
@@ -26,6 +27,8 @@
 //! They run on the CPU in f32 or f64 only; the model uses the plain candle compositions
 //! (kept in `model.rs`, and the reference in the tests) on other devices. Each op has a
 //! finite-difference gradient test and a comparison with the plain version (tests/ops.rs).
+
+pub mod matvec;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};

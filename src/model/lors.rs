@@ -32,6 +32,8 @@
 //! Merging is cheaper whenever N > in·out / (2·(in+out)), i.e. N > d/4 for square weights:
 //! always, for training batches. `benches/lors_merge.rs` measures both
 //! (`cargo bench --bench lors_merge`); its numbers are in docs/performance.md.
+//! Decoding (N = a few tokens) is the opposite case: `Model::factored` keeps the factors
+//! (`model/stack.rs`), so a group's layers read one base, which stays in cache.
 
 use crate::config::ModelConfig;
 use crate::model::ops::{linear_as, Ops};
@@ -481,6 +483,11 @@ impl LorsLinear {
     /// A plain linear layer holding the merged weight, detached from the graph (inference).
     pub fn merged(&self) -> Result<Self> {
         Ok(Self { base: self.weight(Ops::Plain)?.detach(), residual: None, scale: 1.0 })
+    }
+
+    /// The layer as stored: base (out, in), residual (A (r, in), B (out, r)) and scale s.
+    pub fn parts(&self) -> (&Tensor, Option<(&Tensor, &Tensor)>, f64) {
+        (&self.base, self.residual.as_ref().map(|(a, b)| (a, b)), self.scale)
     }
 
     pub fn rank(&self) -> usize {

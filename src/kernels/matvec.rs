@@ -1,0 +1,307 @@
+//! Linear layers for a handful of rows: decoding's matrix-vector products.
+//!
+//! `y = x·Wᵀ + Σ_p s_p·(t_p·B_pᵀ)` on the output columns of part p, for x (m, in) with m
+//! small (one row per sequence of a decoding batch), W (out, in) given as one or more
+//! row-stacked segments, and the optional low-rank parts of a factored LORS layer
+//! (`t = x·Aᵀ`, computed by a first call). Every weight row is read once and dotted with all
+//! m rows of x while it is in L1, the outputs are written once, and the rows of W are split
+//! across the rayon threads in tasks of a few tens of KiB.
+//!
+//! Why not candle's matmul: for m = 1 it goes to the gemm crate, which packs x and splits
+//! the work its own way; this loop streams W at the machine's read bandwidth
+//! (docs/performance.md, "Inference"). Inference only: the output carries no gradient.
+
+use candle_core::{bail, DType, Result, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+
+/// One run of weight rows: W (rows, in), row-major, producing output columns
+/// `col..col + rows`.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    pub w: &'a [f32],
+    pub col: usize,
+}
+
+/// A low-rank term on output columns `col..col + rows`: `scale · t[:, t_col..t_col + rank] · Bᵀ`
+/// with B (rows, rank).
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    pub b: &'a [f32],
+    pub col: usize,
+    pub rank: usize,
+    pub t_col: usize,
+    pub scale: f32,
+}
+
+/// Weight bytes per rayon task: small enough to balance two to a few dozen threads, large
+/// enough to amortise scheduling.
+const TASK_BYTES: usize = 64 << 10;
+/// Below this many weight bytes a call runs on the calling thread (a rayon dispatch costs
+/// a few microseconds, as much as streaming 100 KiB).
+const PARALLEL_BYTES: usize = 256 << 10;
+
+/// A run of output columns computed by one task: its weight rows, and the low-rank term
+/// covering them, if any.
+struct Task<'a> {
+    w: &'a [f32],
+    low: Option<(&'a [f32], LowRank<'a>)>,
+    rows: usize,
+}
+
+/// `y (m, out) = x (m, in) · Wᵀ + low-rank terms`, W the segments stacked by output column.
+/// `t` (m, t_cols) holds `x·Aᵀ` of the low-rank terms. Segments must tile 0..out and each
+/// low-rank term must lie inside one segment.
+pub fn linear_rows(
+    x: &[f32],
+    (m, inp): (usize, usize),
+    segments: &[Segment],
+    t: Option<(&[f32], usize)>,
+    low: &[LowRank],
+    out: usize,
+) -> Result<Vec<f32>> {
+    if x.len() != m * inp || inp == 0 {
+        bail!("linear_rows: x has {} values, not {m} × {inp}", x.len());
+    }
+    let tasks = plan(segments, low, inp, out)?;
+    if !low.is_empty() {
+        match t {
+            Some((t, cols)) if t.len() == m * cols && low.iter().all(|l| l.t_col + l.rank <= cols) => {}
+            _ => bail!("linear_rows: low-rank terms need t = x·Aᵀ with all their columns"),
+        }
+    }
+    let (t, t_cols) = t.unwrap_or((&[], 0));
+    // Outputs column-major (out, m): each task owns a contiguous run; transposed at the end.
+    let mut yt = vec![0f32; out * m];
+    let mut chunks = Vec::with_capacity(tasks.len());
+    let mut rest = yt.as_mut_slice();
+    for task in &tasks {
+        let (head, tail) = rest.split_at_mut(task.rows * m);
+        chunks.push((task, head));
+        rest = tail;
+    }
+    let run = |(task, y): (&Task, &mut [f32])| rows_kernel(task, x, (m, inp), (t, t_cols), y);
+    if out * inp * 4 < PARALLEL_BYTES || rayon::current_num_threads() == 1 {
+        chunks.into_iter().for_each(run);
+    } else {
+        chunks.into_par_iter().for_each(run);
+    }
+    if m == 1 {
+        return Ok(yt);
+    }
+    let mut y = vec![0f32; m * out];
+    for (o, col) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            y[i * out + o] = *v;
+        }
+    }
+    Ok(y)
+}
+
+/// Split the segments into tasks at low-rank boundaries and every `TASK_BYTES` of weights.
+fn plan<'a>(segments: &[Segment<'a>], low: &[LowRank<'a>], inp: usize, out: usize) -> Result<Vec<Task<'a>>> {
+    let per_task = (TASK_BYTES / (4 * inp)).max(4);
+    let mut tasks = vec![];
+    let mut col = 0;
+    for s in segments {
+        let rows = s.w.len() / inp;
+        if s.col != col || rows * inp != s.w.len() {
+            bail!("linear_rows: segments must tile the output columns with whole rows of {inp} values");
+        }
+        let mut r = 0;
+        while r < rows {
+            // The low-rank term at this column, or the next one's start inside this segment.
+            let here = low.iter().find(|l| l.col <= col + r && col + r < l.col + l.b.len() / l.rank.max(1));
+            let next = low.iter().map(|l| l.col).filter(|&c| c > col + r && c < col + rows).min();
+            let end = match here {
+                Some(l) => {
+                    let l_end = l.col + l.b.len() / l.rank;
+                    if l_end > col + rows || l.rank == 0 || l.b.len() % l.rank != 0 {
+                        bail!("linear_rows: a low-rank term crosses a segment end or has a bad B");
+                    }
+                    l_end - col
+                }
+                None => next.map_or(rows, |c| c - col),
+            };
+            let n = per_task.min(end - r);
+            let low = here.map(|l| (&l.b[(col + r - l.col) * l.rank..(col + r - l.col + n) * l.rank], *l));
+            tasks.push(Task { w: &s.w[r * inp..(r + n) * inp], low, rows: n });
+            r += n;
+        }
+        col += rows;
+    }
+    if col != out {
+        bail!("linear_rows: segments cover {col} output columns, not {out}");
+    }
+    Ok(tasks)
+}
+
+/// The task's outputs, column-major: y[j·m + i] for weight row j and x row i.
+fn rows_kernel(task: &Task, x: &[f32], (m, inp): (usize, usize), (t, t_cols): (&[f32], usize), y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn avx512(task: &Task, x: &[f32], mi: (usize, usize), t: (&[f32], usize), y: &mut [f32]) {
+            rows_body(task, x, mi, t, y)
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2(task: &Task, x: &[f32], mi: (usize, usize), t: (&[f32], usize), y: &mut [f32]) {
+            rows_body(task, x, mi, t, y)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { avx512(task, x, (m, inp), (t, t_cols), y) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { avx2(task, x, (m, inp), (t, t_cols), y) };
+        }
+    }
+    rows_body(task, x, (m, inp), (t, t_cols), y)
+}
+
+#[inline(always)]
+fn rows_body(task: &Task, x: &[f32], (m, inp): (usize, usize), (t, t_cols): (&[f32], usize), y: &mut [f32]) {
+    let mut j = 0;
+    // Four weight rows at a time: four independent streams and accumulator chains.
+    while j + 4 <= task.rows {
+        let w = |k: usize| &task.w[(j + k) * inp..(j + k + 1) * inp];
+        let (w0, w1, w2, w3) = (w(0), w(1), w(2), w(3));
+        for i in 0..m {
+            let d = dot4([w0, w1, w2, w3], &x[i * inp..(i + 1) * inp]);
+            for (k, v) in d.into_iter().enumerate() {
+                y[(j + k) * m + i] = v;
+            }
+        }
+        j += 4;
+    }
+    for j in j..task.rows {
+        let w = &task.w[j * inp..(j + 1) * inp];
+        for i in 0..m {
+            y[j * m + i] = dot4([w, w, w, w], &x[i * inp..(i + 1) * inp])[0];
+        }
+    }
+    if let Some((b, l)) = task.low {
+        for j in 0..task.rows {
+            let b = &b[j * l.rank..(j + 1) * l.rank];
+            for i in 0..m {
+                let t = &t[i * t_cols + l.t_col..i * t_cols + l.t_col + l.rank];
+                let s: f32 = b.iter().zip(t).map(|(b, t)| b * t).sum();
+                y[j * m + i] += l.scale * s;
+            }
+        }
+    }
+}
+
+/// Four dot products of x with the rows w, 16 lanes each (one AVX-512 register, two AVX2).
+#[inline(always)]
+fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    const L: usize = 16;
+    let n = x.len() / L * L;
+    let mut acc = [[0f32; L]; 4];
+    for c in (0..n).step_by(L) {
+        let xc: &[f32; L] = x[c..c + L].try_into().expect("16 lanes");
+        for (a, w) in acc.iter_mut().zip(&w) {
+            let wc: &[f32; L] = w[c..c + L].try_into().expect("16 lanes");
+            for l in 0..L {
+                a[l] += wc[l] * xc[l];
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for (k, a) in acc.iter().enumerate() {
+        let tail: f32 = (n..x.len()).map(|c| w[k][c] * x[c]).sum();
+        out[k] = a.iter().sum::<f32>() + tail;
+    }
+    out
+}
+
+/// A read lock on a contiguous f32 CPU tensor, to borrow its values as a slice.
+pub struct F32View<'a> {
+    storage: StorageRef<'a>,
+    range: (usize, usize),
+}
+
+impl<'a> F32View<'a> {
+    /// Lock `t`'s storage; errors unless it is f32, on the CPU and contiguous.
+    pub fn new(t: &'a Tensor, what: &str) -> Result<Self> {
+        if t.dtype() != DType::F32 {
+            bail!("{what}: expected f32, got {:?}", t.dtype());
+        }
+        let (storage, layout) = t.storage_and_layout();
+        let Some(range) = layout.contiguous_offsets() else { bail!("{what}: expected a contiguous tensor") };
+        if !matches!(&*storage, Storage::Cpu(_)) {
+            bail!("{what}: expected a CPU tensor");
+        }
+        Ok(Self { storage, range })
+    }
+
+    pub fn slice(&self) -> Result<&[f32]> {
+        let Storage::Cpu(cpu) = &*self.storage else { bail!("expected a CPU tensor") };
+        Ok(&cpu.as_slice::<f32>()?[self.range.0..self.range.1])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plain triple loop.
+    fn reference(x: &[f32], m: usize, inp: usize, w: &[f32], out: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * out];
+        for i in 0..m {
+            for o in 0..out {
+                y[i * out + o] = (0..inp).map(|k| x[i * inp + k] * w[o * inp + k]).sum();
+            }
+        }
+        y
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_triple_loop_for_odd_shapes_and_segments() -> Result<()> {
+        for (m, inp, out) in [(1, 37, 9), (3, 64, 130), (8, 300, 1031), (2, 1024, 600)] {
+            let (x, w) = (values(m * inp, 1), values(out * inp, 2));
+            let split = out / 3;
+            let segs = [Segment { w: &w[..split * inp], col: 0 }, Segment { w: &w[split * inp..], col: split }];
+            let got = linear_rows(&x, (m, inp), &segs, None, &[], out)?;
+            let want = reference(&x, m, inp, &w, out);
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-3, "m {m} in {inp} out {out}: max error {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn low_rank_terms_land_on_their_columns_only() -> Result<()> {
+        let (m, inp, out, r) = (2, 48, 40, 3);
+        let (x, w) = (values(m * inp, 3), values(out * inp, 4));
+        let b = values(10 * r, 5);
+        let t = values(m * (r + 1), 6); // one spare leading column: t_col = 1
+        let low = [LowRank { b: &b, col: 20, rank: r, t_col: 1, scale: 0.5 }];
+        let got = linear_rows(&x, (m, inp), &[Segment { w: &w, col: 0 }], Some((&t, r + 1)), &low, out)?;
+        let mut want = reference(&x, m, inp, &w, out);
+        for i in 0..m {
+            for j in 0..10 {
+                let s: f32 = (0..r).map(|k| b[j * r + k] * t[i * (r + 1) + 1 + k]).sum();
+                want[i * out + 20 + j] += 0.5 * s;
+            }
+        }
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-4, "max error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_segments_that_do_not_tile_the_output() {
+        let w = values(4 * 8, 7);
+        let x = values(8, 8);
+        let gap = [Segment { w: &w, col: 1 }];
+        assert!(linear_rows(&x, (1, 8), &gap, None, &[], 5).is_err());
+        assert!(linear_rows(&x, (1, 8), &[Segment { w: &w, col: 0 }], None, &[], 5).is_err());
+    }
+}
