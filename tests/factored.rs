@@ -2,12 +2,16 @@
 //! model for every kind of sharing, the unique parameters only in memory, and the
 //! `--weights` choice of `generate` and `eval`.
 
+mod common;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use common::{bin, repo, run_err, run_ok, train_tiny};
 use lors_lm::config::{Config, Mode, Proj};
 use lors_lm::infer::generate::{generate_tokens, Sampler};
 use lors_lm::model::{Model, Ops, ParamCounts, ParamStore, Weights};
 use lors_lm::rng::Rng;
+use std::path::{Path, PathBuf};
 
 const VOCAB: usize = 50;
 
@@ -154,4 +158,118 @@ fn a_detached_model_cannot_be_detached_again() -> Result<()> {
     let err = err.to_string();
     assert!(err.contains("already detached"), "{err}");
     Ok(())
+}
+
+// ---------------------------------------------------------------- through the binary
+
+fn prepared(dir: &Path) -> PathBuf {
+    let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my \
+                purse, and nothing particular to interest me on shore, I thought I would sail about a little. ";
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, text.repeat(30)).unwrap();
+    let data = dir.join("data");
+    run_ok(bin().args(["prepare", "--vocab-size", "300", "--input"]).arg(&corpus).arg("--out").arg(&data));
+    data
+}
+
+/// A tiny run of `mode` trained for 30 steps (the private factors move away from zero).
+fn trained(tmp: &Path, data: &Path, name: &str, sets: &[&str]) -> PathBuf {
+    let run = tmp.join(name);
+    let mut c = train_tiny(data, &run);
+    c.args(["--set", "train.max_steps=30"]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    run_ok(&mut c);
+    run
+}
+
+/// `generate` greedy from `run` with `--weights w`: (stdout, stderr).
+fn generate(run: &Path, w: &str, extra: &[&str]) -> (String, String) {
+    let out = run_ok(
+        bin()
+            .args(["generate", "--temperature", "0", "--max-new-tokens", "40", "--prompt", "Some years", "--run"])
+            .arg(run)
+            .args(["--weights", w])
+            .args(extra),
+    );
+    (String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn generate_gives_the_same_greedy_text_merged_and_factored_and_auto_says_which_it_took() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    for (name, sets) in [
+        ("lors", vec![]),
+        ("shared", vec!["lors.mode=shared"]),
+        ("groups", vec!["model.n_layers=4", "lors.group_size=2", "lors.private_layers=[3]"]),
+    ] {
+        let run = trained(tmp.path(), &data, name, &sets);
+        let (merged, err_m) = generate(&run, "merged", &[]);
+        let (factored, err_f) = generate(&run, "factored", &["--stats"]);
+        assert_eq!(merged, factored, "{name}: greedy text differs");
+        assert!(merged.len() > "Some years".len() + 10, "{name}: too little text: {merged:?}");
+        assert!(err_m.contains("weights: merged (as asked"), "{name}: {err_m}");
+        assert!(err_f.contains("weights: factored (as asked"), "{name}: {err_f}");
+        for needle in ["stats: prompt: ", "tokens/s; decoding: 39 tokens at ", "peak RSS "] {
+            assert!(err_f.contains(needle), "{name}: --stats should print {needle:?}: {err_f}");
+        }
+        let (auto, err_a) = generate(&run, "auto", &[]);
+        assert_eq!(auto, merged, "{name}: auto");
+        assert!(
+            err_a.contains("weights: merged (auto: ") || err_a.contains("weights: factored (auto: "),
+            "{name}: auto should say what it took: {err_a}"
+        );
+        assert!(err_a.contains("GB/s") && err_a.contains("working set"), "{name}: and why: {err_a}");
+        // eval: the same loss either way.
+        let loss = |w: &str| -> f64 {
+            let out = run_ok(
+                bin().args(["eval", "--json", "--data"]).arg(&data).arg("--run").arg(&run).args(["--weights", w]),
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["loss"].as_f64().unwrap()
+        };
+        let (lm, lf) = (loss("merged"), loss("factored"));
+        assert!((lm - lf).abs() < 1e-4 * lm.abs().max(1.0), "{name}: eval loss {lm} merged vs {lf} factored");
+    }
+}
+
+#[test]
+fn a_vanilla_run_refuses_factored_weights_and_auto_takes_merged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let run = trained(tmp.path(), &data, "vanilla", &["lors.mode=vanilla"]);
+    let mut c = bin();
+    c.args(["generate", "--prompt", "Some", "--max-new-tokens", "4", "--weights", "factored", "--run"]).arg(&run);
+    let err = run_err(&mut c);
+    assert!(err.contains("vanilla model") && err.contains("--weights merged"), "{err}");
+    let err = run_err(bin().args(["eval", "--weights", "factored", "--data"]).arg(&data).arg("--run").arg(&run));
+    assert!(err.contains("vanilla model"), "{err}");
+    let (_, err) = generate(&run, "auto", &[]);
+    assert!(err.contains("weights: merged (auto: a vanilla model shares nothing)"), "{err}");
+}
+
+/// Peak RSS of a `bench --decode` child: a LORS model of 24 layers sharing one base, built
+/// with random weights, kept merged or factored, then a short prompt and decode.
+fn bench_child_peak_rss(weights: &str) -> f64 {
+    let mut c = bin();
+    c.args(["bench", "--decode", "--child", "--json", "--config"]).arg(repo("configs/bench-decode.toml"));
+    for s in ["model.d_model=384", "model.n_heads=6", "model.ffn_hidden=1024", "model.n_layers=24", "lors.rank=8"] {
+        c.args(["--set", s]);
+    }
+    c.args(["--modes", "lors", "--weights", weights, "--batches", "1", "--prompt-tokens", "4", "--gen-tokens", "4"]);
+    let out = run_ok(&mut c);
+    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["weights"], weights);
+    v["peak_rss_mb"].as_f64().expect("peak RSS (Linux)")
+}
+
+#[test]
+fn factored_decoding_peaks_at_a_fraction_of_merged_memory() {
+    // Merged: 24 layers × 7.1 MB of f32 weights ≈ 170 MB; factored: one 7.1 MB base, the
+    // rank-8 factors (≈ 5 MB) and the 6 MB embedding.
+    let (merged, factored) = (bench_child_peak_rss("merged"), bench_child_peak_rss("factored"));
+    assert!(factored < 0.5 * merged, "peak RSS factored {factored:.0} MB vs merged {merged:.0} MB");
 }

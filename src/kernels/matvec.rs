@@ -135,39 +135,33 @@ fn plan<'a>(segments: &[Segment<'a>], low: &[LowRank<'a>], inp: usize, out: usiz
     Ok(tasks)
 }
 
-/// The task's outputs, column-major: y[j·m + i] for weight row j and x row i.
-fn rows_kernel(task: &Task, x: &[f32], (m, inp): (usize, usize), (t, t_cols): (&[f32], usize), y: &mut [f32]) {
+/// Four dot products `w_k · x` (all slices of one length).
+type Dot4 = fn([&[f32]; 4], &[f32]) -> [f32; 4];
+
+/// The fastest `Dot4` this CPU runs: AVX-512, AVX2 + FMA, or portable.
+fn dot4_for_cpu() -> Dot4 {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f")]
-        fn avx512(task: &Task, x: &[f32], mi: (usize, usize), t: (&[f32], usize), y: &mut [f32]) {
-            rows_body(task, x, mi, t, y)
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2(task: &Task, x: &[f32], mi: (usize, usize), t: (&[f32], usize), y: &mut [f32]) {
-            rows_body(task, x, mi, t, y)
-        }
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { avx512(task, x, (m, inp), (t, t_cols), y) };
+            return x86::dot4_avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { avx2(task, x, (m, inp), (t, t_cols), y) };
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return x86::dot4_avx2;
         }
     }
-    rows_body(task, x, (m, inp), (t, t_cols), y)
+    dot4_portable
 }
 
-#[inline(always)]
-fn rows_body(task: &Task, x: &[f32], (m, inp): (usize, usize), (t, t_cols): (&[f32], usize), y: &mut [f32]) {
+/// The task's outputs, column-major: y[j·m + i] for weight row j and x row i.
+fn rows_kernel(task: &Task, x: &[f32], (m, inp): (usize, usize), (t, t_cols): (&[f32], usize), y: &mut [f32]) {
+    let dot4 = dot4_for_cpu();
     let mut j = 0;
-    // Four weight rows at a time: four independent streams and accumulator chains.
+    // Four weight rows at a time: four streams and independent accumulator chains.
     while j + 4 <= task.rows {
         let w = |k: usize| &task.w[(j + k) * inp..(j + k + 1) * inp];
-        let (w0, w1, w2, w3) = (w(0), w(1), w(2), w(3));
+        let rows = [w(0), w(1), w(2), w(3)];
         for i in 0..m {
-            let d = dot4([w0, w1, w2, w3], &x[i * inp..(i + 1) * inp]);
+            let d = dot4(rows, &x[i * inp..(i + 1) * inp]);
             for (k, v) in d.into_iter().enumerate() {
                 y[(j + k) * m + i] = v;
             }
@@ -192,27 +186,94 @@ fn rows_body(task: &Task, x: &[f32], (m, inp): (usize, usize), (t, t_cols): (&[f
     }
 }
 
-/// Four dot products of x with the rows w, 16 lanes each (one AVX-512 register, two AVX2).
-#[inline(always)]
-fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
-    const L: usize = 16;
-    let n = x.len() / L * L;
-    let mut acc = [[0f32; L]; 4];
-    for c in (0..n).step_by(L) {
-        let xc: &[f32; L] = x[c..c + L].try_into().expect("16 lanes");
-        for (a, w) in acc.iter_mut().zip(&w) {
-            let wc: &[f32; L] = w[c..c + L].try_into().expect("16 lanes");
-            for l in 0..L {
-                a[l] += wc[l] * xc[l];
+/// Eight running sums per row (the compiler may vectorise them; SSE2 on baseline x86-64).
+fn dot4_portable(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    w.map(|w| {
+        let mut acc = [0f32; 8];
+        let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
+        let tail: f32 = wc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a * b).sum();
+        for (a, b) in wc.zip(xc) {
+            for l in 0..8 {
+                acc[l] += a[l] * b[l];
             }
         }
+        acc.iter().sum::<f32>() + tail
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 16 lanes × 2 accumulators per row: eight independent FMA chains.
+    pub fn dot4_avx512(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        assert!(w.iter().all(|w| w.len() == x.len()), "dot4: rows and x differ in length");
+        // SAFETY: chosen only where the CPU has AVX-512F (`dot4_for_cpu`); every load reads
+        // 16 values at offsets i..i + 16 <= len of equal-length slices (asserted above).
+        unsafe { avx512(w, x) }
     }
-    let mut out = [0f32; 4];
-    for (k, a) in acc.iter().enumerate() {
-        let tail: f32 = (n..x.len()).map(|c| w[k][c] * x[c]).sum();
-        out[k] = a.iter().sum::<f32>() + tail;
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let n = x.len();
+        let (xp, wp) = (x.as_ptr(), w.map(|w| w.as_ptr()));
+        let mut a = [_mm512_setzero_ps(); 8];
+        let mut i = 0;
+        while i + 32 <= n {
+            let (x0, x1) = (_mm512_loadu_ps(xp.add(i)), _mm512_loadu_ps(xp.add(i + 16)));
+            for k in 0..4 {
+                a[k] = _mm512_fmadd_ps(_mm512_loadu_ps(wp[k].add(i)), x0, a[k]);
+                a[k + 4] = _mm512_fmadd_ps(_mm512_loadu_ps(wp[k].add(i + 16)), x1, a[k + 4]);
+            }
+            i += 32;
+        }
+        if i + 16 <= n {
+            let x0 = _mm512_loadu_ps(xp.add(i));
+            for k in 0..4 {
+                a[k] = _mm512_fmadd_ps(_mm512_loadu_ps(wp[k].add(i)), x0, a[k]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for k in 0..4 {
+            let tail: f32 = (i..n).map(|c| *wp[k].add(c) * *xp.add(c)).sum();
+            out[k] = _mm512_reduce_add_ps(_mm512_add_ps(a[k], a[k + 4])) + tail;
+        }
+        out
     }
-    out
+
+    /// 8 lanes × 2 accumulators per row: eight independent FMA chains.
+    pub fn dot4_avx2(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        assert!(w.iter().all(|w| w.len() == x.len()), "dot4: rows and x differ in length");
+        // SAFETY: chosen only where the CPU has AVX2 and FMA (`dot4_for_cpu`); every load
+        // reads 8 values at offsets i..i + 8 <= len of equal-length slices (asserted above).
+        unsafe { avx2(w, x) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let n = x.len();
+        let (xp, wp) = (x.as_ptr(), w.map(|w| w.as_ptr()));
+        let mut a = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i + 16 <= n {
+            let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
+            for k in 0..4 {
+                a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[k].add(i)), x0, a[k]);
+                a[k + 4] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[k].add(i + 8)), x1, a[k + 4]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for k in 0..4 {
+            let v = _mm256_add_ps(a[k], a[k + 4]);
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            let tail: f32 = (i..n).map(|c| *wp[k].add(c) * *xp.add(c)).sum();
+            out[k] = lanes.iter().sum::<f32>() + tail;
+        }
+        out
+    }
 }
 
 /// A read lock on a contiguous f32 CPU tensor, to borrow its values as a slice.
