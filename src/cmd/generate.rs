@@ -78,10 +78,9 @@ fn read_prompt(args: &GenerateArgs) -> Result<String> {
 }
 
 /// A trained run or HF model, its tokenizer, BOS and EOS ids, and its sharing mode.
-fn load(
-    args: &GenerateArgs,
-    device: &candle_core::Device,
-) -> Result<(Model, tokenizers::Tokenizer, Option<u32>, Vec<u32>, Mode)> {
+type Loaded = (Model, tokenizers::Tokenizer, Option<u32>, Vec<u32>, Mode);
+
+fn load(args: &GenerateArgs, device: &candle_core::Device) -> Result<Loaded> {
     match (&args.run, &args.hf) {
         (Some(run), _) => {
             let LoadedRun { cfg, model, tokenizer, meta, params, .. } =
