@@ -174,13 +174,21 @@ fn rows_kernel(task: &Task, x: &[f32], (m, inp): (usize, usize), (t, t_cols): (&
             y[j * m + i] = dot4([w, w, w, w], &x[i * inp..(i + 1) * inp])[0];
         }
     }
+    // The low-rank term: rows of B (rank values each) dotted with the row's t, four at a time.
     if let Some((b, l)) = task.low {
-        for j in 0..task.rows {
-            let b = &b[j * l.rank..(j + 1) * l.rank];
-            for i in 0..m {
-                let t = &t[i * t_cols + l.t_col..i * t_cols + l.t_col + l.rank];
-                let s: f32 = b.iter().zip(t).map(|(b, t)| b * t).sum();
-                y[j * m + i] += l.scale * s;
+        let row = |j: usize| &b[j * l.rank..(j + 1) * l.rank];
+        for i in 0..m {
+            let t = &t[i * t_cols + l.t_col..i * t_cols + l.t_col + l.rank];
+            let mut j = 0;
+            while j + 4 <= task.rows {
+                let d = dot4([row(j), row(j + 1), row(j + 2), row(j + 3)], t);
+                for (k, v) in d.into_iter().enumerate() {
+                    y[(j + k) * m + i] += l.scale * v;
+                }
+                j += 4;
+            }
+            for j in j..task.rows {
+                y[j * m + i] += l.scale * dot4([row(j); 4], t)[0];
             }
         }
     }
@@ -355,6 +363,31 @@ mod tests {
         let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(err < 1e-4, "max error {err}");
         Ok(())
+    }
+
+    #[test]
+    fn every_dot4_this_cpu_runs_agrees_with_the_plain_sum() {
+        let mut impls: Vec<(&str, Dot4)> = vec![("portable", dot4_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                impls.push(("avx512", x86::dot4_avx512));
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                impls.push(("avx2", x86::dot4_avx2));
+            }
+        }
+        for n in [1, 7, 16, 33, 100, 512] {
+            let x = values(n, 9);
+            let w: Vec<Vec<f32>> = (0..4).map(|k| values(n, 10 + k)).collect();
+            let want: Vec<f32> = w.iter().map(|w| w.iter().zip(&x).map(|(a, b)| a * b).sum()).collect();
+            for (name, dot4) in &impls {
+                let got = dot4([&w[0], &w[1], &w[2], &w[3]], &x);
+                for k in 0..4 {
+                    assert!((got[k] - want[k]).abs() < 1e-3, "{name}, n {n}, row {k}: {} vs {}", got[k], want[k]);
+                }
+            }
+        }
     }
 
     #[test]
