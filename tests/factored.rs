@@ -68,6 +68,13 @@ fn variants() -> Vec<(&'static str, Config)> {
     c.model.n_kv_heads = 1;
     c.lors.targets = vec![Proj::K, Proj::O, Proj::Gate];
     out.push(("shared, partial targets, one kv head", c));
+    out.push(("lowrank (no bases: W = B A)", tiny(Mode::Lowrank)));
+    let mut c = tiny(Mode::Lowrank);
+    c.model.n_layers = 4;
+    c.model.n_kv_heads = 1;
+    c.lors.targets = vec![Proj::Q, Proj::V, Proj::Gate, Proj::Down];
+    c.lors.private_layers = vec![2];
+    out.push(("lowrank, partial targets (bases and none in one stack), a full layer, one kv head", c));
     out
 }
 
@@ -141,7 +148,11 @@ fn factored_holds_exactly_the_unique_parameters() -> Result<()> {
         let f = model.weight_bytes(Weights::Factored);
         assert_eq!(f.distinct, 4 * counts.total() as u64, "{name}: factored distinct bytes vs unique parameters");
         let m = model.weight_bytes(Weights::Merged);
-        assert!(f.read >= m.read, "{name}: factored reads the bases plus the factors");
+        if cfg.lors.mode == Mode::Lowrank {
+            assert!(f.read < m.read, "{name}: factored reads the factors instead of B A");
+        } else {
+            assert!(f.read >= m.read, "{name}: factored reads the bases plus the factors");
+        }
         if cfg.lors.mode == Mode::Vanilla {
             assert_eq!((f.distinct, f.read), (m.distinct, m.read), "{name}: nothing to share");
         } else {
@@ -204,6 +215,7 @@ fn generate_gives_the_same_greedy_text_merged_and_factored_and_auto_says_which_i
         ("lors", vec![]),
         ("shared", vec!["lors.mode=shared"]),
         ("groups", vec!["model.n_layers=4", "lors.group_size=2", "lors.private_layers=[3]"]),
+        ("lowrank", vec!["lors.mode=lowrank"]),
     ] {
         let run = trained(tmp.path(), &data, name, &sets);
         let (merged, err_m) = generate(&run, "merged", &[]);

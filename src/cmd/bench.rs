@@ -187,7 +187,8 @@ fn bench_generation(model: &Model, cfg: &Config, args: &BenchArgs) -> Result<(f6
 }
 
 fn parse_mode(m: &str) -> Result<Mode> {
-    Mode::from_name(m.trim()).with_context(|| format!("--modes: unknown mode {:?} (vanilla, shared, lors)", m.trim()))
+    Mode::from_name(m.trim())
+        .with_context(|| format!("--modes: unknown mode {:?} (vanilla, shared, lors, lowrank)", m.trim()))
 }
 
 /// The config of each of --modes, validated.

@@ -3,7 +3,8 @@
 //! `y = x·Wᵀ + Σ_p s_p·(t_p·B_pᵀ)` on the output columns of part p, for x (m, in) with m
 //! small (one row per sequence of a decoding batch), W (out, in) given as one or more
 //! row-stacked segments, and the optional low-rank parts of a factored LORS layer
-//! (`t = x·Aᵀ`, computed by a first call). Every weight row is read once and dotted with all
+//! (`t = x·Aᵀ`, computed by a first call). Columns no segment covers have no base weight
+//! (a `lowrank` model's `W = s·B A`): only their low-rank term is computed. Every weight row is read once and dotted with all
 //! m rows of x while it is in L1, the outputs are written once, and the rows of W are split
 //! across the rayon threads in tasks of a few tens of KiB.
 //!
@@ -40,17 +41,18 @@ const TASK_BYTES: usize = 64 << 10;
 /// a few microseconds, as much as streaming 100 KiB).
 const PARALLEL_BYTES: usize = 256 << 10;
 
-/// A run of output columns computed by one task: its weight rows, and the low-rank term
-/// covering them, if any.
+/// A run of output columns computed by one task: its weight rows (None: no base), and the
+/// low-rank term covering them, if any.
 struct Task<'a> {
-    w: &'a [f32],
+    w: Option<&'a [f32]>,
     low: Option<(&'a [f32], LowRank<'a>)>,
     rows: usize,
 }
 
 /// `y (m, out) = x (m, in) · Wᵀ + low-rank terms`, W the segments stacked by output column.
-/// `t` (m, t_cols) holds `x·Aᵀ` of the low-rank terms. Segments must tile 0..out and each
-/// low-rank term must lie inside one segment.
+/// `t` (m, t_cols) holds `x·Aᵀ` of the low-rank terms. Segments (whole rows, in column order)
+/// and low-rank terms must not overlap among themselves; every output column needs a
+/// segment, a low-rank term, or both.
 pub fn linear_rows(
     x: &[f32],
     (m, inp): (usize, usize),
@@ -80,7 +82,8 @@ pub fn linear_rows(
         rest = tail;
     }
     let run = |(task, y): (&Task, &mut [f32])| rows_kernel(task, x, (m, inp), (t, t_cols), y);
-    if out * inp * 4 < PARALLEL_BYTES || rayon::current_num_threads() == 1 {
+    let bytes: usize = tasks.iter().map(|t| 4 * (t.w.map_or(0, |w| w.len()) + t.low.map_or(0, |(b, _)| b.len()))).sum();
+    if bytes < PARALLEL_BYTES || rayon::current_num_threads() == 1 {
         chunks.into_iter().for_each(run);
     } else {
         chunks.into_par_iter().for_each(run);
@@ -97,40 +100,59 @@ pub fn linear_rows(
     Ok(y)
 }
 
-/// Split the segments into tasks at low-rank boundaries and every `TASK_BYTES` of weights.
+/// Split the output columns into tasks at segment and low-rank boundaries and every
+/// `TASK_BYTES` of weights.
 fn plan<'a>(segments: &[Segment<'a>], low: &[LowRank<'a>], inp: usize, out: usize) -> Result<Vec<Task<'a>>> {
-    let per_task = (TASK_BYTES / (4 * inp)).max(4);
-    let mut tasks = vec![];
-    let mut col = 0;
+    // Column ranges [start, end) of the segments and of the low-rank terms.
+    let mut seg_cols = Vec::with_capacity(segments.len());
     for s in segments {
         let rows = s.w.len() / inp;
-        if s.col != col || rows * inp != s.w.len() {
-            bail!("linear_rows: segments must tile the output columns with whole rows of {inp} values");
+        if rows * inp != s.w.len() || rows == 0 || s.col < seg_cols.last().map_or(0, |&(_, end)| end) {
+            bail!("linear_rows: segments must be whole rows of {inp} values, in column order, not overlapping");
         }
-        let mut r = 0;
-        while r < rows {
-            // The low-rank term at this column, or the next one's start inside this segment.
-            let here = low.iter().find(|l| l.col <= col + r && col + r < l.col + l.b.len() / l.rank.max(1));
-            let next = low.iter().map(|l| l.col).filter(|&c| c > col + r && c < col + rows).min();
-            let end = match here {
-                Some(l) => {
-                    let l_end = l.col + l.b.len() / l.rank;
-                    if l_end > col + rows || l.rank == 0 || l.b.len() % l.rank != 0 {
-                        bail!("linear_rows: a low-rank term crosses a segment end or has a bad B");
-                    }
-                    l_end - col
-                }
-                None => next.map_or(rows, |c| c - col),
-            };
-            let n = per_task.min(end - r);
-            let low = here.map(|l| (&l.b[(col + r - l.col) * l.rank..(col + r - l.col + n) * l.rank], *l));
-            tasks.push(Task { w: &s.w[r * inp..(r + n) * inp], low, rows: n });
-            r += n;
-        }
-        col += rows;
+        seg_cols.push((s.col, s.col + rows));
     }
-    if col != out {
-        bail!("linear_rows: segments cover {col} output columns, not {out}");
+    let mut low_cols: Vec<(usize, usize)> = Vec::with_capacity(low.len());
+    for l in low {
+        if l.rank == 0 || l.b.is_empty() || l.b.len() % l.rank != 0 {
+            bail!("linear_rows: a low-rank term's B has {} values, not whole rows of rank {}", l.b.len(), l.rank);
+        }
+        let cols = (l.col, l.col + l.b.len() / l.rank);
+        if low_cols.iter().any(|&(a, b)| a < cols.1 && cols.0 < b) {
+            bail!("linear_rows: low-rank terms overlap on output columns {}..{}", cols.0, cols.1);
+        }
+        low_cols.push(cols);
+    }
+    if let Some(&(_, end)) = seg_cols.iter().chain(&low_cols).find(|(_, end)| *end > out) {
+        bail!("linear_rows: weights reach output column {end}, past the {out} outputs");
+    }
+    let mut tasks = vec![];
+    let mut c = 0;
+    while c < out {
+        let seg = seg_cols.iter().position(|&(a, b)| a <= c && c < b);
+        let lr = low_cols.iter().position(|&(a, b)| a <= c && c < b);
+        if seg.is_none() && lr.is_none() {
+            bail!("linear_rows: output column {c} has neither a weight row nor a low-rank term");
+        }
+        // The run ends where its segment or term ends, or where the next one starts.
+        let end = seg_cols
+            .iter()
+            .chain(&low_cols)
+            .map(|&(a, b)| if a > c { a } else { b })
+            .filter(|&e| e > c)
+            .fold(out, usize::min);
+        let row_values = seg.map_or(0, |_| inp) + lr.map_or(0, |k| low[k].rank);
+        let n = (TASK_BYTES / (4 * row_values)).max(4).min(end - c);
+        let w = seg.map(|k| {
+            let r = c - segments[k].col;
+            &segments[k].w[r * inp..(r + n) * inp]
+        });
+        let low = lr.map(|k| {
+            let (l, r) = (low[k], c - low[k].col);
+            (&l.b[r * l.rank..(r + n) * l.rank], l)
+        });
+        tasks.push(Task { w, low, rows: n });
+        c += n;
     }
     Ok(tasks)
 }
@@ -155,23 +177,26 @@ fn dot4_for_cpu() -> Dot4 {
 /// The task's outputs, column-major: y[j·m + i] for weight row j and x row i.
 fn rows_kernel(task: &Task, x: &[f32], (m, inp): (usize, usize), (t, t_cols): (&[f32], usize), y: &mut [f32]) {
     let dot4 = dot4_for_cpu();
-    let mut j = 0;
-    // Four weight rows at a time: four streams and independent accumulator chains.
-    while j + 4 <= task.rows {
-        let w = |k: usize| &task.w[(j + k) * inp..(j + k + 1) * inp];
-        let rows = [w(0), w(1), w(2), w(3)];
-        for i in 0..m {
-            let d = dot4(rows, &x[i * inp..(i + 1) * inp]);
-            for (k, v) in d.into_iter().enumerate() {
-                y[(j + k) * m + i] = v;
+    // Without a base weight y stays zero (as allocated) before the low-rank term.
+    if let Some(tw) = task.w {
+        let mut j = 0;
+        // Four weight rows at a time: four streams and independent accumulator chains.
+        while j + 4 <= task.rows {
+            let w = |k: usize| &tw[(j + k) * inp..(j + k + 1) * inp];
+            let rows = [w(0), w(1), w(2), w(3)];
+            for i in 0..m {
+                let d = dot4(rows, &x[i * inp..(i + 1) * inp]);
+                for (k, v) in d.into_iter().enumerate() {
+                    y[(j + k) * m + i] = v;
+                }
             }
+            j += 4;
         }
-        j += 4;
-    }
-    for j in j..task.rows {
-        let w = &task.w[j * inp..(j + 1) * inp];
-        for i in 0..m {
-            y[j * m + i] = dot4([w, w, w, w], &x[i * inp..(i + 1) * inp])[0];
+        for j in j..task.rows {
+            let w = &tw[j * inp..(j + 1) * inp];
+            for i in 0..m {
+                y[j * m + i] = dot4([w, w, w, w], &x[i * inp..(i + 1) * inp])[0];
+            }
         }
     }
     // The low-rank term: rows of B (rank values each) dotted with the row's t, four at a time.
@@ -391,11 +416,64 @@ mod tests {
     }
 
     #[test]
-    fn refuses_segments_that_do_not_tile_the_output() {
+    fn columns_without_a_segment_get_their_low_rank_term_only() -> Result<()> {
+        // Columns 0..6: a base; 6..14: only s·t·Bᵀ (a lowrank projection); 14..20: both.
+        let (m, inp, r) = (3, 40, 2);
+        let x = values(m * inp, 11);
+        let (w0, w2) = (values(6 * inp, 12), values(6 * inp, 13));
+        let (b1, b2) = (values(8 * r, 14), values(6 * r, 15));
+        let t = values(m * 2 * r, 16);
+        let segs = [Segment { w: &w0, col: 0 }, Segment { w: &w2, col: 14 }];
+        let low = [
+            LowRank { b: &b1, col: 6, rank: r, t_col: 0, scale: 2.0 },
+            LowRank { b: &b2, col: 14, rank: r, t_col: r, scale: 0.5 },
+        ];
+        let got = linear_rows(&x, (m, inp), &segs, Some((&t, 2 * r)), &low, 20)?;
+        let (y0, y2) = (reference(&x, m, inp, &w0, 6), reference(&x, m, inp, &w2, 6));
+        for i in 0..m {
+            let lr = |b: &[f32], j: usize, t_col: usize| -> f32 {
+                (0..r).map(|k| b[j * r + k] * t[i * 2 * r + t_col + k]).sum()
+            };
+            let mut want = vec![0f32; 20];
+            for j in 0..6 {
+                want[j] = y0[i * 6 + j];
+                want[14 + j] = y2[i * 6 + j] + 0.5 * lr(&b2, j, r);
+            }
+            for j in 0..8 {
+                want[6 + j] = 2.0 * lr(&b1, j, 0);
+            }
+            for (o, w) in want.iter().enumerate() {
+                let g = got[i * 20 + o];
+                assert!((g - w).abs() < 1e-4, "row {i}, column {o}: {g} vs {w}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_columns_with_nothing_and_overlaps() {
         let w = values(4 * 8, 7);
         let x = values(8, 8);
+        let b = values(3, 9);
+        let t = values(1, 10);
+        // Column 0 has neither a weight row nor a low-rank term.
         let gap = [Segment { w: &w, col: 1 }];
         assert!(linear_rows(&x, (1, 8), &gap, None, &[], 5).is_err());
+        // Columns 4..5 likewise.
         assert!(linear_rows(&x, (1, 8), &[Segment { w: &w, col: 0 }], None, &[], 5).is_err());
+        // A segment past the outputs.
+        assert!(linear_rows(&x, (1, 8), &[Segment { w: &w, col: 2 }], None, &[], 5).is_err());
+        // Overlapping segments.
+        let two = [Segment { w: &w, col: 0 }, Segment { w: &w, col: 2 }];
+        assert!(linear_rows(&x, (1, 8), &two, None, &[], 6).is_err());
+        // Overlapping low-rank terms.
+        let low = [
+            LowRank { b: &b, col: 0, rank: 1, t_col: 0, scale: 1.0 },
+            LowRank { b: &b, col: 2, rank: 1, t_col: 0, scale: 1.0 },
+        ];
+        assert!(linear_rows(&x, (1, 8), &[Segment { w: &w, col: 0 }], Some((&t, 1)), &low, 5).is_err());
+        // The gap filled by a low-rank term is fine.
+        let fill = [LowRank { b: &b[..1], col: 4, rank: 1, t_col: 0, scale: 1.0 }];
+        assert!(linear_rows(&x, (1, 8), &[Segment { w: &w, col: 0 }], Some((&t, 1)), &fill, 5).is_ok());
     }
 }

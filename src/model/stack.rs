@@ -9,7 +9,8 @@
 //!   stacked once per group (every layer of the group holds the same tensor), the A of every
 //!   part is stacked into one (Σr, in) matrix so `x·Aᵀ` is one small product, and each part's
 //!   B adds onto its own output columns. Nothing of size out×in is formed per layer, so the
-//!   model holds its unique parameters only.
+//!   model holds its unique parameters only. A `lowrank` model's target projections have no
+//!   base: their columns get the low-rank term alone.
 //!
 //! On the CPU in f32, a few rows (decoding) go through `kernels::matvec`, which streams each
 //! weight once and adds the low-rank terms on the way; more rows (prompts, evaluation) run
@@ -59,14 +60,14 @@ pub const MATVEC_MAX_ROWS: usize = 16;
 pub(crate) type BaseCache = HashMap<Vec<TensorId>, Tensor>;
 
 /// One projection of a stack as the model was built: its shape, rank, and the id of its base
-/// (the same for every layer of a group).
+/// (the same for every layer of a group; None for a `lowrank` target, `W = s·B A`).
 #[derive(Debug, Clone, Copy)]
 struct Part {
     proj: Proj,
     out: usize,
     inp: usize,
     rank: usize,
-    base: TensorId,
+    base: Option<TensorId>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,8 +81,9 @@ enum Form {
 /// Detached weights: row-stacked base segments and, factored, the low-rank terms.
 #[derive(Debug, Clone)]
 struct Detached {
-    /// (rows, in) each, tiling the output columns in order.
-    segments: Vec<Tensor>,
+    /// (first output column, (rows, in)) each, in column order; columns none covers (parts
+    /// without a base) are covered by a low-rank term.
+    segments: Vec<(usize, Tensor)>,
     /// A of every part with a residual, stacked (Σr, in), and each such part's term.
     low: Option<(Tensor, Vec<LowTerm>)>,
 }
@@ -116,7 +118,7 @@ impl Stack {
             .zip(&layers)
             .map(|(&proj, l)| {
                 let (out, inp) = proj.shape(m);
-                Part { proj, out, inp, rank: l.rank(), base: l.parts().0.id() }
+                Part { proj, out, inp, rank: l.rank(), base: l.parts().0.map(Tensor::id) }
             })
             .collect();
         Ok(Self { parts, form: Form::Layers(layers) })
@@ -128,7 +130,7 @@ impl Stack {
 
     /// The ids of the bases this stack reads (to find those several layers share).
     pub(crate) fn base_ids(&self) -> impl Iterator<Item = TensorId> + '_ {
-        self.parts.iter().map(|p| p.base)
+        self.parts.iter().filter_map(|p| p.base)
     }
 
     /// x (..., in) → (..., Σ out).
@@ -152,7 +154,7 @@ impl Stack {
             (Form::Layers(layers), Weights::Merged) => {
                 let ws = layers.iter().map(|l| Ok(l.weight(Ops::Plain)?.detach())).collect::<Result<Vec<_>>>()?;
                 let w = if ws.len() == 1 { ws[0].clone() } else { Tensor::cat(&ws, 0)? }; // (Σ out, in)
-                Detached { segments: vec![w], low: None }
+                Detached { segments: vec![(0, w)], low: None }
             }
             (Form::Layers(layers), Weights::Factored) => factored(&self.parts, layers, shared, cache)?,
         };
@@ -176,23 +178,26 @@ impl Stack {
             Form::Detached(d) => d,
         };
         let (col, rows) = (self.parts[..i].iter().map(|p| p.out).sum::<usize>(), self.parts[i].out);
-        let mut start = 0;
-        for seg in &d.segments {
-            let n = seg.dim(0)?;
-            if col >= start && col < start + n {
-                let mut w = seg.narrow(0, col - start, rows)?;
-                if let Some((a, terms)) = &d.low {
-                    if let Some(term) = terms.iter().find(|t| t.col == col) {
-                        let rank = term.b.dim(1)?;
-                        let ba = term.b.matmul(&a.narrow(0, term.t_col, rank)?)?; // (out, r) x (r, in)
-                        w = (w + (ba * term.scale)?)?;
-                    }
-                }
-                return Ok(Some(w));
+        let mut base = None;
+        for (start, seg) in &d.segments {
+            if col >= *start && col < start + seg.dim(0)? {
+                base = Some(seg.narrow(0, col - start, rows)?);
             }
-            start += n;
         }
-        bail!("projection {proj} lies outside its stack's weights")
+        let term = d.low.as_ref().and_then(|(a, terms)| Some((a, terms.iter().find(|t| t.col == col)?)));
+        let low = match term {
+            Some((a, term)) => {
+                let ba = term.b.matmul(&a.narrow(0, term.t_col, term.b.dim(1)?)?)?; // (out, r) x (r, in)
+                Some((ba * term.scale)?)
+            }
+            None => None,
+        };
+        Ok(Some(match (base, low) {
+            (Some(w), Some(ba)) => (w + ba)?,
+            (Some(w), None) => w,
+            (None, Some(ba)) => ba,
+            (None, None) => bail!("projection {proj} lies outside its stack's weights"),
+        }))
     }
 
     /// Weight elements a forward pass of one token reads in form `w`, and those of them not
@@ -200,15 +205,22 @@ impl Stack {
     pub(crate) fn elements(&self, w: Weights, seen: &mut HashSet<TensorId>) -> (u64, u64) {
         let (mut read, mut distinct) = (0u64, 0u64);
         for p in &self.parts {
-            let (base, low) = ((p.out * p.inp) as u64, (p.rank * (p.out + p.inp)) as u64);
-            // Merged: every layer its own matrix, except a lone projection without a residual,
-            // which keeps its (possibly shared) base as it is.
-            let keeps_base = w == Weights::Factored || (self.parts.len() == 1 && p.rank == 0);
-            let new_base = !keeps_base || seen.insert(p.base);
+            let (full, low) = ((p.out * p.inp) as u64, (p.rank * (p.out + p.inp)) as u64);
+            // A base not yet counted: a shared one counts in its first layer only.
+            let mut new_base = |id: Option<TensorId>| id.is_some_and(|id| seen.insert(id));
             match w {
-                Weights::Merged => (read, distinct) = (read + base, distinct + if new_base { base } else { 0 }),
+                // Every layer its own matrix, except a lone projection without a residual,
+                // which keeps its (possibly shared) base as it is.
+                Weights::Merged => {
+                    let keeps_base = self.parts.len() == 1 && p.rank == 0;
+                    let counted = !keeps_base || new_base(p.base);
+                    (read, distinct) = (read + full, distinct + if counted { full } else { 0 })
+                }
+                // The base (none for a lowrank target) and the factors.
                 Weights::Factored => {
-                    (read, distinct) = (read + base + low, distinct + low + if new_base { base } else { 0 })
+                    let base = if p.base.is_some() { full } else { 0 };
+                    let counted = new_base(p.base);
+                    (read, distinct) = (read + base + low, distinct + low + if counted { base } else { 0 })
                 }
             }
         }
@@ -216,31 +228,55 @@ impl Stack {
     }
 }
 
+/// What a part's base is, for grouping consecutive parts into one stacked segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BaseKind {
+    /// Used by several layers: stacked once for all of them.
+    Shared,
+    /// This layer's own.
+    Private,
+    /// No base (`lowrank` target): no segment, the low-rank term alone.
+    None,
+}
+
 /// The factored form: bases in segments of consecutive parts that are all shared (stacked
-/// once for all layers through `cache`) or all private to this layer; A's stacked; B's kept.
+/// once for all layers through `cache`) or all private to this layer, none for parts without
+/// a base; A's stacked; B's kept.
 fn factored(
     parts: &[Part],
     layers: &[LorsLinear],
     shared: &HashSet<TensorId>,
     cache: &mut BaseCache,
 ) -> Result<Detached> {
+    let kind = |p: &Part| match p.base {
+        Some(id) if shared.contains(&id) => BaseKind::Shared,
+        Some(_) => BaseKind::Private,
+        None => BaseKind::None,
+    };
     let mut segments = vec![];
-    let mut i = 0;
+    let (mut i, mut col) = (0, 0);
     while i < parts.len() {
-        let kind = shared.contains(&parts[i].base);
-        let n = parts[i..].iter().take_while(|p| shared.contains(&p.base) == kind).count();
-        let bases: Vec<Tensor> = layers[i..i + n].iter().map(|l| l.parts().0.detach()).collect();
-        let key: Vec<TensorId> = parts[i..i + n].iter().map(|p| p.base).collect();
+        let k = kind(&parts[i]);
+        let n = parts[i..].iter().take_while(|p| kind(p) == k).count();
+        let rows: usize = parts[i..i + n].iter().map(|p| p.out).sum();
+        let bases: Vec<Tensor> = layers[i..i + n].iter().filter_map(|l| l.parts().0.map(Tensor::detach)).collect();
+        let key: Vec<TensorId> = parts[i..i + n].iter().filter_map(|p| p.base).collect();
         let stack = |bases: &[Tensor]| -> Result<Tensor> {
             Ok(if bases.len() == 1 { bases[0].clone() } else { Tensor::cat(bases, 0)? })
             // (Σ out, in)
         };
-        segments.push(match (kind, cache.get(&key).cloned()) {
-            (true, Some(t)) => t,
-            (true, None) => cache.entry(key).or_insert(stack(&bases)?).clone(),
-            (false, _) => stack(&bases)?,
-        });
-        i += n;
+        match k {
+            BaseKind::Shared => {
+                let t = match cache.get(&key) {
+                    Some(t) => t.clone(),
+                    None => cache.entry(key).or_insert(stack(&bases)?).clone(),
+                };
+                segments.push((col, t));
+            }
+            BaseKind::Private => segments.push((col, stack(&bases)?)),
+            BaseKind::None => {}
+        }
+        (i, col) = (i + n, col + rows);
     }
     let (mut a_rows, mut terms, mut col) = (vec![], vec![], 0);
     for (p, l) in parts.iter().zip(layers) {
@@ -268,7 +304,7 @@ fn use_matvec(x: &Tensor, ops: Ops, mm: DType) -> bool {
 /// `x wᵀ` of a detached weight w (out, in): `kernels::matvec` for a few rows on the CPU,
 /// else a matmul in `mm`. For the LM head of an inference model.
 pub(crate) fn linear_detached(x: &Tensor, w: &Tensor, ops: Ops, mm: DType) -> Result<Tensor> {
-    let d = Detached { segments: vec![w.clone()], low: None };
+    let d = Detached { segments: vec![(0, w.clone())], low: None };
     if use_matvec(x, ops, mm) {
         d.forward_matvec(x, w.dim(0)?)
     } else {
@@ -294,20 +330,18 @@ impl Detached {
             None => None,
         };
         let seg_views =
-            self.segments.iter().map(|w| F32View::new(w, "weight")).collect::<candle_core::Result<Vec<_>>>()?;
+            self.segments.iter().map(|(_, w)| F32View::new(w, "weight")).collect::<candle_core::Result<Vec<_>>>()?;
         let b_views = match &self.low {
             Some((_, terms)) => {
                 terms.iter().map(|t| F32View::new(&t.b, "LORS factor B")).collect::<candle_core::Result<_>>()?
             }
             None => vec![],
         };
-        let mut segments = Vec::with_capacity(seg_views.len());
-        let mut col = 0;
-        for v in &seg_views {
-            let w = v.slice()?;
-            segments.push(Segment { w, col });
-            col += w.len() / inp;
-        }
+        let segments = seg_views
+            .iter()
+            .zip(&self.segments)
+            .map(|(v, (col, _))| Ok(Segment { w: v.slice()?, col: *col }))
+            .collect::<Result<Vec<_>>>()?;
         let terms = self.low.as_ref().map_or(&[][..], |(_, t)| t.as_slice());
         let low = terms
             .iter()
@@ -323,31 +357,51 @@ impl Detached {
         Ok(Tensor::from_vec(y, shape, x.device())?) // (M, out) -> (..., out)
     }
 
-    /// x (..., in) → (..., out) with candle matmuls in `mm`.
+    /// x (..., in) → (..., out) with candle matmuls in `mm`: the segments' products and the
+    /// low-rank terms, each laid on its output columns, summed.
     fn forward_matmul(&self, x: &Tensor, mm: DType, out: usize) -> Result<Tensor> {
-        let ys = self.segments.iter().map(|w| linear_as(x, w, mm)).collect::<Result<Vec<_>>>()?;
-        let y = if ys.len() == 1 { ys[0].clone() } else { Tensor::cat(&ys, D::Minus1)? }; // (..., out)
-        let Some((a, terms)) = &self.low else { return Ok(y) };
-        let t = linear_as(x, a, mm)?; // (..., Σ r)
-        let lead = &x.dims()[..x.rank() - 1];
-        let zeros = |n: usize| -> Result<Tensor> {
-            let mut shape = lead.to_vec();
-            shape.push(n);
-            Ok(Tensor::zeros(shape, y.dtype(), y.device())?)
+        let base = self.segments.iter().map(|(col, w)| Ok((*col, linear_as(x, w, mm)?))).collect::<Result<Vec<_>>>()?;
+        let base = spread(x, base, out)?;
+        let Some((a, terms)) = &self.low else {
+            return base.ok_or_else(|| anyhow::anyhow!("a detached stack with neither weights nor factors"));
         };
-        let (mut pieces, mut col) = (vec![], 0);
+        let t = linear_as(x, a, mm)?; // (..., Σ r)
+        let mut low = Vec::with_capacity(terms.len());
         for term in terms {
-            if term.col > col {
-                pieces.push(zeros(term.col - col)?);
-            }
-            let rank = term.b.dim(1)?;
-            let c = linear_as(&t.narrow(D::Minus1, term.t_col, rank)?, &term.b, mm)?; // (..., out_p)
-            pieces.push(if term.scale == 1.0 { c } else { (c * term.scale)? });
-            col = term.col + term.b.dim(0)?;
+            let c = linear_as(&t.narrow(D::Minus1, term.t_col, term.b.dim(1)?)?, &term.b, mm)?; // (..., out_p)
+            low.push((term.col, if term.scale == 1.0 { c } else { (c * term.scale)? }));
         }
-        if col < out {
-            pieces.push(zeros(out - col)?);
-        }
-        Ok((y + Tensor::cat(&pieces, D::Minus1)?)?) // (..., out)
+        let low = spread(x, low, out)?.ok_or_else(|| anyhow::anyhow!("factors without low-rank terms"))?;
+        Ok(match base {
+            Some(y) => (y + low)?,
+            None => low,
+        }) // (..., out)
     }
+}
+
+/// Outputs (..., n_i) at columns col_i laid side by side into (..., out), zeros between them;
+/// None without any.
+fn spread(x: &Tensor, pieces: Vec<(usize, Tensor)>, out: usize) -> Result<Option<Tensor>> {
+    if pieces.len() == 1 && pieces[0].0 == 0 && pieces[0].1.dim(D::Minus1)? == out {
+        return Ok(pieces.into_iter().next().map(|(_, y)| y));
+    }
+    let Some((_, first)) = pieces.first() else { return Ok(None) };
+    let (dtype, device) = (first.dtype(), first.device().clone());
+    let zeros = |n: usize| -> Result<Tensor> {
+        let mut shape = x.dims()[..x.rank() - 1].to_vec();
+        shape.push(n);
+        Ok(Tensor::zeros(shape, dtype, &device)?)
+    };
+    let (mut all, mut col) = (vec![], 0);
+    for (c, y) in pieces {
+        if c > col {
+            all.push(zeros(c - col)?);
+        }
+        col = c + y.dim(D::Minus1)?;
+        all.push(y);
+    }
+    if col < out {
+        all.push(zeros(out - col)?);
+    }
+    Ok(Some(Tensor::cat(&all, D::Minus1)?))
 }
