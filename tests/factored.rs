@@ -285,3 +285,50 @@ fn factored_decoding_peaks_at_a_fraction_of_merged_memory() {
     let (merged, factored) = (bench_child_peak_rss("merged"), bench_child_peak_rss("factored"));
     assert!(factored < 0.5 * merged, "peak RSS factored {factored:.0} MB vs merged {merged:.0} MB");
 }
+
+#[test]
+fn bench_decode_json_has_a_row_per_mode_and_weights_with_the_set_dimensions() {
+    let mut c = bin();
+    c.args(["bench", "--decode", "--json", "--config"]).arg(repo("configs/bench-decode.toml"));
+    let sets =
+        ["model.d_model=64", "model.n_heads=2", "model.ffn_hidden=176", "model.n_layers=3", "model.vocab_size=256"];
+    for s in sets.iter().chain(&["lors.rank=4"]) {
+        c.args(["--set", s]);
+    }
+    c.args(["--modes", "vanilla,lors,lowrank", "--batches", "1,2", "--rounds", "1"]);
+    c.args(["--prompt-tokens", "3", "--gen-tokens", "3"]);
+    let out = run_ok(&mut c);
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let got: Vec<(String, String, u64)> = rows
+        .iter()
+        .map(|r| {
+            (r["mode"].as_str().unwrap().into(), r["weights"].as_str().unwrap().into(), r["batch"].as_u64().unwrap())
+        })
+        .collect();
+    let mut want = vec![];
+    for b in [1, 2] {
+        for (m, w) in [
+            ("vanilla", "merged"),
+            ("lors", "merged"),
+            ("lors", "factored"),
+            ("lowrank", "merged"),
+            ("lowrank", "factored"),
+        ] {
+            want.push((m.to_string(), w.to_string(), b));
+        }
+    }
+    assert_eq!(got, want);
+    for r in &rows {
+        assert_eq!((r["d_model"].as_u64(), r["n_layers"].as_u64()), (Some(64), Some(3)), "--set: {r}");
+        for k in ["decode_tokens_per_sec", "prompt_tokens_per_sec", "peak_rss_mb"] {
+            assert!(r[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {r}");
+        }
+    }
+    // Factored LORS reads the bases again in every layer but keeps fewer distinct bytes.
+    let (lm, lf) = (&rows[1], &rows[2]);
+    assert!(lf["weight_bytes_distinct"].as_u64() < lm["weight_bytes_distinct"].as_u64(), "{lm} vs {lf}");
+    // The machine's caches and bandwidth on stderr.
+    let header = String::from_utf8_lossy(&out.stderr);
+    assert!(header.contains("caches (sysfs)") && header.contains("read bandwidth"), "{header}");
+}

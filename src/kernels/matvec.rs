@@ -434,7 +434,7 @@ mod tests {
             let lr = |b: &[f32], j: usize, t_col: usize| -> f32 {
                 (0..r).map(|k| b[j * r + k] * t[i * 2 * r + t_col + k]).sum()
             };
-            let mut want = vec![0f32; 20];
+            let mut want = [0f32; 20];
             for j in 0..6 {
                 want[j] = y0[i * 6 + j];
                 want[14 + j] = y2[i * 6 + j] + 0.5 * lr(&b2, j, r);
