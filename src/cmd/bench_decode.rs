@@ -256,7 +256,8 @@ fn print_table(results: &[DecodeResult], per_cell: &[Vec<DecodeResult>]) {
         );
     }
     println!("vs first: decode speed against the first row of the same batch (median of per-round ratios)");
-    if let Some(r) = results.first() {
-        println!("`--weights auto` picks {} for this config on this machine", r.auto);
+    // A vanilla model always gets merged: say what auto does for the shared one.
+    if let Some(r) = results.iter().find(|r| r.mode != Mode::Vanilla.name()).or(results.first()) {
+        println!("`--weights auto` picks {} for this config ({} model) on this machine", r.auto, r.mode);
     }
 }
