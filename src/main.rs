@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use lors_lm::cmd::{bench, check_device, compress, eval, export, generate, params, prepare, sweep, train};
+use lors_lm::cmd::{bench, check_device, compress, eval, export, generate, params, prepare, probe, sweep, train};
 use lors_lm::device;
 
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
@@ -36,12 +36,16 @@ enum Command {
     Compress(compress::CompressArgs),
     /// Print the parameter table of a config or a run: unique vs vanilla.
     Params(params::ParamsArgs),
-    /// Measure training-step and generation throughput of a config per sharing mode.
+    /// Measure training-step and generation throughput of a config per sharing mode, or with
+    /// --decode inference: merged against factored weights.
     Bench(bench::BenchArgs),
     /// Train every configuration × seed of a comparison plan; write a results table and charts.
     Sweep(sweep::SweepArgs),
     /// Check that a device (e.g. cuda) and dtype give the CPU's logits and loss, before and after one step.
     CheckDevice(check_device::CheckDeviceArgs),
+    /// Internal: read bandwidth at given working-set sizes (for `--weights auto`).
+    #[command(hide = true)]
+    ProbeMemory(probe::ProbeArgs),
 }
 
 fn main() {
@@ -59,6 +63,7 @@ fn main() {
         Command::Bench(args) => bench::run(&args),
         Command::Sweep(args) => sweep::run(&args),
         Command::CheckDevice(args) => check_device::run(&args),
+        Command::ProbeMemory(args) => probe::run(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

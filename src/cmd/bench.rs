@@ -42,9 +42,9 @@ pub struct BenchArgs {
     /// Prompt tokens for the generation benchmark (0 = skip generation).
     #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
-    /// Tokens decoded for the generation benchmark.
-    #[arg(long, default_value_t = 64)]
-    pub gen_tokens: usize,
+    /// Tokens decoded for the generation benchmark [default: 64, with --decode 128].
+    #[arg(long)]
+    pub gen_tokens: Option<usize>,
     /// Only print the JSON lines.
     #[arg(long)]
     pub json: bool,
@@ -58,6 +58,24 @@ pub struct BenchArgs {
     /// Internal: measure the one mode of --modes in this process and print its JSON line.
     #[arg(long, hide = true)]
     pub child: bool,
+    /// Measure inference instead of training: prompt and decoding tokens/s, peak RSS and the
+    /// weight bytes read per step of each mode merged and (shared, lors) factored, at each of
+    /// --batches, beside this machine's cache sizes and read bandwidth.
+    #[arg(long)]
+    pub decode: bool,
+    /// Batch sizes (sequences decoded together) for --decode, comma-separated.
+    #[arg(long, default_value = "1,8", value_delimiter = ',')]
+    pub batches: Vec<usize>,
+    /// Internal (--decode --child): merged or factored.
+    #[arg(long, hide = true)]
+    pub weights: Option<String>,
+}
+
+impl BenchArgs {
+    /// Tokens to decode: --gen-tokens, else 64 (128 with --decode).
+    pub fn gen_tokens(&self) -> usize {
+        self.gen_tokens.unwrap_or(if self.decode { 128 } else { 64 })
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -147,7 +165,7 @@ pub fn bench_one(cfg: &Config, args: &BenchArgs) -> Result<BenchResult> {
 fn bench_generation(model: &Model, cfg: &Config, args: &BenchArgs) -> Result<(f64, f64)> {
     let device = model.device();
     let mut rng = Rng::new(7);
-    let p = args.prompt_tokens.min(cfg.model.max_seq_len.saturating_sub(args.gen_tokens + 1)).max(1);
+    let p = args.prompt_tokens.min(cfg.model.max_seq_len.saturating_sub(args.gen_tokens() + 1)).max(1);
     let merged = model.merged()?;
     let prompt: Vec<u32> = (0..p).map(|_| rng.below(cfg.model.vocab_size as u64) as u32).collect();
     let (mut pre, mut dec) = (vec![], vec![]);
@@ -158,7 +176,7 @@ fn bench_generation(model: &Model, cfg: &Config, args: &BenchArgs) -> Result<(f6
         let _ = merged.forward_at(&ids, 0, Some(&mut cache))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         pre.push(p as f64 / t0.elapsed().as_secs_f64());
         let mut s = Sampler::new(0.0, None, None, 0)?;
-        let n = args.gen_tokens.min(cfg.model.max_seq_len - p);
+        let n = args.gen_tokens().min(cfg.model.max_seq_len - p);
         let t0 = Instant::now();
         // generate_tokens prefills again; subtract one prefill to time decoding alone.
         let out = generate_tokens(&merged, &prompt, n, &mut s, &[], |_| Ok(()), || {})?;
@@ -169,7 +187,23 @@ fn bench_generation(model: &Model, cfg: &Config, args: &BenchArgs) -> Result<(f6
 }
 
 fn parse_mode(m: &str) -> Result<Mode> {
-    Mode::from_name(m.trim()).with_context(|| format!("--modes: unknown mode {:?} (vanilla, shared, lors)", m.trim()))
+    Mode::from_name(m.trim())
+        .with_context(|| format!("--modes: unknown mode {:?} (vanilla, shared, lors, lowrank)", m.trim()))
+}
+
+/// The config of each of --modes, validated.
+fn modes_of(base: &Config, args: &BenchArgs) -> Result<Vec<(String, Config)>> {
+    let mut modes = vec![];
+    for m in &args.modes {
+        let mut cfg = base.clone();
+        cfg.lors.mode = parse_mode(m)?;
+        if cfg.model.vocab_size == 0 {
+            cfg.model.vocab_size = args.vocab_size;
+        }
+        cfg.validate()?;
+        modes.push((m.trim().to_string(), cfg));
+    }
+    Ok(modes)
 }
 
 /// Measure one mode in a fresh process of this binary (`bench --child`).
@@ -186,7 +220,7 @@ fn bench_in_child(args: &BenchArgs, mode: &str) -> Result<BenchResult> {
         ("--steps", args.steps.to_string()),
         ("--warmup", args.warmup.to_string()),
         ("--prompt-tokens", args.prompt_tokens.to_string()),
-        ("--gen-tokens", args.gen_tokens.to_string()),
+        ("--gen-tokens", args.gen_tokens().to_string()),
     ] {
         cmd.arg(flag).arg(v);
     }
@@ -245,6 +279,9 @@ fn ratio(l: &[BenchResult], v: &[BenchResult], f: impl Fn(&BenchResult) -> Optio
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let base = Config::load(&args.config, &args.sets)?;
+    if args.decode {
+        return crate::cmd::bench_decode::run(args, &modes_of(&base, args)?);
+    }
     if args.steps == 0 {
         bail!("--steps must be > 0");
     }
@@ -252,16 +289,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         bail!("--rounds must be > 0");
     }
     let matmul = crate::device::cpu_matmul()?;
-    let mut modes = vec![];
-    for m in &args.modes {
-        let mut cfg = base.clone();
-        cfg.lors.mode = parse_mode(m)?;
-        if cfg.model.vocab_size == 0 {
-            cfg.model.vocab_size = args.vocab_size;
-        }
-        cfg.validate()?;
-        modes.push((m.trim().to_string(), cfg));
-    }
+    let modes = modes_of(&base, args)?;
     if args.child {
         let [(_, cfg)] = modes.as_slice() else { bail!("bench --child measures exactly one mode") };
         println!("{}", serde_json::to_string(&bench_one(cfg, args)?)?);

@@ -3,6 +3,8 @@
 
 use crate::data::{Meta, TokenFile};
 use crate::infer::perplexity::eval_tokens;
+use crate::infer::weights::{prepare, WeightsChoice, Workload};
+use crate::train::run_dir::LoadedRun;
 use crate::train::RunDir;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -36,11 +38,17 @@ pub struct EvalArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Weights to evaluate with: merged, factored (the unique parameters only, see
+    /// `generate --weights`) or auto (merged: whole windows per pass are compute-bound).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "merged", "factored"])]
+    pub weights: String,
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
+    let choice = WeightsChoice::parse(&args.weights)?;
     let device = crate::device::parse_device(&args.device)?;
-    let loaded = RunDir::open(&args.run)?.load(args.checkpoint, &device)?;
+    let mut loaded = RunDir::open(&args.run)?.load(args.checkpoint, &device)?;
+    loaded.params.clear(); // handles on every parameter: let conversion free the training tensors
     let seq_len = args.seq_len.unwrap_or(loaded.cfg.train.seq_len);
     if seq_len > loaded.cfg.model.max_seq_len {
         bail!("--seq-len {seq_len} exceeds the model's max_seq_len {}", loaded.cfg.model.max_seq_len);
@@ -70,7 +78,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= loaded.cfg.model.vocab_size) {
         bail!("{source} holds token id {bad} >= the model's vocabulary {}", loaded.cfg.model.vocab_size);
     }
-    let model = loaded.model.merged()?;
+    let LoadedRun { model, cfg, step, .. } = loaded;
+    let (model, line) = prepare(model, cfg.lors.mode, choice, Workload::Windows)?;
+    if !args.json {
+        eprintln!("{line}");
+    }
     let r = eval_tokens(&model, &tokens, seq_len, args.batch_size, &device)
         .with_context(|| format!("cannot evaluate {source}"))?;
     if args.json {
@@ -82,7 +94,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             r.ppl(),
             r.tokens,
             r.windows,
-            loaded.step,
+            step,
             args.run.display()
         );
     }

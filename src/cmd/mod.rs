@@ -2,6 +2,7 @@
 //! checks its arguments, calls the library and prints; it computes no gradient itself.
 
 pub mod bench;
+pub mod bench_decode;
 pub mod check_device;
 pub mod compress;
 pub mod eval;
@@ -9,6 +10,7 @@ pub mod export;
 pub mod generate;
 pub mod params;
 pub mod prepare;
+pub mod probe;
 pub mod source;
 pub mod sweep;
 pub mod train;

@@ -1,7 +1,8 @@
 //! Text generation: the sampler (temperature, top-k, top-p) and the decoding loop with a KV
 //! cache (each new token is one single-position forward pass; the context window slides
-//! beyond model.max_seq_len). Models are merged first (`Model::merged`), so decoding costs
-//! what a vanilla model's does.
+//! beyond model.max_seq_len). Models are detached for inference first, merged
+//! (`Model::merged`: a vanilla model's cost) or factored (`Model::factored`: the unique
+//! parameters only; `infer/weights.rs` chooses).
 
 use crate::model::Model;
 use crate::rng::Rng;
@@ -131,6 +132,38 @@ pub fn generate_tokens(
             let ids = Tensor::new(&[next], &device)?.unsqueeze(0)?;
             logits = last_logits(&model.forward_at(&ids, pos, Some(&mut cache))?)?;
             pos += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Greedy decoding of a batch of equal-length prompts (B, P) for `n` steps, without sliding
+/// (P + n must fit in model.max_seq_len): the benchmark's workload. `on_step(i)` runs after
+/// forward pass i (0: the prompt) once its logits are on the host. Returns (B, n) tokens.
+pub fn generate_batch(
+    model: &Model,
+    prompts: &Tensor,
+    n: usize,
+    mut on_step: impl FnMut(usize),
+) -> Result<Vec<Vec<u32>>> {
+    let (b, p) = prompts.dims2()?;
+    if p == 0 || p + n > model.cfg.max_seq_len {
+        bail!("generate_batch: {p} prompt + {n} new tokens must be in 1..={}", model.cfg.max_seq_len);
+    }
+    let mut cache = model.new_cache();
+    let mut out = vec![Vec::with_capacity(n); b];
+    let mut logits = model.forward_at(prompts, 0, Some(&mut cache))?; // (B, P, V)
+    for step in 0..n {
+        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?; // (B, V)
+        let rows: Vec<Vec<f32>> = last.to_vec2()?;
+        on_step(step);
+        let next: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
+        for (o, t) in out.iter_mut().zip(&next) {
+            o.push(*t);
+        }
+        if step + 1 < n {
+            let ids = Tensor::from_vec(next, (b, 1), prompts.device())?;
+            logits = model.forward_at(&ids, p + step, Some(&mut cache))?; // (B, 1, V)
         }
     }
     Ok(out)

@@ -19,6 +19,7 @@
 //! | [`swiglu()`] | silu, mul | `silu(g)·u` | dg and du in one op | `swiglu.rs` |
 //! | [`attention_qkv()`] | narrow ×3, [`rope_t()`] ×2, transpose, [`attention()`] on packed q, k, v | rotate, attend | packed dqkv | `attention_qkv.rs` |
 //! | [`swiglu_packed()`] | narrow ×2, [`swiglu()`] on packed [gate, up] | `silu(g)·u` | packed [dg, du] | `swiglu.rs` |
+//! | [`matvec::linear_rows()`] | matmul of a few rows (decoding), `+ s·(x Aᵀ) Bᵀ` of factored LORS | one pass over W | none (inference) | `matvec.rs` |
 //!
 //! Shared by them: `matmul.rs` (strided matrix views and the OpenBLAS/gemm products) and
 //! `reduce.rs` (vectorisable sums, dot products and maxima); here, the float types (`Real`,
@@ -245,6 +246,7 @@ mod kl_div;
 mod linear_cross_entropy;
 mod lors_merge;
 mod matmul;
+pub mod matvec;
 mod reduce;
 mod rms_norm;
 mod rope;

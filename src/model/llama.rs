@@ -19,10 +19,12 @@
 use crate::model::lors::Role;
 use crate::model::lors::{LorsConfig, LorsLinear, Proj};
 use crate::model::ops::{linear_as, Ops};
+use crate::model::stack::{linear_detached, BaseCache, Stack, WeightBytes, Weights};
 use crate::model::store::{Init, ParamStore};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, TensorId};
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 
 // ---------------------------------------------------------------------------------------------
 // Config
@@ -161,62 +163,10 @@ pub type KvCache = Vec<Option<(Tensor, Tensor)>>;
 // Stacked projections, attention, MLP, block
 // ---------------------------------------------------------------------------------------------
 
-/// Projections that read the same input ([q, k, v] or [gate, up]), computed as one matmul
-/// against their stacked weights; the output is their outputs side by side.
-#[derive(Debug, Clone)]
-struct Stack {
-    /// (projection, output rows) of each part, in order.
-    projs: Vec<(Proj, usize)>,
-    /// One layer per projection, or (merged for inference) one layer of the stacked weight.
-    parts: Vec<LorsLinear>,
-}
-
-impl Stack {
-    fn new(store: &mut ParamStore, lors: &LorsConfig, m: &ModelConfig, layer: usize, projs: &[Proj]) -> Result<Self> {
-        Ok(Self {
-            projs: projs.iter().map(|&p| (p, p.shape(m).0)).collect(),
-            parts: projs.iter().map(|&p| LorsLinear::new(store, lors, m, p, layer)).collect::<Result<_>>()?,
-        })
-    }
-
-    /// The stacked effective weights (Σ out, in).
-    fn weight(&self, ops: Ops) -> Result<Tensor> {
-        let ws = self.parts.iter().map(|p| p.weight(ops)).collect::<Result<Vec<_>>>()?;
-        Ok(if ws.len() == 1 { ws[0].clone() } else { Tensor::cat(&ws, 0)? })
-    }
-
-    /// x (B, T, in) → (B, T, Σ out).
-    fn forward(&self, x: &Tensor, p: &Pass) -> Result<Tensor> {
-        linear_as(x, &self.weight(p.ops)?, p.mm)
-    }
-
-    /// The stacked weight merged once and detached: inference then runs one plain matmul.
-    fn merged(&self) -> Result<Self> {
-        let w = self.weight(Ops::Plain)?.detach();
-        Ok(Self { projs: self.projs.clone(), parts: vec![LorsLinear::from_parts(w, None)] })
-    }
-
-    /// The layer of `proj`, unless the stack was merged.
-    fn part(&self, proj: Proj) -> Option<&LorsLinear> {
-        let i = self.projs.iter().position(|(p, _)| *p == proj)?;
-        (self.parts.len() == self.projs.len()).then(|| &self.parts[i])
-    }
-
-    /// The effective weight of `proj` (out, in), also from a merged stack.
-    fn weight_of(&self, proj: Proj) -> Result<Option<Tensor>> {
-        let Some(i) = self.projs.iter().position(|(p, _)| *p == proj) else { return Ok(None) };
-        if let Some(part) = self.part(proj) {
-            return Ok(Some(part.weight(Ops::Plain)?));
-        }
-        let start: usize = self.projs[..i].iter().map(|(_, rows)| rows).sum();
-        Ok(Some(self.parts[0].weight(Ops::Plain)?.narrow(0, start, self.projs[i].1)?))
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Attention {
     qkv: Stack,
-    o: LorsLinear,
+    o: Stack,
     /// (H, Hkv): query heads and key/value heads.
     heads: (usize, usize),
     head_dim: usize,
@@ -226,7 +176,7 @@ impl Attention {
     /// x: (B, T, d), the normed residual stream at positions offset..offset+T → (B, T, d).
     fn forward(&self, x: &Tensor, p: &Pass, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let qkv = self.qkv.forward(x, p)?; // (B, T, (H + 2·Hkv)·hd)
+        let qkv = self.qkv.forward(x, p.ops, p.mm)?; // (B, T, (H + 2·Hkv)·hd)
         let y = match cache {
             // Training and evaluation: RoPE and attention in one op on the packed projections.
             None => p.ops.attention_qkv(&qkv, p.rope(), p.offset, self.heads, scale, p.mm)?, // (B, T, H·hd)
@@ -241,21 +191,21 @@ impl Attention {
                 p.ops.attention(&q, &k, &v, scale, p.mm)? // (B, T, H·hd)
             }
         };
-        self.o.forward_as(&y, p.ops, p.mm)
+        self.o.forward(&y, p.ops, p.mm)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Mlp {
     gate_up: Stack,
-    down: LorsLinear,
+    down: Stack,
 }
 
 impl Mlp {
     /// SwiGLU: x (B, T, d) → down(silu(x Wgateᵀ) · x Wupᵀ) (B, T, d).
     fn forward(&self, x: &Tensor, p: &Pass) -> Result<Tensor> {
-        let h = p.ops.swiglu_packed(&self.gate_up.forward(x, p)?)?; // (B, T, 2·F) -> (B, T, F)
-        self.down.forward_as(&h, p.ops, p.mm)
+        let h = p.ops.swiglu_packed(&self.gate_up.forward(x, p.ops, p.mm)?)?; // (B, T, 2·F) -> (B, T, F)
+        self.down.forward(&h, p.ops, p.mm)
     }
 }
 
@@ -274,13 +224,13 @@ impl Block {
         let (attn_norm, ffn_norm) = (gain("attn_norm")?, gain("ffn_norm")?);
         let attn = Attention {
             qkv: Stack::new(store, lors, m, layer, &[Proj::Q, Proj::K, Proj::V])?,
-            o: LorsLinear::new(store, lors, m, Proj::O, layer)?,
+            o: Stack::new(store, lors, m, layer, &[Proj::O])?,
             heads: (m.n_heads, m.kv_heads()),
             head_dim: m.head_dim(),
         };
         let mlp = Mlp {
             gate_up: Stack::new(store, lors, m, layer, &[Proj::Gate, Proj::Up])?,
-            down: LorsLinear::new(store, lors, m, Proj::Down, layer)?,
+            down: Stack::new(store, lors, m, layer, &[Proj::Down])?,
         };
         Ok(Self { attn_norm, attn, ffn_norm, mlp })
     }
@@ -291,30 +241,30 @@ impl Block {
         Ok((&x + self.mlp.forward(&p.ops.rms_norm(&x, &self.ffn_norm, p.eps)?, p)?)?)
     }
 
-    /// The layer of `proj` (None once merged, for q, k, v, gate, up).
+    /// Its four stacks: [q, k, v], o, [gate, up], down.
+    fn stacks(&self) -> [&Stack; 4] {
+        [&self.attn.qkv, &self.attn.o, &self.mlp.gate_up, &self.mlp.down]
+    }
+
+    /// The training layer of `proj` (None once detached for inference).
     fn proj(&self, proj: Proj) -> Option<&LorsLinear> {
-        match proj {
-            Proj::O => Some(&self.attn.o),
-            Proj::Down => Some(&self.mlp.down),
-            Proj::Q | Proj::K | Proj::V => self.attn.qkv.part(proj),
-            Proj::Gate | Proj::Up => self.mlp.gate_up.part(proj),
-        }
+        self.stacks().into_iter().find_map(|s| s.part(proj))
     }
 
     /// The effective weight of `proj` (out, in).
     fn weight_of(&self, proj: Proj) -> Result<Tensor> {
-        let w = match proj {
-            Proj::O => Some(self.attn.o.weight(Ops::Plain)?),
-            Proj::Down => Some(self.mlp.down.weight(Ops::Plain)?),
-            Proj::Q | Proj::K | Proj::V => self.attn.qkv.weight_of(proj)?,
-            Proj::Gate | Proj::Up => self.mlp.gate_up.weight_of(proj)?,
-        };
-        w.ok_or_else(|| anyhow::anyhow!("projection {proj} missing from its block"))
+        for s in self.stacks() {
+            if let Some(w) = s.weight_of(proj)? {
+                return Ok(w);
+            }
+        }
+        bail!("projection {proj} missing from its block")
     }
 
-    fn merged(&self) -> Result<Self> {
-        let attn = Attention { qkv: self.attn.qkv.merged()?, o: self.attn.o.merged()?, ..self.attn.clone() };
-        let mlp = Mlp { gate_up: self.mlp.gate_up.merged()?, down: self.mlp.down.merged()? };
+    fn detached(&self, w: Weights, shared: &HashSet<TensorId>, cache: &mut BaseCache) -> Result<Self> {
+        let mut d = |s: &Stack| s.detached(w, shared, cache);
+        let attn = Attention { qkv: d(&self.attn.qkv)?, o: d(&self.attn.o)?, ..self.attn.clone() };
+        let mlp = Mlp { gate_up: d(&self.mlp.gate_up)?, down: d(&self.mlp.down)? };
         Ok(Self { attn_norm: self.attn_norm.detach(), attn, ffn_norm: self.ffn_norm.detach(), mlp })
     }
 }
@@ -334,6 +284,8 @@ pub struct Model {
     /// dtype of the matmuls (F32, or BF16 for mixed precision); everything else is f32.
     matmul_dtype: DType,
     ops: Ops,
+    /// None: trainable; else detached for inference with its weights kept this way.
+    weights: Option<Weights>,
 }
 
 impl Model {
@@ -354,22 +306,72 @@ impl Model {
         store.finish()?;
         let rope = Rope::new(m, store.dtype, &store.device)?;
         let ops = Ops::best_for(&embed);
-        Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope, matmul_dtype: store.dtype, ops })
+        Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope, matmul_dtype: store.dtype, ops, weights: None })
     }
 
     /// A copy with every `W + B A` merged into one weight (and q, k, v and gate, up stacked)
     /// and detached from the graph: inference then costs exactly what a vanilla model's does.
     pub fn merged(&self) -> Result<Self> {
+        self.clone().into_weights(Weights::Merged)
+    }
+
+    /// A copy detached from the graph that keeps the shared bases and private factors as they
+    /// are (`model/stack.rs`): the unique parameters only, every projection computed as
+    /// `x·W_sharedᵀ + s·(x·Aᵀ)·Bᵀ`.
+    pub fn factored(&self) -> Result<Self> {
+        self.clone().into_weights(Weights::Factored)
+    }
+
+    /// `merged` or `factored`, consuming the trainable model layer by layer, so that each
+    /// layer's training tensors can be freed (when nothing else holds them) before the next
+    /// is converted: peak memory stays near the larger of the two forms.
+    pub fn into_weights(self, w: Weights) -> Result<Self> {
+        if let Some(have) = self.weights {
+            bail!("the model is already detached for inference ({} weights)", have.name());
+        }
+        let mut uses: HashMap<TensorId, usize> = HashMap::new();
+        for id in self.layers.iter().flat_map(|b| b.stacks().into_iter().flat_map(|s| s.base_ids())) {
+            *uses.entry(id).or_default() += 1;
+        }
+        let shared: HashSet<TensorId> = uses.into_iter().filter(|(_, n)| *n > 1).map(|(id, _)| id).collect();
+        let mut cache = BaseCache::new();
+        let Self { cfg, embed, layers, norm, lm_head, rope, matmul_dtype, ops, .. } = self;
+        let mut out = Vec::with_capacity(layers.len());
+        for block in layers {
+            out.push(block.detached(w, &shared, &mut cache)?); // the training block drops here
+        }
         Ok(Self {
-            cfg: self.cfg.clone(),
-            embed: self.embed.detach(),
-            layers: self.layers.iter().map(Block::merged).collect::<Result<Vec<_>>>()?,
-            norm: self.norm.detach(),
-            lm_head: self.lm_head.as_ref().map(|t| t.detach()),
-            rope: self.rope.clone(),
-            matmul_dtype: self.matmul_dtype,
-            ops: self.ops,
+            cfg,
+            embed: embed.detach(),
+            layers: out,
+            norm: norm.detach(),
+            lm_head: lm_head.map(|t| t.detach()),
+            rope,
+            matmul_dtype,
+            ops,
+            weights: Some(w),
         })
+    }
+
+    /// How the weights are kept: None while trainable.
+    pub fn weights(&self) -> Option<Weights> {
+        self.weights
+    }
+
+    /// Weight bytes one decoding step reads (every projection and the LM head; the embedding
+    /// contributes one row) and how many distinct bytes those are, were the model kept as `w`.
+    pub fn weight_bytes(&self, w: Weights) -> WeightBytes {
+        let mut seen = HashSet::new();
+        let (mut read, mut distinct) = (0u64, 0u64);
+        for s in self.layers.iter().flat_map(|b| b.stacks()) {
+            let (r, d) = s.elements(w, &mut seen);
+            (read, distinct) = (read + r, distinct + d);
+        }
+        let (v, d, l) = (self.cfg.vocab_size as u64, self.cfg.d_model as u64, self.cfg.n_layers as u64);
+        let head = v * d;
+        let other = (2 * l + 1) * d + if self.lm_head.is_some() { head } else { 0 }; // gains, untied head
+        let size = self.embed.dtype().size_in_bytes() as u64;
+        WeightBytes { read: (read + head + other) * size, distinct: (distinct + head + other) * size }
     }
 
     /// Run on the given implementation of the operations (benchmarks and tests compare them).
@@ -416,7 +418,10 @@ impl Model {
     /// extending a KV cache.
     pub fn forward_at(&self, ids: &Tensor, offset: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let x = self.hidden_at(ids, offset, cache)?;
-        linear_as(&x, self.head(), self.matmul_dtype) // (B, T, d) -> (B, T, V)
+        match self.weights {
+            Some(_) => linear_detached(&x, self.head(), self.ops, self.matmul_dtype), // (B, T, d) -> (B, T, V)
+            None => linear_as(&x, self.head(), self.matmul_dtype),
+        }
     }
 
     /// The LM head (V, d): the embedding when tied.

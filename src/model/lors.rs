@@ -32,6 +32,8 @@
 //! Merging is cheaper whenever N > in·out / (2·(in+out)), i.e. N > d/4 for square weights:
 //! always, for training batches. `benches/lors_merge.rs` measures both
 //! (`cargo bench --bench lors_merge`); its numbers are in docs/performance.md.
+//! Decoding (N = a few tokens) is the opposite case: `Model::factored` keeps the factors
+//! (`model/stack.rs`), so a group's layers read one base, which stays in cache.
 
 use crate::config::ModelConfig;
 use crate::model::ops::{linear_as, Ops};
@@ -517,6 +519,12 @@ impl LorsLinear {
     /// Whether it has a base weight (all but `lowrank` targets).
     pub fn has_base(&self) -> bool {
         self.base.is_some()
+    }
+
+    /// The layer as stored: base (out, in) (None in `lowrank` mode), residual (A (r, in),
+    /// B (out, r)) and scale s.
+    pub fn parts(&self) -> (Option<&Tensor>, Option<(&Tensor, &Tensor)>, f64) {
+        (self.base.as_ref(), self.residual.as_ref().map(|(a, b)| (a, b)), self.scale)
     }
 
     pub fn rank(&self) -> usize {

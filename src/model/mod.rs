@@ -4,6 +4,7 @@
 //! * `lors.rs`: the LORS method in one file (what is shared, groups, ranks, init, names,
 //!   optimizer options, and the `LorsLinear` layer).
 //! * `ops.rs`: fused CPU kernels or plain candle ops, chosen by one value.
+//! * `stack.rs`: projections computed together, trainable, merged or factored (inference).
 //! * `store.rs`: named parameters (created from a seed or loaded from tensors).
 //! * `params.rs`: parameter counts from the config alone.
 //!
@@ -14,10 +15,12 @@ pub mod llama;
 pub mod lors;
 pub mod ops;
 pub mod params;
+pub mod stack;
 pub mod store;
 
 pub use llama::{KvCache, Model, ModelConfig};
 pub use lors::{LorsConfig, LorsLinear, Mode, Proj};
 pub use ops::Ops;
 pub use params::ParamCounts;
+pub use stack::{WeightBytes, Weights};
 pub use store::{Init, ParamStore};
