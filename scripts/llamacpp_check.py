@@ -104,7 +104,9 @@ def agree(a, b):
 
 
 def margins(args, cpp, src, ids, tmp):
-    """Where two greedy continuations part: each implementation's two best tokens there."""
+    """Where two greedy continuations part: each implementation's two best tokens there, both
+    computed over the whole sequence at once (llama.cpp's own incremental decoding, which
+    chose its token, can rank a near-tie differently)."""
     _, _, ours, _ = lors(args.bin, src, ["--prompt-ids", ",".join(map(str, ids))], 0, tmp)
     for who, row in [("lors-lm", ours[-1]), ("llama.cpp", cpp.logits(ids)[-1])]:
         a, b = np.argsort(row)[::-1][:2]

@@ -81,10 +81,13 @@ fn model_metadata(model: &Model, name: &str, dtype: GgufDtype) -> Vec<(String, g
     ]
 }
 
+/// GGUF tensors by name, in the order they are written.
+type NamedTensors = Vec<(String, QTensor)>;
+
 /// Every weight as a GGUF tensor: llama.cpp's names, q/k permuted, matrices in `dtype`
 /// (q8_0 needs rows of a multiple of 32 values; other matrices fall back to f16, as
 /// llama.cpp's converter does), norms in f32. Also returns the names that fell back.
-fn tensors(model: &Model, dtype: GgufDtype) -> Result<(Vec<(String, QTensor)>, Vec<String>)> {
+fn tensors(model: &Model, dtype: GgufDtype) -> Result<(NamedTensors, Vec<String>)> {
     let m = &model.cfg;
     let (mut out, mut fell_back) = (vec![], vec![]);
     for (ours, t) in model.merged_tensors()? {
