@@ -167,6 +167,22 @@ fn gguf_metadata_has_the_keys_and_types_llama_cpp_checks() {
     assert_eq!(t["blk.2.attn_k.weight"].shape.dims(), [16, 32]);
     assert_eq!(format!("{:?}", t["blk.0.ffn_down.weight"].ggml_dtype), "Q8_0");
     assert_eq!(format!("{:?}", t["output_norm.weight"].ggml_dtype), "F32");
+
+    // A file that asks for BOS (tokenizer.ggml.add_bos_token = true) gets it before the
+    // prompt, as in llama.cpp; ours does not.
+    let prompt_ids = |f: &Path| -> Vec<u64> {
+        let out = run_ok(
+            bin().args(["generate", "--json", "--max-new-tokens", "1", "--prompt", "whenever", "--gguf"]).arg(f),
+        );
+        let v: Json = serde_json::from_slice(&out.stdout).unwrap();
+        v["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    };
+    let bos_file = tmp.path().join("bos.gguf");
+    rewrite(&file, &bos_file, |m, _| set_meta(m, "tokenizer.ggml.add_bos_token", Value::Bool(true)));
+    let (plain, with_bos) = (prompt_ids(&file), prompt_ids(&bos_file));
+    assert_ne!(plain[0], 0);
+    assert_eq!(with_bos[0], 0);
+    assert_eq!(with_bos[1..], plain[..]);
 }
 
 /// `compress --from FILE.gguf --energy 1` reproduces the file's model; `train --init-from`
@@ -187,6 +203,13 @@ fn gguf_as_a_source_for_compress_and_train() {
     assert!(err < 1e-4, "compressed at full rank: logits differ by {err}");
     let report: Json = serde_json::from_str(&std::fs::read_to_string(out.join("compress.json")).unwrap()).unwrap();
     assert!(report["source"].as_str().unwrap().ends_with("m.gguf (GGUF)"), "{}", report["source"]);
+    // That run has no prepared-data meta.json: its GGUF export still names <|endoftext|> (0)
+    // as BOS/EOS, rather than leaving llama.cpp to assume id 11.
+    let again = tmp.path().join("again.gguf");
+    export(&out, &again, "f32");
+    let (ct, _) = read_content(&again);
+    assert!(matches!(ct.metadata["tokenizer.ggml.eos_token_id"], Value::U32(0)));
+    assert!(matches!(ct.metadata["tokenizer.ggml.bos_token_id"], Value::U32(0)));
 
     let init = tmp.path().join("init");
     run_ok(

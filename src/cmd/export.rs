@@ -99,12 +99,14 @@ fn run_gguf(args: &ExportArgs) -> Result<()> {
     }
     let loaded: LoadedRun = RunDir::open(&args.run)?.load(args.checkpoint, &Device::Cpu)?;
     let name = args.run.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-    let info = GgufInfo {
-        name: &name.unwrap_or_else(|| "lors-lm".into()),
-        tokenizer: &loaded.tokenizer,
-        bos: loaded.meta.as_ref().and_then(|x| x.bos_id),
-        eos: loaded.meta.as_ref().and_then(|x| x.eos_id),
+    // BOS/EOS from the prepared data's meta.json; a run without one (e.g. compressed from a
+    // GGUF or HF model) gets them from the usual spellings, else llama.cpp would assume its
+    // gpt2 default (id 11) and stop generating at that token.
+    let (bos, eos) = match &loaded.meta {
+        Some(m) => (m.bos_id, m.eos_id),
+        None => crate::data::find_bos_eos(&loaded.tokenizer),
     };
+    let info = GgufInfo { name: &name.unwrap_or_else(|| "lors-lm".into()), tokenizer: &loaded.tokenizer, bos, eos };
     let (size, fell_back) = write_gguf(&loaded.model, &info, dtype, &args.out)
         .with_context(|| format!("cannot export {} as GGUF", args.run.display()))?;
     if !fell_back.is_empty() {

@@ -83,8 +83,17 @@ fn read_prompt(args: &GenerateArgs) -> Result<String> {
     Ok(s)
 }
 
-/// The merged model to generate with, its tokenizer, BOS and end-of-sequence ids.
-fn load(args: &GenerateArgs, device: &Device) -> Result<(Model, tokenizers::Tokenizer, Option<u32>, Vec<u32>)> {
+/// What `generate` runs: the merged model, its tokenizer, BOS, end-of-sequence ids, and
+/// whether prompts start with BOS (GGUF files that say so, as llama.cpp does).
+struct Generator {
+    model: Model,
+    tok: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+    add_bos: bool,
+}
+
+fn load(args: &GenerateArgs, device: &Device) -> Result<Generator> {
     if args.checkpoint.is_some() && args.run.is_none() {
         bail!("--checkpoint applies to --run only");
     }
@@ -92,30 +101,28 @@ fn load(args: &GenerateArgs, device: &Device) -> Result<(Model, tokenizers::Toke
         (Some(run), _, _) => {
             let loaded = RunDir::open(run)?.load(args.checkpoint, device)?;
             let (bos, eos) = (loaded.meta.as_ref().and_then(|m| m.bos_id), loaded.meta.as_ref().and_then(|m| m.eos_id));
-            (loaded.model.merged()?, loaded.tokenizer, bos, eos.into_iter().collect())
+            let eos = eos.into_iter().collect();
+            Generator { model: loaded.model.merged()?, tok: loaded.tokenizer, bos, eos, add_bos: false }
         }
         (None, Some(spec), _) => {
             let dir = hf::resolve_hf(spec)?;
             let (_, model, tok, hf_cfg) = hf::load_hf_dir(&dir, device)?;
             let bos = hf::token_ids(&hf_cfg, "bos_token_id").first().copied();
-            (model.merged()?, tok, bos, hf::token_ids(&hf_cfg, "eos_token_id"))
+            let eos = hf::token_ids(&hf_cfg, "eos_token_id");
+            Generator { model: model.merged()?, tok, bos, eos, add_bos: false }
         }
         (None, None, Some(path)) => {
             let g = gguf::load_gguf(path, device)?;
-            (g.model.merged()?, g.tokenizer, g.bos, g.eos)
+            Generator { model: g.model.merged()?, tok: g.tokenizer, bos: g.bos, eos: g.eos, add_bos: g.add_bos }
         }
         (None, None, None) => bail!("pass --run RUN_DIR, --hf DIR or --gguf FILE"),
     })
 }
 
-/// The prompt's token ids (`--prompt-ids`, or the tokenized text; BOS alone for an empty
-/// prompt) and its text.
-fn prompt(
-    args: &GenerateArgs,
-    tok: &tokenizers::Tokenizer,
-    bos: Option<u32>,
-    vocab: usize,
-) -> Result<(Vec<u32>, String)> {
+/// The prompt's token ids (`--prompt-ids` as given, or the tokenized text, after BOS when
+/// `add_bos`; BOS alone for an empty prompt) and its text.
+fn prompt(args: &GenerateArgs, g: &Generator) -> Result<(Vec<u32>, String)> {
+    let (tok, bos, vocab) = (&g.tok, g.bos, g.model.cfg.vocab_size);
     if let Some(ids) = &args.prompt_ids {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             bail!("--prompt-ids: token id {bad} >= the model's vocabulary {vocab}");
@@ -129,11 +136,10 @@ fn prompt(
         .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
         .get_ids()
         .to_vec();
-    if ids.is_empty() {
-        match bos {
-            Some(b) => ids.push(b),
-            None => bail!("empty prompt and the tokenizer has no BOS token: pass --prompt TEXT"),
-        }
+    match bos {
+        Some(b) if ids.is_empty() || (g.add_bos && ids[0] != b) => ids.insert(0, b),
+        None if ids.is_empty() => bail!("empty prompt and the tokenizer has no BOS token: pass --prompt TEXT"),
+        _ => {}
     }
     Ok((ids, text))
 }
@@ -155,11 +161,11 @@ fn write_logits(model: &Model, ids: &[u32], path: &std::path::Path) -> Result<()
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let sampler = Sampler::new(args.temperature, args.top_k, args.top_p, args.seed)?;
     let device = crate::device::parse_device(&args.device)?;
-    let (model, tok, bos, eos) = load(args, &device)?;
-    let tok = &tok;
-    let (ids, prompt) = prompt(args, tok, bos, model.cfg.vocab_size)?;
+    let g = load(args, &device)?;
+    let (ids, prompt) = prompt(args, &g)?;
+    let (model, tok, eos) = (&g.model, &g.tok, &g.eos);
     if let Some(path) = &args.logits_out {
-        write_logits(&model, &ids, path)?;
+        write_logits(model, &ids, path)?;
     }
     let mut sampler = sampler;
     let mut stdout = std::io::stdout().lock();
@@ -172,11 +178,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut slid = false;
     let start = Instant::now();
     generate_tokens(
-        &model,
+        model,
         &ids,
         args.max_new_tokens,
         &mut sampler,
-        &eos,
+        eos,
         |t| {
             generated.push(t);
             if args.json {

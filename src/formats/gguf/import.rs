@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
@@ -29,10 +29,8 @@ pub struct GgufModel {
     pub tokenizer: tokenizers::Tokenizer,
     pub bos: Option<u32>,
     pub eos: Vec<u32>,
-    /// `general.name`, if the file has one.
-    pub name: Option<String>,
-    /// The tensor types in the file, e.g. "Q4_1 ×211, F32 ×61".
-    pub types: String,
+    /// `tokenizer.ggml.add_bos_token`: llama.cpp starts every prompt with BOS.
+    pub add_bos: bool,
 }
 
 /// Whether `path` names a GGUF file by its extension (it may not exist).
@@ -67,10 +65,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     }
     let m = &cfg.model;
     let mut tensors = HashMap::new();
-    let mut types: BTreeMap<String, usize> = BTreeMap::new();
-    for (gguf, info) in &ct.tensor_infos {
+    for gguf in ct.tensor_infos.keys() {
         let Some(ours) = name_from_gguf(gguf) else { continue };
-        *types.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
         let q = ct
             .tensor(&mut reader, gguf, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{shown}: cannot read tensor {gguf}: {e}"))?;
@@ -86,9 +82,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let model = Model::new(&cfg.model, &cfg.lors, &mut store)
         .with_context(|| format!("cannot build the model from the weights in {shown}"))?;
     let (bos, eos) = bos_eos(&ct.metadata);
-    let name = ct.metadata.get("general.name").and_then(|v| v.to_string().ok()).cloned();
-    let types = types.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
-    Ok(GgufModel { cfg, model, tokenizer, bos, eos, name, types })
+    let add_bos = matches!(ct.metadata.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    Ok(GgufModel { cfg, model, tokenizer, bos, eos, add_bos })
 }
 
 /// A float metadata value (f32 values are read back as the decimal they were written from:
