@@ -34,6 +34,7 @@ fn vanilla(n_layers: usize, seed: u64, dtype: DType) -> Result<(Config, Model, H
 
 fn spec(energy: Option<f64>) -> Spec {
     Spec {
+        mode: Mode::Lors,
         rank: 4,
         attn_rank: None,
         ffn_rank: None,
@@ -75,6 +76,34 @@ fn compression_at_full_rank_reproduces_the_source_logits() -> Result<()> {
         assert!(err < 1e-4, "groups {groups} / size {group_size:?} / private {private:?}: relative error {err}");
         assert!(c.report.iter().all(|r| r.energy_kept > 1.0 - 1e-9));
     }
+    Ok(())
+}
+
+/// The baselines: per-layer truncated SVD without sharing (`lowrank`) is exact at full rank
+/// and stores no base; keeping every layer is the source itself, keeping two halves the blocks.
+#[test]
+fn lowrank_and_layer_dropping_baselines() -> Result<()> {
+    let (cfg, source, tensors) = vanilla(4, 7, DType::F32)?;
+    let x = ids(2, 2, 10)?;
+    let want = source.forward(&x)?;
+    let c = compress(&cfg.model, &tensors, &Spec { mode: Mode::Lowrank, ..spec(Some(1.0)) })?;
+    assert!(!c.tensors.keys().any(|n| n.starts_with("shared.")), "lowrank shares nothing");
+    let mut store = ParamStore::from_tensors(c.tensors, DType::F32, &Device::Cpu);
+    let model = Model::new(&cfg.model, &c.lors, &mut store)?;
+    assert!(max_rel_diff(&want, &model.forward(&x)?)? < 1e-4);
+    let counts = lors_lm::model::ParamCounts::new(
+        &cfg.model,
+        &Spec { mode: Mode::Lowrank, rank: 2, ..spec(None) }.lors_config(),
+    );
+    assert_eq!(counts.shared, 0);
+    assert_eq!(counts.private, 4 * 2 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64)));
+    let (m, kept) = lors_lm::compress::keep_layers(&cfg.model, &tensors, &[0, 1, 2, 3])?;
+    let mut store = ParamStore::from_tensors(kept, DType::F32, &Device::Cpu);
+    assert_eq!(max_rel_diff(&want, &Model::new(&m, &cfg.lors, &mut store)?.forward(&x)?)?, 0.0);
+    let (m, kept) = lors_lm::compress::keep_layers(&cfg.model, &tensors, &[0, 3])?;
+    assert_eq!(m.n_layers, 2);
+    assert_eq!(kept["layers.1.q.weight"].to_vec2::<f32>()?, tensors["layers.3.q.weight"].to_vec2::<f32>()?);
+    assert!(lors_lm::compress::keep_layers(&cfg.model, &tensors, &[3, 1]).is_err());
     Ok(())
 }
 

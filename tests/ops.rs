@@ -1,4 +1,4 @@
-//! The fused CPU kernels (src/ops.rs): each one against a plain candle composition written
+//! The fused CPU kernels (src/kernels/): each one against a plain candle composition written
 //! here (values and gradients, f32), against central finite differences (f64), and on bad
 //! input; then the whole model with and without them.
 

@@ -3,12 +3,13 @@
 //! (with `--data`) the validation loss of the source and of the compressed model.
 
 use crate::cmd::source::{self, Kind, Loaded};
-use crate::compress::{compress, mean_energy_by_proj, Compressed, ProjReport, Spec};
+use crate::compress::{compress, keep_layers, mean_energy_by_proj, Compressed, ProjReport, Spec};
 use crate::config::{Config, LorsConfig, Mode, Proj};
 use crate::data::{Meta, TokenFile};
 use crate::infer::perplexity::eval_tokens;
 use crate::model::{Model, ParamCounts, ParamStore};
 use crate::rng::Rng;
+use crate::train::checkpoint::Contents;
 use crate::train::optim::AdamW;
 use crate::train::{RunDir, TrainState};
 use anyhow::{bail, Context, Result};
@@ -57,6 +58,14 @@ pub struct CompressArgs {
     /// instead of a fixed rank.
     #[arg(long, value_name = "F", conflicts_with_all = ["attn_rank", "ffn_rank"])]
     pub energy: Option<f64>,
+    /// lors (shared bases + private low-rank residuals) or lowrank (no sharing: each layer's
+    /// weight truncated to rank r, the per-layer SVD baseline).
+    #[arg(long, default_value = "lors", value_parser = ["lors", "lowrank"])]
+    pub mode: String,
+    /// Layer dropping instead (a baseline): keep only these layers (comma-separated, `L-1` =
+    /// the last), as a vanilla model.
+    #[arg(long, value_delimiter = ',', value_name = "LAYERS", conflicts_with_all = ["energy", "private_layers", "group_size", "groups"])]
+    pub keep_layers: Vec<String>,
     /// Prepared data (same tokenizer): report the validation loss of the source and of the
     /// compressed model before any training.
     #[arg(long, value_name = "DIR")]
@@ -73,11 +82,19 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     check_out(&args.out, args.force)?;
     let device = Device::Cpu;
     let src = source::load(&args.from, args.checkpoint, &device, "--from")?;
-    let spec = spec(args, src.cfg.model.n_layers)?;
-    check_groups_align(&src.cfg.lors, &spec.lors_config(), src.cfg.model.n_layers)?;
+    let n = src.cfg.model.n_layers;
+    let spec = spec(args, n)?;
     let tensors: HashMap<_, _> = src.model.merged_tensors()?.into_iter().collect();
-    let compressed = compress(&src.cfg.model, &tensors, &spec)?;
-    let mut cfg = Config { lors: compressed.lors.clone(), ..src.cfg.clone() };
+    let (model_cfg, compressed) = if args.keep_layers.is_empty() {
+        check_groups_align(&src.cfg.lors, &spec.lors_config(), n)?;
+        (src.cfg.model.clone(), compress(&src.cfg.model, &tensors, &spec)?)
+    } else {
+        let keep = args.keep_layers.iter().map(|s| parse_layer(s, n, "--keep-layers")).collect::<Result<Vec<_>>>()?;
+        let (m, tensors) = keep_layers(&src.cfg.model, &tensors, &keep)?;
+        let lors = LorsConfig { mode: Mode::Vanilla, ..LorsConfig::default() };
+        (m, Compressed { lors, tensors, report: vec![] })
+    };
+    let mut cfg = Config { model: model_cfg, lors: compressed.lors.clone(), ..src.cfg.clone() };
     cfg.train.seq_len = cfg.train.seq_len.min(cfg.model.max_seq_len);
     if let Some(d) = &args.data {
         cfg.data.dir = d.to_string_lossy().into_owned();
@@ -157,22 +174,13 @@ fn spec(args: &CompressArgs, n_layers: usize) -> Result<Spec> {
                 .with_context(|| format!("--targets: unknown projection type {t:?} (q, k, v, o, gate, up, down)"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut private_layers = vec![];
-    for s in &args.private_layers {
-        let s = s.trim();
-        let layer = match s {
-            "last" => n_layers.checked_sub(1),
-            _ if s.starts_with("L-") => s[2..].parse::<usize>().ok().and_then(|k| n_layers.checked_sub(k)),
-            _ => s.parse::<usize>().ok(),
-        }
-        .filter(|l| *l < n_layers)
-        .with_context(|| format!("--private-layers {s}: expected a layer 0..{} or L-k", n_layers - 1))?;
-        private_layers.push(layer);
-    }
+    let private_layers =
+        args.private_layers.iter().map(|s| parse_layer(s, n_layers, "--private-layers")).collect::<Result<Vec<_>>>()?;
     if args.rank == 0 {
         bail!("--rank must be >= 1");
     }
     Ok(Spec {
+        mode: Mode::from_name(&args.mode).with_context(|| format!("--mode {}: use lors or lowrank", args.mode))?,
         rank: args.rank,
         attn_rank: args.attn_rank,
         ffn_rank: args.ffn_rank,
@@ -184,12 +192,23 @@ fn spec(args: &CompressArgs, n_layers: usize) -> Result<Spec> {
     })
 }
 
+/// A layer number: `k`, `L-k` (k from the end) or `last`.
+fn parse_layer(s: &str, n_layers: usize, flag: &str) -> Result<usize> {
+    let s = s.trim();
+    let layer = match s {
+        "last" => n_layers.checked_sub(1),
+        _ if s.starts_with("L-") => s[2..].parse::<usize>().ok().and_then(|k| n_layers.checked_sub(k)),
+        _ => s.parse::<usize>().ok(),
+    };
+    layer.filter(|l| *l < n_layers).with_context(|| format!("{flag} {s}: expected a layer 0..{} or L-k", n_layers - 1))
+}
+
 /// Re-compressing a shared or LORS source: each new group must lie within one of the
 /// source's groups, or each source group within one new group; otherwise a new base would
 /// average layers that the source gave different bases, which the flags almost surely did
 /// not mean.
 fn check_groups_align(src: &LorsConfig, dst: &LorsConfig, n: usize) -> Result<()> {
-    if src.mode == Mode::Vanilla {
+    if !matches!(src.mode, Mode::Shared | Mode::Lors) || !matches!(dst.mode, Mode::Shared | Mode::Lors) {
         return Ok(());
     }
     let both: Vec<usize> = (0..n).filter(|&l| src.group_of(l, n).is_some() && dst.group_of(l, n).is_some()).collect();
@@ -264,7 +283,8 @@ fn write_run(
     let val_loss = report["val"]["compressed_loss"].as_f64();
     let state =
         TrainState { step: 0, data_rng: Rng::new(cfg.train.seed).fork(1).state, opt_t: 0, tokens_seen: 0, val_loss };
-    run.save_checkpoint(cfg, &compressed.tensors, &opt.state_tensors(), &state, 0)?;
+    let optimizer = opt.state_tensors();
+    run.save_checkpoint(&Contents { cfg, params: &compressed.tensors, optimizer: &optimizer, state: &state }, 0)?;
     let path = out.join("compress.json");
     fs::write(&path, serde_json::to_string_pretty(report)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))
@@ -281,7 +301,7 @@ fn table(report: &[ProjReport], n_layers: usize) -> String {
         let _ = write!(s, "{l:<6}");
         for p in Proj::ALL {
             let cell = match report.iter().find(|r| r.layer == l && r.proj == p) {
-                Some(r) if r.group.is_some() => format!("r{} {:.1}%", r.rank, 100.0 * r.energy_kept),
+                Some(r) if r.rank > 0 => format!("r{} {:.1}%", r.rank, 100.0 * r.energy_kept),
                 Some(_) => "private".into(),
                 None => "-".into(),
             };

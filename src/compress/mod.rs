@@ -26,6 +26,9 @@ use svd::ResidualSvd;
 /// What to compress into.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spec {
+    /// `Lors` (shared bases + private residuals) or `Lowrank` (no sharing: each layer's
+    /// weight itself truncated, W_l ≈ B_l A_l — the per-layer SVD baseline).
+    pub mode: Mode,
     /// Rank of every private residual (unless attn_rank / ffn_rank / energy decide).
     pub rank: usize,
     pub attn_rank: Option<usize>,
@@ -68,7 +71,7 @@ impl Spec {
     /// when `energy` decides them).
     pub fn lors_config(&self) -> LorsConfig {
         LorsConfig {
-            mode: Mode::Lors,
+            mode: self.mode,
             rank: self.rank,
             attn_rank: self.attn_rank,
             ffn_rank: self.ffn_rank,
@@ -84,6 +87,9 @@ impl Spec {
 /// Compress the vanilla-named weights `source` (`Model::merged_tensors`) of a model with
 /// dimensions `m` as `spec` says.
 pub fn compress(m: &ModelConfig, source: &HashMap<String, Tensor>, spec: &Spec) -> Result<Compressed> {
+    if !matches!(spec.mode, Mode::Lors | Mode::Lowrank) {
+        bail!("compression writes a lors or lowrank model, not {}", spec.mode);
+    }
     if let Some(f) = spec.energy {
         if !(f > 0.0 && f <= 1.0) {
             bail!("--energy {f}: the fraction of residual energy to keep must be in (0, 1]");
@@ -111,10 +117,17 @@ pub fn compress(m: &ModelConfig, source: &HashMap<String, Tensor>, spec: &Spec) 
     for p in Proj::ALL {
         let mut ranks = vec![0; n];
         // Layers kept private: their full weight.
-        for l in (0..n).filter(|&l| !lors.is_shared(p, l)) {
+        for l in (0..n).filter(|&l| !lors.is_target(p, l)) {
             let name = format!("layers.{l}.{p}.weight");
             tensors.insert(name.clone(), get(&name)?);
             report.push(ProjReport { proj: p, layer: l, group: None, rank: 0, energy_kept: 1.0, residual_norm: 0.0 });
+        }
+        // Low rank without sharing: each layer's own weight, truncated.
+        for l in (0..n).filter(|&l| lors.is_target(p, l) && !lors.has_base(p, l)) {
+            let w = get(&format!("layers.{l}.{p}.weight"))?;
+            let (rank, r) = compress_layer(&lors, spec, p, l, &w, &w.zeros_like()?, &mut tensors)?;
+            ranks[l] = rank;
+            report.push(r);
         }
         for g in 0..lors.n_groups(n) {
             let layers: Vec<usize> =
@@ -131,7 +144,7 @@ pub fn compress(m: &ModelConfig, source: &HashMap<String, Tensor>, spec: &Spec) 
                 report.push(ProjReport { proj: p, layer: l, group: Some(g), ..r });
             }
         }
-        if spec.energy.is_some() && (0..n).any(|l| lors.is_shared(p, l)) {
+        if spec.energy.is_some() && (0..n).any(|l| lors.is_target(p, l)) {
             lors.proj_ranks.insert(p, ranks);
         }
     }
@@ -139,8 +152,9 @@ pub fn compress(m: &ModelConfig, source: &HashMap<String, Tensor>, spec: &Spec) 
     Ok(Compressed { lors, tensors, report })
 }
 
-/// The private factors of `proj` in `layer` from the SVD of `w − shared`; returns the rank
-/// and the layer's report (group filled in by the caller).
+/// The private factors of `proj` in `layer` from the SVD of `w − shared` (`shared` = 0 for
+/// low rank without sharing); returns the rank and the layer's report (group filled in by the
+/// caller for shared layers).
 fn compress_layer(
     lors: &LorsConfig,
     spec: &Spec,
@@ -174,10 +188,37 @@ fn compress_layer(
     Ok((rank, ProjReport { proj, layer, group: None, rank, energy_kept, residual_norm }))
 }
 
+/// Layer dropping (the simplest compression, a baseline): the layers `keep` of a vanilla-named
+/// model, renumbered 0.., as a model of `keep.len()` layers.
+pub fn keep_layers(
+    m: &ModelConfig,
+    source: &HashMap<String, Tensor>,
+    keep: &[usize],
+) -> Result<(ModelConfig, HashMap<String, Tensor>)> {
+    if keep.is_empty() || keep.windows(2).any(|w| w[0] >= w[1]) || keep.iter().any(|&l| l >= m.n_layers) {
+        bail!("--keep-layers {keep:?}: expected increasing layers in 0..{}", m.n_layers);
+    }
+    let mut out = HashMap::new();
+    for (name, t) in source {
+        let renamed = match name.strip_prefix("layers.").and_then(|r| r.split_once('.')) {
+            Some((layer, rest)) => {
+                let l: usize = layer.parse().with_context(|| format!("tensor {name}: bad layer number"))?;
+                match keep.iter().position(|&k| k == l) {
+                    Some(new) => format!("layers.{new}.{rest}"),
+                    None => continue,
+                }
+            }
+            None => name.clone(),
+        };
+        out.insert(renamed, t.clone());
+    }
+    Ok((ModelConfig { n_layers: keep.len(), ..m.clone() }, out))
+}
+
 /// Energy kept per projection type, averaged over its shared layers (for summaries).
 pub fn mean_energy_by_proj(report: &[ProjReport]) -> BTreeMap<Proj, f64> {
     let mut acc: BTreeMap<Proj, (f64, usize)> = BTreeMap::new();
-    for r in report.iter().filter(|r| r.group.is_some()) {
+    for r in report.iter().filter(|r| r.rank > 0) {
         let e = acc.entry(r.proj).or_default();
         e.0 += r.energy_kept;
         e.1 += 1;

@@ -465,7 +465,7 @@ impl Model {
         let mut out = vec![];
         for (l, block) in self.layers.iter().enumerate() {
             for p in Proj::ALL {
-                if let Some(lin) = block.proj(p).filter(|lin| lin.rank() > 0) {
+                if let Some(lin) = block.proj(p).filter(|lin| lin.rank() > 0 && lin.has_base()) {
                     out.push((l, p, lin.residual_ratio()?));
                 }
             }

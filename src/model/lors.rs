@@ -115,6 +115,9 @@ pub enum Mode {
     Shared,
     /// LORS: one base per group plus a private rank-r residual `B_l A_l` per layer.
     Lors,
+    /// Nothing shared, every target projection low-rank: `W_l = B_l A_l` (the "truncated SVD
+    /// per layer" baseline of compression).
+    Lowrank,
 }
 
 impl Mode {
@@ -123,12 +126,13 @@ impl Mode {
             Mode::Vanilla => "vanilla",
             Mode::Shared => "shared",
             Mode::Lors => "lors",
+            Mode::Lowrank => "lowrank",
         }
     }
 
     /// The mode called `name` (`vanilla`, `shared`, `lors`).
     pub fn from_name(name: &str) -> Option<Mode> {
-        [Mode::Vanilla, Mode::Shared, Mode::Lors].into_iter().find(|m| m.name() == name)
+        [Mode::Vanilla, Mode::Shared, Mode::Lors, Mode::Lowrank].into_iter().find(|m| m.name() == name)
     }
 }
 
@@ -153,7 +157,7 @@ pub enum PrivateInit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LorsConfig {
-    /// "vanilla" | "shared" | "lors".
+    /// "vanilla" | "shared" | "lors" | "lowrank".
     pub mode: Mode,
     /// Rank r of the private residual `B_l (out×r) · A_l (r×in)`.
     pub rank: usize,
@@ -249,7 +253,18 @@ impl LorsConfig {
     /// Whether projection `proj` of `layer` uses a shared base (shared or lors mode, a target
     /// type, a layer that is not private).
     pub fn is_shared(&self, proj: Proj, layer: usize) -> bool {
+        matches!(self.mode, Mode::Shared | Mode::Lors) && self.is_target(proj, layer)
+    }
+
+    /// Whether projection `proj` of `layer` is one the mode changes: a target type in a layer
+    /// that is not private.
+    pub fn is_target(&self, proj: Proj, layer: usize) -> bool {
         self.mode != Mode::Vanilla && self.targets.contains(&proj) && !self.is_private_layer(layer)
+    }
+
+    /// Whether projection `proj` of `layer` has a base weight (all but `lowrank` targets).
+    pub fn has_base(&self, proj: Proj, layer: usize) -> bool {
+        !(self.mode == Mode::Lowrank && self.is_target(proj, layer))
     }
 
     /// The group (index of the shared base) of `layer` in a stack of `n_layers`, or None for a
@@ -280,7 +295,7 @@ impl LorsConfig {
 
     /// Rank of the private residual of `proj` at `layer` (0 when there is none).
     pub fn rank_for(&self, proj: Proj, layer: usize) -> usize {
-        if self.mode != Mode::Lors || !self.is_shared(proj, layer) {
+        if !matches!(self.mode, Mode::Lors | Mode::Lowrank) || !self.is_target(proj, layer) {
             return 0;
         }
         if let Some(ranks) = self.proj_ranks.get(&proj) {
@@ -362,14 +377,14 @@ impl LorsConfig {
                 )?;
             }
         }
-        if self.mode == Mode::Lors {
+        if matches!(self.mode, Mode::Lors | Mode::Lowrank) {
             for layer in 0..m.n_layers {
-                for p in Proj::ALL.into_iter().filter(|p| self.is_shared(*p, layer)) {
+                for p in Proj::ALL.into_iter().filter(|p| self.is_target(*p, layer)) {
                     let r = self.rank_for(p, layer);
                     let (out, inp) = p.shape(m);
                     check(
                         r >= 1,
-                        format!("rank of {p} at layer {layer} is 0: lors mode needs rank >= 1 (use mode = \"shared\" for no private term)"),
+                        format!("rank of {p} at layer {layer} is 0: {} mode needs rank >= 1 (use mode = \"shared\" for no private term)", self.mode),
                     )?;
                     check(
                         r <= out.min(inp),
@@ -413,8 +428,8 @@ pub fn factor_names(proj: Proj, layer: usize) -> (String, String) {
 /// the same tensor, so its gradient is the sum over those layers.
 #[derive(Debug, Clone)]
 pub struct LorsLinear {
-    /// (out, in): the shared base, or a private full weight.
-    base: Tensor,
+    /// (out, in): the shared base, or a private full weight; None in `lowrank` mode.
+    base: Option<Tensor>,
     /// Private residual: A (r, in), B (out, r).
     residual: Option<(Tensor, Tensor)>,
     /// Multiplier of B·A (α/r, or 1 without α).
@@ -426,15 +441,23 @@ impl LorsLinear {
     /// config's sharing, grouping, rank and init say.
     pub fn new(store: &mut ParamStore, lors: &LorsConfig, m: &ModelConfig, proj: Proj, layer: usize) -> Result<Self> {
         let (out, inp) = proj.shape(m);
-        let base =
-            store.get(&base_name(lors, proj, layer, m.n_layers), &[out, inp], Init::Normal(0.02), Role::Matrix)?;
+        let base = match lors.has_base(proj, layer) {
+            true => Some(store.get(
+                &base_name(lors, proj, layer, m.n_layers),
+                &[out, inp],
+                Init::Normal(0.02),
+                Role::Matrix,
+            )?),
+            false => None,
+        };
         let rank = lors.rank_for(proj, layer);
         if rank == 0 {
             return Ok(Self { base, residual: None, scale: 1.0 });
         }
-        let (a_init, b_init) = match lors.init {
-            PrivateInit::Paper => (Init::Uniform(1.0 / (inp as f64).sqrt()), Init::Zeros),
-            PrivateInit::Small => (Init::Normal(0.02), Init::Normal(0.02)),
+        let (a_init, b_init) = match (lors.init, &base) {
+            // Without a base, B = 0 would start the layer at zero: both factors random.
+            (_, None) | (PrivateInit::Small, _) => (Init::Normal(0.02), Init::Normal(0.02)),
+            (PrivateInit::Paper, Some(_)) => (Init::Uniform(1.0 / (inp as f64).sqrt()), Init::Zeros),
         };
         let (a_name, b_name) = factor_names(proj, layer);
         let a = store.get(&a_name, &[rank, inp], a_init, Role::FactorA)?;
@@ -444,14 +467,17 @@ impl LorsLinear {
 
     /// A layer from explicit tensors (tests, benchmarks), without α scaling.
     pub fn from_parts(base: Tensor, residual: Option<(Tensor, Tensor)>) -> Self {
-        Self { base, residual, scale: 1.0 }
+        Self { base: Some(base), residual, scale: 1.0 }
     }
 
-    /// The effective weight `W + s·B A`, (out, in), merged by `ops` (one fused op on the CPU).
+    /// The effective weight `W + s·B A` (or `s·B A` without a base), (out, in), merged by
+    /// `ops` (one fused op on the CPU).
     pub fn weight(&self, ops: Ops) -> Result<Tensor> {
-        match &self.residual {
-            Some((a, b)) => ops.lors_merge(&self.base, b, a, self.scale),
-            None => Ok(self.base.clone()),
+        match (&self.base, &self.residual) {
+            (Some(w), Some((a, b))) => ops.lors_merge(w, b, a, self.scale),
+            (Some(w), None) => Ok(w.clone()),
+            (None, Some((a, b))) => Ok((b.matmul(a)? * self.scale)?),
+            (None, None) => bail!("a projection with neither a base nor factors"),
         }
     }
 
@@ -468,19 +494,29 @@ impl LorsLinear {
 
     /// `x Wᵀ + s·(x Aᵀ) Bᵀ`: the same map without forming `B A` (benchmarks and tests).
     pub fn forward_factored(&self, x: &Tensor) -> Result<Tensor> {
-        let y = linear_as(x, &self.base, x.dtype())?;
-        Ok(match &self.residual {
+        let r = match &self.residual {
             Some((a, b)) => {
                 let r = linear_as(&linear_as(x, a, x.dtype())?, b, x.dtype())?;
-                (y + if self.scale == 1.0 { r } else { (r * self.scale)? })?
+                Some(if self.scale == 1.0 { r } else { (r * self.scale)? })
             }
-            None => y,
-        })
+            None => None,
+        };
+        match (&self.base, r) {
+            (Some(w), Some(r)) => Ok((linear_as(x, w, x.dtype())? + r)?),
+            (Some(w), None) => linear_as(x, w, x.dtype()),
+            (None, Some(r)) => Ok(r),
+            (None, None) => bail!("a projection with neither a base nor factors"),
+        }
     }
 
     /// A plain linear layer holding the merged weight, detached from the graph (inference).
     pub fn merged(&self) -> Result<Self> {
-        Ok(Self { base: self.weight(Ops::Plain)?.detach(), residual: None, scale: 1.0 })
+        Ok(Self { base: Some(self.weight(Ops::Plain)?.detach()), residual: None, scale: 1.0 })
+    }
+
+    /// Whether it has a base weight (all but `lowrank` targets).
+    pub fn has_base(&self) -> bool {
+        self.base.is_some()
     }
 
     pub fn rank(&self) -> usize {
@@ -489,11 +525,11 @@ impl LorsLinear {
 
     /// ‖s·B A‖_F / ‖W_shared‖_F: how far this layer has moved from its shared base.
     pub fn residual_ratio(&self) -> Result<f32> {
-        let Some((a, b)) = &self.residual else { return Ok(0.0) };
+        let (Some(base), Some((a, b))) = (&self.base, &self.residual) else { return Ok(0.0) };
         let norm =
             |t: &Tensor| -> Result<f32> { Ok(t.detach().sqr()?.sum_all()?.sqrt()?.to_dtype(DType::F32)?.to_scalar()?) };
         let delta = (b.matmul(a)? * self.scale)?;
-        Ok(norm(&delta)? / norm(&self.base)?.max(f32::MIN_POSITIVE))
+        Ok(norm(&delta)? / norm(base)?.max(f32::MIN_POSITIVE))
     }
 }
 

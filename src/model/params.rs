@@ -36,7 +36,8 @@ impl ParamCounts {
                 shared += l.n_groups(n) * out * inp;
             }
             for layer in 0..n {
-                private += match l.is_shared(p, layer) {
+                // Shared targets and low-rank ones store B_l, A_l; the others a full weight.
+                private += match l.is_shared(p, layer) || !l.has_base(p, layer) {
                     true => l.rank_for(p, layer) * (out + inp),
                     false => out * inp,
                 };

@@ -146,7 +146,7 @@ pub fn sharing_desc(cfg: &Config, show_d: bool) -> String {
     let mut parts = vec![];
     match l.mode {
         Mode::Vanilla | Mode::Shared => parts.push(format!("{n} layers")),
-        Mode::Lors => {
+        Mode::Lors | Mode::Lowrank => {
             let attn: Vec<usize> = (0..n).map(|i| l.rank_for(Proj::Q, i)).collect();
             let ffn: Vec<usize> = (0..n).map(|i| l.rank_for(Proj::Gate, i)).collect();
             let uniform = |v: &[usize]| v.iter().all(|&x| x == v[0]);
@@ -168,7 +168,7 @@ pub fn sharing_desc(cfg: &Config, show_d: bool) -> String {
             parts.push(format!("private layers {:?}", l.private_layers).replace(' ', ""));
         }
     }
-    if l.mode == Mode::Lors {
+    if matches!(l.mode, Mode::Lors | Mode::Lowrank) {
         if l.init != PrivateInit::Paper {
             parts.push(format!(
                 "init {}",

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::model::{Model, Ops, ParamStore};
 use crate::rng::Rng;
 use crate::train::batches::Source;
-use crate::train::checkpoint::{Checkpoint, TrainState};
+use crate::train::checkpoint::{Checkpoint, Contents, TrainState};
 use crate::train::distill::Distill;
 use crate::train::optim::AdamW;
 use crate::train::run_dir::RunDir;
@@ -202,8 +202,9 @@ impl Trainer {
         self.step_on(&micro)
     }
 
-    /// One optimizer step on the given micro-batches (inputs, targets), each (B, T): their
-    /// gradients are averaged, as if they were one batch.
+    /// One optimizer step on the given micro-batches (inputs, targets), each (B, T): the mean
+    /// of their mean losses is minimised, which equals one batch of all of them when the
+    /// micro-batches have the same size (as `step` draws them).
     pub fn step_on(&mut self, micro: &[(Tensor, Tensor)]) -> Result<StepStats> {
         if micro.is_empty() {
             bail!("a training step needs at least one micro-batch");
@@ -303,13 +304,9 @@ impl Trainer {
     pub fn save(&mut self, run: &RunDir) -> Result<PathBuf> {
         self.state.data_rng = self.data_rng.state;
         self.state.opt_t = self.opt.t;
-        run.save_checkpoint(
-            &self.cfg,
-            &self.store.tensors(),
-            &self.opt.state_tensors(),
-            &self.state,
-            self.cfg.train.keep_checkpoints,
-        )
+        let (params, optimizer) = (self.store.tensors(), self.opt.state_tensors());
+        let contents = Contents { cfg: &self.cfg, params: &params, optimizer: &optimizer, state: &self.state };
+        run.save_checkpoint(&contents, self.cfg.train.keep_checkpoints)
     }
 }
 
