@@ -1,7 +1,7 @@
 //! GGUF both ways on files the tests make: `export --format gguf` read back with `--gguf`
 //! (f32: the run's logits, greedy text and loss; f16/q8_0 within tolerance), the tokenizer
 //! rebuilt from the metadata, the metadata types llama.cpp checks, `compress --from FILE.gguf`
-//! at full rank, `train --init-from/--teacher FILE.gguf`, and a battery of malformed files
+//! at full rank (lors and lowrank) and with layers dropped, `train --init-from/--teacher FILE.gguf`, and a battery of malformed files
 //! (wrong magic, truncations, unsupported architecture, tensors or types, absurd sizes), each
 //! refused with an error naming the file, never a panic, nothing written.
 //! llama.cpp itself checks the files in scripts/check_llamacpp.sh.
@@ -185,8 +185,9 @@ fn gguf_metadata_has_the_keys_and_types_llama_cpp_checks() {
     assert_eq!(with_bos[1..], plain[..]);
 }
 
-/// `compress --from FILE.gguf --energy 1` reproduces the file's model; `train --init-from`
-/// and `--teacher` take a GGUF file.
+/// `compress --from FILE.gguf --energy 1` reproduces the file's model (lors and lowrank);
+/// `--keep-layers` from a GGUF exports back to GGUF; `train --init-from` and `--teacher`
+/// take a GGUF file.
 #[test]
 fn gguf_as_a_source_for_compress_and_train() {
     let tmp = tempfile::tempdir().unwrap();
@@ -210,6 +211,29 @@ fn gguf_as_a_source_for_compress_and_train() {
     let (ct, _) = read_content(&again);
     assert!(matches!(ct.metadata["tokenizer.ggml.eos_token_id"], Value::U32(0)));
     assert!(matches!(ct.metadata["tokenizer.ggml.bos_token_id"], Value::U32(0)));
+
+    // The compression baselines take a GGUF source too: per-layer SVD (lowrank) at full rank
+    // is the file's model; layer dropping keeps 2 of 3 blocks, and that run exports to a GGUF
+    // that llama.cpp would read as 2 blocks and lors-lm reads back with the run's logits.
+    let lowrank = tmp.path().join("lowrank");
+    run_ok(
+        bin().args(["compress", "--mode", "lowrank", "--energy", "1", "--from"]).arg(&file).arg("--out").arg(&lowrank),
+    );
+    let (_, lowrank_logits) = greedy(&["--run", lowrank.to_str().unwrap()], 4, &tmp.path().join("c.npy"));
+    let err = rel_err(&lowrank_logits, &gguf_logits);
+    assert!(err < 1e-4, "lowrank at full rank: logits differ by {err}");
+    let kept = tmp.path().join("kept");
+    run_ok(bin().args(["compress", "--keep-layers", "0,last", "--from"]).arg(&file).arg("--out").arg(&kept));
+    let kept_file = tmp.path().join("kept.gguf");
+    export(&kept, &kept_file, "f32");
+    assert!(matches!(read_content(&kept_file).0.metadata["llama.block_count"], Value::U32(2)));
+    let (kept_ids, kept_logits) = greedy(&["--run", kept.to_str().unwrap()], 4, &tmp.path().join("d.npy"));
+    let (file_ids, file_logits) = greedy(&["--gguf", kept_file.to_str().unwrap()], 4, &tmp.path().join("e.npy"));
+    assert_eq!(kept_ids, file_ids);
+    let err = rel_err(&file_logits, &kept_logits);
+    assert!(err < 1e-5, "2-block run vs its GGUF export: logits differ by {err}");
+    let dropped = rel_err(&kept_logits, &gguf_logits);
+    assert!(dropped > 1e-3, "dropping a block left the logits unchanged ({dropped})");
 
     let init = tmp.path().join("init");
     run_ok(
