@@ -131,6 +131,11 @@ def trained_model(args, tmp, summary):
         check(same_run >= need or full, f"trained {dtype}: greedy ids agree with the run for {same_run}/{len(run_ids)} tokens (need {need}); with lors-lm on the file for {same_file}")
         summary[f"trained_{dtype}"] = {"rel_err_same_file": e_file, "rel_err_vs_run": e_run,
                                        "greedy_agree_run": same_run, "greedy_agree_file": same_file, "n": len(run_ids)}
+        if dtype == "f32":
+            # What llama.cpp's default f16 KV cache costs (reported, not checked).
+            e_f16 = rel_err(Cpp(path, 256).logits(ours_ids), file_logits)
+            print(f"info trained f32: with llama.cpp's default f16 KV cache the relative error is {e_f16:.2e}")
+            summary["trained_f32"]["rel_err_f16_kv_cache"] = e_f16
         print(f"     llama.cpp: {cpp.llm.detokenize(cpp_ids).decode('utf-8', 'replace')!r}")
 
 

@@ -22,6 +22,8 @@ pub struct GenerateArgs {
     pub hf: Option<String>,
     /// Instead of a run: a GGUF file (llama.cpp's format: `lors-lm export --format gguf`, or a
     /// pretrained Llama in f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 or a k-quant), run in f32.
+    /// A text prompt starts with BOS when the file sets `tokenizer.ggml.add_bos_token`, as in
+    /// llama.cpp.
     #[arg(long, value_name = "FILE")]
     pub gguf: Option<PathBuf>,
     /// Checkpoint step to load [default: the latest].
