@@ -9,7 +9,7 @@
 //! | `sweep` | comparison plans: plan, run, report |
 //! | `compress` | a trained model → LORS by mean bases and truncated SVD of the residuals |
 //! | `train` | `Trainer` (the step), the loop, optimizer, schedule, run directory, checkpoints |
-//! | `infer`, `formats` | generation and perplexity; Hugging Face import/export |
+//! | `infer`, `formats` | generation and perplexity; Hugging Face and GGUF import/export |
 //! | `model` | the Llama model, the LORS method (`model/lors.rs`), parameters |
 //! | `kernels` | fused CPU kernels with their backward passes |
 //! | `data`, `monitor`, `config`, `device`, `rng` | prepared data, reports, configuration, devices |

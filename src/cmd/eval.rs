@@ -1,7 +1,8 @@
-//! `lors-lm eval`: mean next-token loss and perplexity of a run on prepared data or a text
-//! file (the definition is in `infer/perplexity.rs`).
+//! `lors-lm eval`: mean next-token loss and perplexity of a run or a GGUF model on prepared
+//! data or a text file (the definition is in `infer/perplexity.rs`).
 
 use crate::data::{Meta, TokenFile};
+use crate::formats::gguf;
 use crate::infer::perplexity::eval_tokens;
 use crate::infer::weights::{prepare, WeightsChoice, Workload};
 use crate::train::run_dir::LoadedRun;
@@ -12,10 +13,14 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
     /// Run directory written by `lors-lm train`.
-    #[arg(long, value_name = "RUN_DIR")]
-    pub run: PathBuf,
-    /// Checkpoint step to evaluate [default: the latest].
-    #[arg(long, value_name = "STEP")]
+    #[arg(long, value_name = "RUN_DIR", required_unless_present = "gguf", conflicts_with = "gguf")]
+    pub run: Option<PathBuf>,
+    /// Instead of a run: a GGUF file (`lors-lm export --format gguf`, or a pretrained Llama),
+    /// evaluated in f32.
+    #[arg(long, value_name = "FILE")]
+    pub gguf: Option<PathBuf>,
+    /// Checkpoint step of --run to evaluate [default: the latest].
+    #[arg(long, value_name = "STEP", conflicts_with = "gguf")]
     pub checkpoint: Option<usize>,
     /// Prepared data directory to evaluate on.
     #[arg(long, value_name = "DIR", conflicts_with = "text", required_unless_present = "text")]
@@ -44,20 +49,63 @@ pub struct EvalArgs {
     pub weights: String,
 }
 
+/// The model to evaluate: its config, model as loaded (`--weights` merges or factors it), tokenizer, a description for messages,
+/// and where its tokenizer.json lives (for the hint when the data's vocabulary differs).
+struct Subject {
+    cfg: crate::config::Config,
+    model: crate::model::Model,
+    tokenizer: tokenizers::Tokenizer,
+    describe: String,
+    tokenizer_hint: String,
+}
+
+fn load(args: &EvalArgs, device: &candle_core::Device) -> Result<Subject> {
+    match (&args.run, &args.gguf) {
+        (Some(run), _) => {
+            let LoadedRun { cfg, model, tokenizer, params, step, .. } =
+                RunDir::open(run)?.load(args.checkpoint, device)?;
+            drop(params); // handles on every parameter: let conversion free the training tensors
+            Ok(Subject {
+                describe: format!("step {step} of {}", run.display()),
+                tokenizer_hint: format!("--tokenizer {}/tokenizer.json", run.display()),
+                model,
+                cfg,
+                tokenizer,
+            })
+        }
+        (None, Some(path)) => {
+            let g = gguf::load_gguf(path, device)?;
+            Ok(Subject {
+                describe: path.display().to_string(),
+                tokenizer_hint: "the model's tokenizer (e.g. `lors-lm compress --from FILE.gguf` writes it as RUN_DIR/tokenizer.json)".into(),
+                model: g.model,
+                cfg: g.cfg,
+                tokenizer: g.tokenizer,
+            })
+        }
+        (None, None) => bail!("pass --run RUN_DIR or --gguf FILE"),
+    }
+}
+
 pub fn run(args: &EvalArgs) -> Result<()> {
     let choice = WeightsChoice::parse(&args.weights)?;
     let device = crate::device::parse_device(&args.device)?;
-    let mut loaded = RunDir::open(&args.run)?.load(args.checkpoint, &device)?;
-    loaded.params.clear(); // handles on every parameter: let conversion free the training tensors
-    let seq_len = args.seq_len.unwrap_or(loaded.cfg.train.seq_len);
-    if seq_len > loaded.cfg.model.max_seq_len {
-        bail!("--seq-len {seq_len} exceeds the model's max_seq_len {}", loaded.cfg.model.max_seq_len);
+    let s = load(args, &device)?;
+    let seq_len = args.seq_len.unwrap_or(s.cfg.train.seq_len);
+    if seq_len > s.cfg.model.max_seq_len {
+        bail!("--seq-len {seq_len} exceeds the model's max_seq_len {}", s.cfg.model.max_seq_len);
     }
     let (tokens, source) = match (&args.data, &args.text) {
         (Some(dir), _) => {
             let meta = Meta::load(dir)?;
-            if meta.vocab_size != loaded.cfg.model.vocab_size {
-                bail!("--data {} has a vocabulary of {} but the model's is {}: prepare it with the run's tokenizer (--tokenizer {}/tokenizer.json)", dir.display(), meta.vocab_size, loaded.cfg.model.vocab_size, args.run.display());
+            if meta.vocab_size != s.cfg.model.vocab_size {
+                bail!(
+                    "--data {} has a vocabulary of {} but the model's is {}: prepare it with {}",
+                    dir.display(),
+                    meta.vocab_size,
+                    s.cfg.model.vocab_size,
+                    s.tokenizer_hint
+                );
             }
             let f = TokenFile::open(dir, &args.split, &meta)?;
             (f.window(0, f.len())?, format!("{} ({} split)", dir.display(), args.split))
@@ -65,7 +113,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read --text {} (is it UTF-8 text?)", path.display()))?;
-            let ids = loaded
+            let ids = s
                 .tokenizer
                 .encode(text.as_str(), false)
                 .map_err(|e| anyhow::anyhow!("cannot tokenize {}: {e}", path.display()))?
@@ -75,11 +123,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         }
         (None, None) => bail!("pass --data DIR or --text FILE"),
     };
-    if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= loaded.cfg.model.vocab_size) {
-        bail!("{source} holds token id {bad} >= the model's vocabulary {}", loaded.cfg.model.vocab_size);
+    if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= s.cfg.model.vocab_size) {
+        bail!("{source} holds token id {bad} >= the model's vocabulary {}", s.cfg.model.vocab_size);
     }
-    let LoadedRun { model, cfg, step, .. } = loaded;
-    let (model, line) = prepare(model, cfg.lors.mode, choice, Workload::Windows)?;
+    let (model, line) = prepare(s.model, s.cfg.lors.mode, choice, Workload::Windows)?;
     if !args.json {
         eprintln!("{line}");
     }
@@ -89,13 +136,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         println!("{}", serde_json::json!({"loss": r.loss, "ppl": r.ppl(), "tokens": r.tokens, "windows": r.windows}));
     } else {
         println!(
-            "{source}: loss {:.4}, perplexity {:.2} over {} predicted tokens ({} windows of {seq_len}+1), step {} of {}",
+            "{source}: loss {:.4}, perplexity {:.2} over {} predicted tokens ({} windows of {seq_len}+1), {}",
             r.loss,
             r.ppl(),
             r.tokens,
             r.windows,
-            step,
-            args.run.display()
+            s.describe
         );
     }
     Ok(())

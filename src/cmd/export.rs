@@ -1,7 +1,9 @@
-//! `lors-lm export`: a trained run as a plain Hugging Face Llama directory.
+//! `lors-lm export`: a trained run as a plain Hugging Face Llama directory, or as one GGUF
+//! file for llama.cpp, Ollama and LM Studio.
 
+use crate::formats::gguf::{write_gguf, GgufDtype, GgufInfo};
 use crate::formats::hf::{hf_config, write_safetensors};
-use crate::train::RunDir;
+use crate::train::{LoadedRun, RunDir};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde_json::{json, Value};
@@ -16,14 +18,16 @@ pub struct ExportArgs {
     /// Checkpoint step to export [default: the latest].
     #[arg(long, value_name = "STEP")]
     pub checkpoint: Option<usize>,
-    /// Output format (only hf-llama: a Hugging Face LlamaForCausalLM directory).
-    #[arg(long, default_value = "hf-llama", value_parser = ["hf-llama"])]
+    /// Output format: hf-llama (a Hugging Face LlamaForCausalLM directory) or gguf (one file
+    /// for llama.cpp, Ollama, LM Studio: weights, llama metadata and tokenizer).
+    #[arg(long, default_value = "hf-llama", value_parser = ["hf-llama", "gguf"])]
     pub format: String,
-    /// Output directory (refused if it exists and is not empty, unless --force).
-    #[arg(long, value_name = "DIR")]
+    /// Output directory (hf-llama: refused if it exists and is not empty, unless --force), or
+    /// file (gguf, e.g. model.gguf: refused if it exists, unless --force).
+    #[arg(long, value_name = "DIR|FILE")]
     pub out: PathBuf,
-    /// Weight dtype in model.safetensors.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    /// Weight dtype: f32, bf16 or f16 for hf-llama; f32, f16 or q8_0 for gguf (norms stay f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "q8_0"])]
     pub dtype: String,
     /// Write into a non-empty --out (files of the same name are replaced).
     #[arg(long)]
@@ -35,11 +39,14 @@ fn parse_dtype(s: &str) -> Result<(DType, &'static str)> {
         "f32" => (DType::F32, "float32"),
         "bf16" => (DType::BF16, "bfloat16"),
         "f16" => (DType::F16, "float16"),
-        other => bail!("--dtype {other}: use f32, bf16 or f16"),
+        other => bail!("--dtype {other}: an hf-llama export is f32, bf16 or f16 (q8_0 is for --format gguf)"),
     })
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
+    if args.format == "gguf" {
+        return run_gguf(args);
+    }
     let (dtype, torch_dtype) = parse_dtype(&args.dtype)?;
     if args.out.exists() {
         let non_empty = fs::read_dir(&args.out)
@@ -77,6 +84,47 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         args.out.display(),
         args.dtype,
         size as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// `--format gguf`: one file, written through a temporary file (nothing is left on an error).
+fn run_gguf(args: &ExportArgs) -> Result<()> {
+    let dtype = GgufDtype::parse(&args.dtype)?;
+    if args.out.is_dir() {
+        bail!("--out {} is a directory: a GGUF export is one file, e.g. --out model.gguf", args.out.display());
+    }
+    if args.out.exists() && !args.force {
+        bail!("--out {} exists: pass --force to replace it, or choose another file", args.out.display());
+    }
+    let loaded: LoadedRun = RunDir::open(&args.run)?.load(args.checkpoint, &Device::Cpu)?;
+    let name = args.run.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    // BOS/EOS from the prepared data's meta.json; a run without one (e.g. compressed from a
+    // GGUF or HF model) gets them from the usual spellings, else llama.cpp would assume its
+    // gpt2 default (id 11) and stop generating at that token.
+    let (bos, eos) = match &loaded.meta {
+        Some(m) => (m.bos_id, m.eos_id),
+        None => crate::data::find_bos_eos(&loaded.tokenizer),
+    };
+    let info = GgufInfo { name: &name.unwrap_or_else(|| "lors-lm".into()), tokenizer: &loaded.tokenizer, bos, eos };
+    let (size, fell_back) = write_gguf(&loaded.model, &info, dtype, &args.out)
+        .with_context(|| format!("cannot export {} as GGUF", args.run.display()))?;
+    if !fell_back.is_empty() {
+        eprintln!(
+            "note: {} tensor(s) have rows that are not a multiple of 32 values and were written as f16: {}",
+            fell_back.len(),
+            fell_back.join(", ")
+        );
+    }
+    println!(
+        "exported step {} of {} ({:?} stack, merged) to {} as GGUF {}: {:.2} MB (llama architecture, tokenizer embedded; run it with llama.cpp, e.g. llama-cli -m {})",
+        loaded.step,
+        args.run.display(),
+        loaded.cfg.lors.mode,
+        args.out.display(),
+        args.dtype,
+        size as f64 / 1e6,
+        args.out.display()
     );
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! Where a command's model comes from: a lors-lm run directory, a Hugging Face Llama
-//! directory, or `hf:OWNER/NAME` through the Hugging Face cache (`--from`, `--teacher`,
-//! `--init-from`).
+//! directory, `hf:OWNER/NAME` through the Hugging Face cache, or a GGUF file (`--from`,
+//! `--teacher`, `--init-from`).
 
 use crate::config::Config;
 use crate::data::Meta;
-use crate::formats::hf;
+use crate::formats::{gguf, hf};
 use crate::model::Model;
 use crate::train::RunDir;
 use anyhow::{bail, Result};
@@ -19,6 +19,8 @@ pub enum Kind {
     Run { dir: PathBuf, step: usize },
     /// A Hugging Face Llama directory (possibly inside the Hub cache).
     Hf { dir: PathBuf },
+    /// A GGUF file (llama.cpp's format), dequantized to f32.
+    Gguf { path: PathBuf },
 }
 
 /// A model ready to use, with what came with it.
@@ -42,15 +44,29 @@ impl Loaded {
         match &self.kind {
             Kind::Run { dir, step } => format!("{} (run, step {step})", dir.display()),
             Kind::Hf { dir } => format!("{} (Hugging Face Llama)", dir.display()),
+            Kind::Gguf { path } => format!("{} (GGUF)", path.display()),
         }
     }
 }
 
 /// Load the model named by `spec`: a run directory (its checkpoint `step`, default the
-/// latest), a Hugging Face Llama directory, or `hf:OWNER/NAME`. `flag` names the option in
-/// errors.
+/// latest), a Hugging Face Llama directory, `hf:OWNER/NAME`, or a GGUF file (a path ending in
+/// `.gguf`, or any file that starts with the GGUF magic). `flag` names the option in errors.
 pub fn load(spec: &str, step: Option<usize>, device: &Device, flag: &str) -> Result<Loaded> {
     let path = Path::new(spec);
+    if gguf::looks_like_gguf(path) || gguf::is_gguf_file(path) {
+        if step.is_some() {
+            bail!("{flag} {spec}: --checkpoint applies to run directories only");
+        }
+        if !path.is_file() {
+            bail!("{flag} {spec}: no such file");
+        }
+        let g = gguf::load_gguf(path, device)?;
+        let params = g.model.merged_tensors()?.into_iter().collect();
+        let kind = Kind::Gguf { path: path.to_path_buf() };
+        let (cfg, model, tokenizer, bos, eos) = (g.cfg, g.model, g.tokenizer, g.bos, g.eos);
+        return Ok(Loaded { kind, cfg, model, tokenizer, meta: None, bos, eos, params });
+    }
     if spec.starts_with("hf:") || path.join("config.json").is_file() {
         if step.is_some() {
             bail!("{flag} {spec}: --checkpoint applies to run directories only");
@@ -75,5 +91,8 @@ pub fn load(spec: &str, step: Option<usize>, device: &Device, flag: &str) -> Res
             (loaded.cfg, loaded.model, loaded.tokenizer, loaded.meta, loaded.params);
         return Ok(Loaded { kind, cfg, model, tokenizer, meta, bos, eos, params });
     }
-    bail!("{flag} {spec}: no such directory (expected a lors-lm run directory, a Hugging Face Llama directory, or hf:OWNER/NAME)")
+    if path.is_file() {
+        bail!("{flag} {spec}: a file, but not a GGUF file (expected a lors-lm run directory, a Hugging Face Llama directory, hf:OWNER/NAME, or a .gguf file)");
+    }
+    bail!("{flag} {spec}: no such directory (expected a lors-lm run directory, a Hugging Face Llama directory, hf:OWNER/NAME, or a .gguf file)")
 }

@@ -72,7 +72,7 @@ pub(super) fn train_bpe(chunks: &[&str], vocab_size: usize) -> Result<Tokenizer>
 }
 
 /// Guesses the beginning/end-of-text ids from the usual special-token spellings.
-pub(super) fn find_bos_eos(tok: &Tokenizer) -> (Option<u32>, Option<u32>) {
+pub fn find_bos_eos(tok: &Tokenizer) -> (Option<u32>, Option<u32>) {
     let first = |names: &[&str]| names.iter().find_map(|n| tok.token_to_id(n));
     let bos = first(&["<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", EOT]);
     let eos = first(&[EOT, "<|end_of_text|>", "</s>", "<eos>"]);

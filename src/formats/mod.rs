@@ -1,4 +1,5 @@
-//! Model file formats other than our own checkpoints: the Hugging Face Llama directory
-//! (`hf.rs`), both ways.
+//! Model file formats other than our own checkpoints, both ways: the Hugging Face Llama
+//! directory (`hf.rs`) and llama.cpp's GGUF file (`gguf/`).
 
+pub mod gguf;
 pub mod hf;

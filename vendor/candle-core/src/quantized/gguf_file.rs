@@ -557,6 +557,11 @@ impl Content {
             Some(Value::I32(v)) if *v >= 0 => *v as u64,
             _ => DEFAULT_ALIGNMENT,
         };
+        // lors-lm patch: a zero alignment would divide by zero below (a panic on a damaged
+        // or crafted file); it is an error, as in llama.cpp's reader.
+        if alignment == 0 {
+            crate::bail!("gguf: general.alignment is 0")
+        }
         let tensor_data_offset = position.div_ceil(alignment) * alignment;
         Ok(Self {
             magic,
