@@ -222,7 +222,8 @@ fn rank_pid(marker: &str, rank: usize) -> Option<u32> {
         let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
         let environ = std::fs::read(e.path().join("environ")).ok()?;
         let has = |hay: &[u8], s: &str| hay.split(|&b| b == 0).any(|p| p == s.as_bytes());
-        let ours = String::from_utf8_lossy(&cmdline).contains(marker) && !String::from_utf8_lossy(&cmdline).contains("mpirun");
+        let ours =
+            String::from_utf8_lossy(&cmdline).contains(marker) && !String::from_utf8_lossy(&cmdline).contains("mpirun");
         (ours && want.iter().any(|w| has(&environ, w))).then_some(pid)
     })
 }

@@ -10,6 +10,7 @@ use lors_lm::model::ParamCounts;
 use lors_lm::model::ParamStore;
 use lors_lm::model::{Model, Ops};
 use lors_lm::rng::Rng;
+use lors_lm::train::checkpoint::Contents;
 use lors_lm::train::optim::AdamW;
 use lors_lm::train::run_dir::load_model;
 use lors_lm::train::{RunDir, TrainState};
@@ -328,9 +329,11 @@ fn checkpoint_round_trip_restores_identical_logits() -> Result<()> {
     let mut rng = Rng::new(4);
     perturb_b(&store, &mut rng)?;
     let opt = AdamW::new(store.vars(), 0.9, 0.95, 1e-8, 0.1)?;
-    let state = TrainState { step: 7, data_rng: 123, opt_t: 7, tokens_seen: 99, val_loss: Some(1.5), rank_data_rngs: vec![] };
+    let state =
+        TrainState { step: 7, data_rng: 123, opt_t: 7, tokens_seen: 99, val_loss: Some(1.5), rank_data_rngs: vec![] };
     let run = RunDir::at(dir.path());
-    run.save_checkpoint(&cfg, &store.tensors(), &opt.state_tensors(), &state, 2)?;
+    let (params, optimizer) = (store.tensors(), opt.state_tensors());
+    run.save_checkpoint(&Contents { cfg: &cfg, params: &params, optimizer: &optimizer, state: &state }, 2)?;
     let ckpt = run.checkpoint(None)?;
     let (loaded, _) = load_model(&cfg, &ckpt, &Device::Cpu)?;
     let x = ids(&mut rng, 2, 9, 50)?;
@@ -350,7 +353,7 @@ fn checkpoint_round_trip_restores_identical_logits() -> Result<()> {
     // keep = 2: older checkpoints are pruned.
     for step in [8, 9] {
         let s = TrainState { step, ..state.clone() };
-        run.save_checkpoint(&cfg, &store.tensors(), &opt.state_tensors(), &s, 2)?;
+        run.save_checkpoint(&Contents { cfg: &cfg, params: &params, optimizer: &optimizer, state: &s }, 2)?;
     }
     assert_eq!(run.checkpoints()?, vec![8, 9]);
     Ok(())

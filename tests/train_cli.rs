@@ -344,7 +344,9 @@ fn a_build_without_mpi_refuses_to_be_one_of_several_ranks() {
     let data = tmp.path().join("data");
     synthetic_data(&data, 5_000, 1_000);
     let run = tmp.path().join("run");
-    for (size_var, rank_var) in [("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID")] {
+    for (size_var, rank_var) in
+        [("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID")]
+    {
         let err = run_err(train_tiny(&data, &run).env(size_var, "2").env(rank_var, "1"));
         assert!(err.contains("built without MPI") && err.contains("cargo build --release --features mpi"), "{err}");
         assert!(!run.exists(), "nothing may be written");

@@ -9,6 +9,7 @@ use crate::data::{Meta, TokenFile};
 use crate::infer::perplexity::eval_tokens;
 use crate::model::{Model, ParamCounts, ParamStore};
 use crate::rng::Rng;
+use crate::train::checkpoint::Contents;
 use crate::train::optim::AdamW;
 use crate::train::{RunDir, TrainState};
 use anyhow::{bail, Context, Result};
@@ -280,16 +281,16 @@ fn write_run(
     }
     let opt = AdamW::from_config(store.vars_with_roles(), cfg)?;
     let val_loss = report["val"]["compressed_loss"].as_f64();
-    let state =
-        TrainState {
-            step: 0,
-            data_rng: Rng::new(cfg.train.seed).fork(1).state,
-            opt_t: 0,
-            tokens_seen: 0,
-            val_loss,
-            rank_data_rngs: vec![],
-        };
-    run.save_checkpoint(cfg, &compressed.tensors, &opt.state_tensors(), &state, 0)?;
+    let state = TrainState {
+        step: 0,
+        data_rng: Rng::new(cfg.train.seed).fork(1).state,
+        opt_t: 0,
+        tokens_seen: 0,
+        val_loss,
+        rank_data_rngs: vec![],
+    };
+    let optimizer = opt.state_tensors();
+    run.save_checkpoint(&Contents { cfg, params: &compressed.tensors, optimizer: &optimizer, state: &state }, 0)?;
     let path = out.join("compress.json");
     fs::write(&path, serde_json::to_string_pretty(report)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))

@@ -35,6 +35,16 @@ pub struct TrainState {
     pub rank_data_rngs: Vec<u64>,
 }
 
+/// What a checkpoint holds, to be written.
+pub struct Contents<'a> {
+    pub cfg: &'a Config,
+    /// Model parameters by name (unique parameters only).
+    pub params: &'a HashMap<String, Tensor>,
+    /// Optimizer moments by name.
+    pub optimizer: &'a HashMap<String, Tensor>,
+    pub state: &'a TrainState,
+}
+
 /// One complete checkpoint on disk.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
@@ -117,14 +127,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Atomically write the checkpoint of `state.step` into `dir`, point `latest` at it, and keep
 /// only the newest `keep` checkpoints (0 = keep all).
-pub fn write(
-    dir: &Path,
-    cfg: &Config,
-    params: &HashMap<String, Tensor>,
-    optimizer: &HashMap<String, Tensor>,
-    state: &TrainState,
-    keep: usize,
-) -> Result<PathBuf> {
+pub fn write(dir: &Path, contents: &Contents, keep: usize) -> Result<PathBuf> {
+    let Contents { cfg, params, optimizer, state } = *contents;
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let final_dir = dir.join(state.step.to_string());
     let tmp = dir.join(format!(".tmp-{}", state.step));

@@ -16,7 +16,7 @@
 use crate::config::Config;
 use crate::data::Meta;
 use crate::model::{Model, ParamStore};
-use crate::train::checkpoint::{self, Checkpoint, TrainState};
+use crate::train::checkpoint::{self, Checkpoint, Contents};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -164,15 +164,8 @@ impl RunDir {
     }
 
     /// Write a checkpoint (atomically) and keep the newest `keep` (0 = all).
-    pub fn save_checkpoint(
-        &self,
-        cfg: &Config,
-        params: &HashMap<String, Tensor>,
-        optimizer: &HashMap<String, Tensor>,
-        state: &TrainState,
-        keep: usize,
-    ) -> Result<PathBuf> {
-        checkpoint::write(&self.checkpoints_dir(), cfg, params, optimizer, state, keep)
+    pub fn save_checkpoint(&self, contents: &Contents, keep: usize) -> Result<PathBuf> {
+        checkpoint::write(&self.checkpoints_dir(), contents, keep)
     }
 
     /// The model of the checkpoint at `step` (or the latest) with its config and tokenizer.

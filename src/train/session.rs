@@ -8,10 +8,10 @@
 
 use crate::config::Config;
 use crate::data::{Meta, TokenFile};
-use crate::train::distributed::Dist;
 use crate::model::{Model, ParamCounts};
 use crate::monitor::{Monitor, Paths};
 use crate::train::batches::{validation_batches, Source};
+use crate::train::distributed::Dist;
 use crate::train::fit::{fit, install_ctrlc_handler, FitOptions, FitSummary};
 use crate::train::run_dir::RunDir;
 use crate::train::trainer::Trainer;
@@ -165,7 +165,11 @@ pub fn train(cfg: Config, data_dir: &Path, run: &RunDir, device: &Device, opts: 
         monitor.tensorboard_dir().display()
     ));
     if let Some(d) = opts.dist.as_ref().filter(|d| !d.is_root() && summary.stopped_early) {
-        eprintln!("rank {}: stopped with the other ranks at step {} (rank 0 saved the checkpoint)", d.rank(), summary.final_step);
+        eprintln!(
+            "rank {}: stopped with the other ranks at step {} (rank 0 saved the checkpoint)",
+            d.rank(),
+            summary.final_step
+        );
     }
     Ok(summary)
 }

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::model::{Model, Ops, ParamStore};
 use crate::rng::Rng;
 use crate::train::batches::Source;
-use crate::train::checkpoint::{Checkpoint, TrainState};
+use crate::train::checkpoint::{Checkpoint, Contents, TrainState};
 use crate::train::distill::Distill;
 use crate::train::optim::AdamW;
 use crate::train::run_dir::RunDir;
@@ -345,13 +345,9 @@ impl Trainer {
         self.state.rank_data_rngs = other_ranks_data_rngs;
         self.state.data_rng = self.data_rng.state;
         self.state.opt_t = self.opt.t;
-        run.save_checkpoint(
-            &self.cfg,
-            &self.store.tensors(),
-            &self.opt.state_tensors(),
-            &self.state,
-            self.cfg.train.keep_checkpoints,
-        )
+        let (params, optimizer) = (self.store.tensors(), self.opt.state_tensors());
+        let contents = Contents { cfg: &self.cfg, params: &params, optimizer: &optimizer, state: &self.state };
+        run.save_checkpoint(&contents, self.cfg.train.keep_checkpoints)
     }
 }
 

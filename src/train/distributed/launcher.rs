@@ -71,7 +71,8 @@ pub fn refuse_without_mpi(launch: Option<&Launch>) -> Result<()> {
         (None, None) => false,
     };
     if several {
-        let how_many = l.size.map_or("one of several ranks".to_string(), |n| format!("one of {n} ranks ({}={n})", l.size_var));
+        let how_many =
+            l.size.map_or("one of several ranks".to_string(), |n| format!("one of {n} ranks ({}={n})", l.size_var));
         bail!(
             "this lors-lm was built without MPI, but {} started it as {how_many}: every rank would train its own copy. \
              Rebuild with data-parallel training: `cargo build --release --features mpi` (needs an MPI and libclang: \

@@ -336,8 +336,9 @@ impl Dist {
         if r > 0 {
             let rng = match state.rank_data_rngs.get(r - 1) {
                 Some(&s) => Rng { state: s },
-                None => Rng::new(seed ^ (r as u64).wrapping_mul(RANK_SALT) ^ (step as u64).wrapping_mul(STEP_SALT))
-                    .fork(1),
+                None => {
+                    Rng::new(seed ^ (r as u64).wrapping_mul(RANK_SALT) ^ (step as u64).wrapping_mul(STEP_SALT)).fork(1)
+                }
             };
             trainer.set_data_rng(rng);
         }

@@ -27,7 +27,9 @@ impl Mpi {
             bail!("MPI was already initialised in this process");
         };
         if provided == Threading::Single {
-            eprintln!("warning: the MPI library provides only {provided:?} threading; lors-lm calls it from one thread");
+            eprintln!(
+                "warning: the MPI library provides only {provided:?} threading; lors-lm calls it from one thread"
+            );
         }
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);

@@ -37,7 +37,8 @@ impl NcclAllReduce {
             let _armed = dist.arm("joining the NCCL communicator");
             Comm::from_rank(device.cuda_stream(), rank, size, Id::uninit(id.map(|b| b as std::ffi::c_char)))
         };
-        let comm = comm.map_err(|e| anyhow!("NCCL: rank {rank} cannot join the communicator of {size} ranks ({:?})", e.0));
+        let comm =
+            comm.map_err(|e| anyhow!("NCCL: rank {rank} cannot join the communicator of {size} ranks ({:?})", e.0));
         let comm = dist.agree(comm, "joining the NCCL communicator")?;
         let numel = gradient_numel(params);
         Ok(Self { dist, comm, device: Device::Cuda(device.clone()), numel, step })
