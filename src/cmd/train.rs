@@ -76,7 +76,7 @@ pub fn run(args: &TrainArgs) -> Result<FitSummary> {
         Err(e) => {
             // MPI_Abort ends every rank at once; returning would leave the others waiting in
             // a collective for this one (and MPI_Finalize would wait for them).
-            eprintln!("error: rank {} of {}: {e:#}", dist.rank(), dist.size());
+            distributed::eprint_line(&format!("error: rank {} of {}: {e:#}", dist.rank(), dist.size()));
             dist.abort(1)
         }
     }

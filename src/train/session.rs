@@ -165,11 +165,11 @@ pub fn train(cfg: Config, data_dir: &Path, run: &RunDir, device: &Device, opts: 
         monitor.tensorboard_dir().display()
     ));
     if let Some(d) = opts.dist.as_ref().filter(|d| !d.is_root() && summary.stopped_early) {
-        eprintln!(
+        crate::train::distributed::eprint_line(&format!(
             "rank {}: stopped with the other ranks at step {} (rank 0 saved the checkpoint)",
             d.rank(),
             summary.final_step
-        );
+        ));
     }
     Ok(summary)
 }

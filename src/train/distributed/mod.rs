@@ -86,6 +86,13 @@ fn install_stop_signals() {
     }
 }
 
+/// Print `line` to stderr in one write, so that the lines of several ranks (which the launcher
+/// merges) never interleave mid-line.
+pub fn eprint_line(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(format!("{line}\n").as_bytes());
+}
+
 /// The device of a rank for `--device SPEC`: `cuda` becomes the GPU of the rank's index on its
 /// machine (`local` = (index, ranks on the machine)), or GPU 0 where the launcher shows each
 /// rank one GPU (`visible_gpus` = the length of `CUDA_VISIBLE_DEVICES`). An explicit `cuda:N`

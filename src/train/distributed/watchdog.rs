@@ -46,10 +46,10 @@ impl Watchdog {
         Self::new(
             timeout,
             Box::new(|msg| {
-                eprintln!(
+                super::eprint_line(&format!(
                     "error: {msg}: a rank was lost or hangs; exiting so that the launcher ends the job \
                      (the last checkpoint is intact: continue with --resume)"
-                );
+                ));
                 // _exit, not exit: atexit handlers (MPI's among them) may block on the lost rank.
                 // SAFETY: _exit ends the process at once; nothing runs after it.
                 unsafe { libc::_exit(3) }
