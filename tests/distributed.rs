@@ -275,6 +275,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_with_one_or_two_ranks() {
     let victim = rank_pid("killed-run", 1).expect("rank 1's process");
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
     let (status, took) = wait_for(&mut child, Duration::from_secs(60), &log);
+    eprintln!("rank 1 SIGKILLed: mpirun exited ({status:?}) after {took:?}");
     let out = read(&log);
     assert!(!status.success() && took < Duration::from_secs(60), "{status:?} after {took:?}: {out}");
     assert!(out.contains("rank 1") && out.contains("signal 9"), "the error must name the lost rank: {out}");
@@ -312,6 +313,7 @@ fn a_hung_rank_is_caught_by_the_watchdog() {
     // A stopped process is not lost to the launcher: only the watchdog can end the wait.
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGSTOP) }, 0);
     let (status, took) = wait_for(&mut child, Duration::from_secs(60), &log);
+    eprintln!("rank 1 SIGSTOPped, --collective-timeout 3: mpirun exited ({status:?}) after {took:?}");
     let out = read(&log);
     assert!(!status.success() && took < Duration::from_secs(30), "{status:?} after {took:?}: {out}");
     // The watchdog looks once per timeout/4 (and later on a loaded machine): it reports 3 s or a little more.
@@ -337,7 +339,8 @@ fn ctrl_c_under_mpirun_checkpoints_and_every_rank_exits_cleanly() {
     let (mut child, log) = start_long_run(tmp.path(), &data, &run, &opts, &[]);
     let mpirun_pid = child.id() as i32;
     assert_eq!(unsafe { libc::kill(mpirun_pid, libc::SIGINT) }, 0);
-    let (_, took) = wait_for(&mut child, Duration::from_secs(60), &log);
+    let (status, took) = wait_for(&mut child, Duration::from_secs(60), &log);
+    eprintln!("SIGINT to mpirun: exited ({status:?}) after {took:?}");
     let out = read(&log);
     assert!(took < Duration::from_secs(30), "{took:?}: {out}");
     assert!(!out.contains("signal 9") && !out.contains("Killed"), "a rank was killed, not stopped: {out}");
