@@ -72,6 +72,9 @@ pub fn run(args: &TrainArgs) -> Result<FitSummary> {
         return run_as(args, None);
     };
     match run_as(args, Some(&dist)) {
+        // Checkpointed, flushed and closed: exit 0 now rather than be SIGKILLed in
+        // MPI_Finalize by a launcher that is tearing the job down.
+        Ok(_) if distributed::launcher_is_ending_the_job() => distributed::exit_now(0),
         Ok(summary) => Ok(summary),
         Err(e) => {
             // MPI_Abort ends every rank at once; returning would leave the others waiting in

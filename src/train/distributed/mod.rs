@@ -77,13 +77,42 @@ pub fn start(collective_timeout: Duration) -> Result<Option<Dist>> {
 /// run as Ctrl-C does: the ranks agree on the step, rank 0 checkpoints, all exit cleanly.
 #[cfg(feature = "mpi")]
 fn install_stop_signals() {
-    extern "C" fn on_signal(_: libc::c_int) {
+    extern "C" fn on_signal(sig: libc::c_int) {
+        if sig == libc::SIGTERM {
+            TERMINATED.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         crate::train::fit::request_stop();
     }
     for sig in [libc::SIGTERM, libc::SIGUSR1] {
         // SAFETY: the handler only stores to an atomic flag, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
     }
+}
+
+/// Set by SIGTERM: the launcher is ending the job (Open MPI's `mpirun` after its own SIGINT or
+/// SIGTERM; Slurm at `scancel` or the time limit).
+#[cfg(feature = "mpi")]
+static TERMINATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the launcher is ending the job (this rank got SIGTERM). Its runtime is being torn
+/// down then: `MPI_Finalize` would block on it until the launcher SIGKILLs the rank
+/// (`odls_base_sigkill_timeout` later, per rank), so a rank that has checkpointed and flushed
+/// leaves with `exit_now` instead.
+pub fn launcher_is_ending_the_job() -> bool {
+    #[cfg(feature = "mpi")]
+    return TERMINATED.load(std::sync::atomic::Ordering::SeqCst);
+    #[cfg(not(feature = "mpi"))]
+    false
+}
+
+/// Flush stdout and stderr and end the process with `code` at once, without `MPI_Finalize`
+/// (see `launcher_is_ending_the_job`). Call only after everything was written and dropped.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit ends the process; the run's files are closed and synced already.
+    unsafe { libc::_exit(code) }
 }
 
 /// Print `line` to stderr in one write, so that the lines of several ranks (which the launcher
