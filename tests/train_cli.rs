@@ -352,5 +352,10 @@ fn a_build_without_mpi_refuses_to_be_one_of_several_ranks() {
         assert!(!run.exists(), "nothing may be written");
     }
     // One rank is a plain process.
-    run_ok(train_tiny(&data, &run).env("OMPI_COMM_WORLD_SIZE", "1").args(["--set", "train.max_steps=2"]));
+    run_ok(train_tiny(&data, &run).env("OMPI_COMM_WORLD_SIZE", "1").args([
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.warmup_steps=1",
+    ]));
 }
