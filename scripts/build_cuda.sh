@@ -2,7 +2,9 @@
 # Build the CUDA binary (cargo feature `cuda`) on a machine without a GPU or a system CUDA,
 # with NVIDIA's CUDA 13.0 toolkit from PyPI. Output: target-cuda/release/lors-lm.
 #
-#   bash scripts/build_cuda.sh            # toolkit into .cuda-toolkit/, binary into target-cuda/
+#   bash scripts/build_cuda.sh              # toolkit into .cuda-toolkit/, binary into target-cuda/
+#   bash scripts/build_cuda.sh --nccl-check # compile-check the `nccl` feature (data-parallel GPU
+#                                           # gradients): cargo check, nothing linked, so no libnccl
 #
 # Every wheel is pinned to the CUDA 13.0 line: the PTX must not be newer than the GPU machine's
 # driver (580 = CUDA 13.0); unpinned, nvcc 13.0 pulls newer crt/nvvm/runtime wheels and the
@@ -16,6 +18,13 @@
 # target dir so that CPU builds stay free of CUDA (the CUDA binary needs libcuda.so.1 even to
 # start).
 set -euo pipefail
+
+mode=build
+case "${1:-}" in
+    "") ;;
+    --nccl-check) mode=nccl-check ;;
+    *) echo "usage: build_cuda.sh [--nccl-check]" >&2; exit 2 ;;
+esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tk="${CUDA_TOOLKIT_DIR:-$root/.cuda-toolkit}"
@@ -61,6 +70,13 @@ export LIBRARY_PATH="$cuda/lib:$stub${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L $cuda/lib -L $stub"
 nvcc --version | tail -n 2
 cd "$root"
+if [[ "$mode" == nccl-check ]]; then
+    # Type-checks src/train/distributed/nccl.rs against cudarc's NCCL API (build scripts run,
+    # candle-kernels' PTX included; no binary is linked, so libnccl is not needed).
+    CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-$root/target-cuda}" cargo check --release --locked --features nccl --bin lors-lm
+    echo "the nccl feature compiles (cargo check)"
+    exit 0
+fi
 CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-$root/target-cuda}" cargo build --release --features cuda --bin lors-lm
 bin="${CUDA_TARGET_DIR:-$root/target-cuda}/release/lors-lm"
 # The binary embeds candle's PTX (~80 MB); a stripped, xz-compressed copy (~12 MB) is what to

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README "Tests"): the whole suite, on CPU, in release mode
-# (one build serves the binary, the tests and the benchmarks' compile check). It first makes
+# (one build serves the binary, the tests and the benchmarks' compile check), then the
+# data-parallel tests under mpirun with the `mpi` build where MPI is installed. It first makes
 # the Python the tests need (.venv-tb: TensorBoard, numpy, safetensors; quick when it exists):
 # no test skips itself, a missing piece fails. Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -38,4 +39,17 @@ else
     cargo_test --skip openblas_bands
     echo "NOTE: libopenblas.so.0 not found: the tests ran on the gemm path only, and the OpenBLAS test" \
         "(candle_patches openblas_bands_...) did not run (apt install libopenblas0 to test both)"
+fi
+
+# Data-parallel training (cargo feature `mpi`): tests/distributed.rs runs the mpi build under
+# `mpirun -n 2`. It needs Open MPI (mpirun, and mpicc + libclang to build the bindings). Run last:
+# the mpi build replaces target/release/lors-lm, which the tests above ran without MPI.
+if command -v mpirun >/dev/null && command -v mpicc >/dev/null; then
+    cargo test --release --locked --features mpi --test distributed
+elif [ -n "${LORS_LM_REQUIRE_MPI:-}" ]; then
+    echo "LORS_LM_REQUIRE_MPI is set but mpirun/mpicc were not found (apt install openmpi-bin libopenmpi-dev libclang-dev)" >&2
+    exit 1
+else
+    echo "NOTE: mpirun/mpicc not found: the data-parallel tests (tests/distributed.rs, cargo feature mpi) did not" \
+        "run (apt install openmpi-bin libopenmpi-dev libclang-dev to run them)"
 fi

@@ -51,6 +51,7 @@ enum Command {
 fn main() {
     device::tune_allocator();
     device::tune_threads();
+    lors_lm::train::distributed::launcher::tune_threads_for_ranks();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => prepare::run(&args),

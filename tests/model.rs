@@ -329,7 +329,8 @@ fn checkpoint_round_trip_restores_identical_logits() -> Result<()> {
     let mut rng = Rng::new(4);
     perturb_b(&store, &mut rng)?;
     let opt = AdamW::new(store.vars(), 0.9, 0.95, 1e-8, 0.1)?;
-    let state = TrainState { step: 7, data_rng: 123, opt_t: 7, tokens_seen: 99, val_loss: Some(1.5) };
+    let state =
+        TrainState { step: 7, data_rng: 123, opt_t: 7, tokens_seen: 99, val_loss: Some(1.5), rank_data_rngs: vec![] };
     let run = RunDir::at(dir.path());
     let (params, optimizer) = (store.tensors(), opt.state_tensors());
     run.save_checkpoint(&Contents { cfg: &cfg, params: &params, optimizer: &optimizer, state: &state }, 2)?;

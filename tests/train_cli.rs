@@ -333,3 +333,29 @@ fn the_matmul_library_is_chosen_by_lors_lm_blas_and_reported() {
     let e = run_err(bin().env("LORS_LM_BLAS", "mkl").args(["bench", "--config"]).arg(&tiny));
     assert!(e.contains("LORS_LM_BLAS=mkl") && e.contains("auto, openblas or gemm"), "{e}");
 }
+
+/// Under mpirun (as one of several ranks) a build without the `mpi` feature says how to
+/// rebuild instead of training N independent copies. (The mpi build joins the job instead:
+/// tests/distributed.rs.)
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_be_one_of_several_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    synthetic_data(&data, 5_000, 1_000);
+    let run = tmp.path().join("run");
+    for (size_var, rank_var) in
+        [("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID")]
+    {
+        let err = run_err(train_tiny(&data, &run).env(size_var, "2").env(rank_var, "1"));
+        assert!(err.contains("built without MPI") && err.contains("cargo build --release --features mpi"), "{err}");
+        assert!(!run.exists(), "nothing may be written");
+    }
+    // One rank is a plain process.
+    run_ok(train_tiny(&data, &run).env("OMPI_COMM_WORLD_SIZE", "1").args([
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.warmup_steps=1",
+    ]));
+}

@@ -281,8 +281,14 @@ fn write_run(
     }
     let opt = AdamW::from_config(store.vars_with_roles(), cfg)?;
     let val_loss = report["val"]["compressed_loss"].as_f64();
-    let state =
-        TrainState { step: 0, data_rng: Rng::new(cfg.train.seed).fork(1).state, opt_t: 0, tokens_seen: 0, val_loss };
+    let state = TrainState {
+        step: 0,
+        data_rng: Rng::new(cfg.train.seed).fork(1).state,
+        opt_t: 0,
+        tokens_seen: 0,
+        val_loss,
+        rank_data_rngs: vec![],
+    };
     let optimizer = opt.state_tensors();
     run.save_checkpoint(&Contents { cfg, params: &compressed.tensors, optimizer: &optimizer, state: &state }, 0)?;
     let path = out.join("compress.json");

@@ -67,12 +67,22 @@ fn print_counts(c: &ParamCounts, cfg: &Config, origin: &str, json: bool, sizes: 
                 "embedding": c.embedding, "shared": c.shared, "private": c.private, "norm": c.norm,
                 "head": c.head, "total_unique": c.total(), "vanilla_total": c.vanilla_total,
                 "reduction_pct": c.reduction_pct(),
+                "allreduce_bytes_per_step": 4 * c.total(), "vanilla_allreduce_bytes_per_step": 4 * c.vanilla_total,
                 "checkpoint_bytes": sizes.map(|s| s.0), "merged_export_bytes": sizes.map(|s| s.1),
             })
         );
     } else {
         println!("{origin} (mode {:?}, vocab {})", cfg.lors.mode, cfg.model.vocab_size);
         print!("{}", c.table());
+        // What a data-parallel step all-reduces: the f32 gradients of the unique parameters.
+        let (mine, vanilla) = (4 * c.total(), 4 * c.vanilla_total);
+        println!(
+            "{:<28} {:>11.2} MB/step per rank (vanilla at same dims {:.2} MB, {:.2}x)",
+            "data-parallel all-reduce",
+            mine as f64 / 1e6,
+            vanilla as f64 / 1e6,
+            vanilla as f64 / mine.max(1) as f64
+        );
         if let Some((lors, merged)) = sizes {
             println!("{:<28} {:>11.2} MB", "checkpoint (unique, f32)", lors as f64 / 1e6);
             println!("{:<28} {:>11.2} MB", "merged export (f32)", merged as f64 / 1e6);

@@ -4,11 +4,13 @@
 use crate::cmd::source;
 use crate::config::{Config, Mode};
 use crate::data::Meta;
+use crate::train::distributed::{self, Dist};
 use crate::train::{session, FitSummary, RunDir, SessionOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -53,9 +55,37 @@ pub struct TrainArgs {
     /// train.distill_temperature.
     #[arg(long, value_name = "SOURCE")]
     pub teacher: Option<String>,
+    /// Data-parallel runs (under mpirun or srun): a rank that waits longer than this in one
+    /// collective (a gradient all-reduce, a checkpoint, an eval) ends the job with an error,
+    /// rather than hang on a lost or stuck rank.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+    pub collective_timeout: f64,
 }
 
+/// Train, as one rank of a data-parallel run when a launcher (mpirun, srun) started this
+/// process as one of several (docs/distributed.md).
 pub fn run(args: &TrainArgs) -> Result<FitSummary> {
+    if !(args.collective_timeout.is_finite() && args.collective_timeout > 0.0) {
+        bail!("--collective-timeout must be a positive number of seconds");
+    }
+    let Some(dist) = distributed::start(Duration::from_secs_f64(args.collective_timeout))? else {
+        return run_as(args, None);
+    };
+    match run_as(args, Some(&dist)) {
+        // Checkpointed, flushed and closed: exit 0 now rather than be SIGKILLed in
+        // MPI_Finalize by a launcher that is tearing the job down.
+        Ok(_) if distributed::launcher_is_ending_the_job() => distributed::exit_now(0),
+        Ok(summary) => Ok(summary),
+        Err(e) => {
+            // MPI_Abort ends every rank at once; returning would leave the others waiting in
+            // a collective for this one (and MPI_Finalize would wait for them).
+            distributed::eprint_line(&format!("error: rank {} of {}: {e:#}", dist.rank(), dist.size()));
+            dist.abort(1)
+        }
+    }
+}
+
+fn run_as(args: &TrainArgs, dist: Option<&Dist>) -> Result<FitSummary> {
     let out = match (&args.out, &args.config) {
         (Some(o), _) => o.clone(),
         (None, Some(c)) => PathBuf::from("runs").join(c.file_stem().unwrap_or_default()),
@@ -68,7 +98,17 @@ pub fn run(args: &TrainArgs) -> Result<FitSummary> {
         // Say what is missing in the run directory before which file could not be read.
         run.checkpoint(None).with_context(|| format!("--resume: nothing to resume in {}", out.display()))?;
     }
-    let device = crate::device::parse_device(&args.device)?;
+    let device = match dist {
+        Some(d) => {
+            let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok().map(|v| v.split(',').count());
+            let spec = distributed::rank_device_spec(&args.device, d.local(), visible)?;
+            crate::device::parse_device(&spec).with_context(|| {
+                let (index, n) = d.local();
+                format!("rank {} is rank {index} of {n} on its machine: start one rank per GPU", d.rank())
+            })?
+        }
+        None => crate::device::parse_device(&args.device)?,
+    };
     let mut sets = args.sets.clone();
     if let Some(t) = &args.teacher {
         sets.push(format!("train.teacher={}", toml::Value::String(t.clone())));
@@ -121,6 +161,7 @@ pub fn run(args: &TrainArgs) -> Result<FitSummary> {
         stop_at: args.stop_at,
         init_weights,
         teacher,
+        dist: dist.cloned(),
     };
     session::train(cfg, &data_dir, &run, &device, &opts)
 }

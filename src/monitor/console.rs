@@ -7,12 +7,19 @@ use std::io::IsTerminal;
 
 pub struct Console {
     quiet: bool,
+    /// Print nothing at all, not even the summary (a data-parallel rank other than 0).
+    off: bool,
     bar: Option<ProgressBar>,
 }
 
 impl Console {
     pub fn new(quiet: bool) -> Self {
-        Self { quiet, bar: None }
+        Self { quiet, off: false, bar: None }
+    }
+
+    /// A console that prints nothing.
+    pub fn off() -> Self {
+        Self { quiet: true, off: true, bar: None }
     }
 
     /// Start the progress bar (terminal only) for steps `start+1 ..= max`.
@@ -44,6 +51,9 @@ impl Console {
 
     /// Always printed, even with --quiet.
     pub fn summary(&self, s: &str) {
+        if self.off {
+            return;
+        }
         match &self.bar {
             Some(b) => b.println(s),
             None => println!("{s}"),

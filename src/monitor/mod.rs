@@ -31,6 +31,8 @@ pub struct StepReport {
     /// With distillation: the step's cross-entropy and KL(teacher ‖ student).
     pub ce: Option<f64>,
     pub kl: Option<f64>,
+    /// Data-parallel training: the step's time in the gradient all-reduce.
+    pub allreduce_ms: Option<f64>,
 }
 
 /// Where a run's reports go.
@@ -41,7 +43,8 @@ pub struct Paths {
 }
 
 pub struct Monitor {
-    metrics: fs::File,
+    /// None: a monitor that reports nothing (`silent`).
+    metrics: Option<fs::File>,
     metrics_path: PathBuf,
     board: Board,
     console: Console,
@@ -69,7 +72,7 @@ impl Monitor {
             board.layout(&tensorboard::training_layout());
         }
         Ok(Self {
-            metrics,
+            metrics: Some(metrics),
             metrics_path: paths.metrics,
             board,
             console: Console::new(quiet),
@@ -79,6 +82,22 @@ impl Monitor {
             mfu: None,
             first_step: start_step + 1,
         })
+    }
+
+    /// A monitor that writes and prints nothing: a data-parallel rank other than 0 (rank 0
+    /// reports for the run).
+    pub fn silent(paths: Paths, log_interval: usize, max_steps: usize) -> Self {
+        Self {
+            metrics: None,
+            metrics_path: paths.metrics,
+            board: Board::off(&paths.tensorboard),
+            console: Console::off(),
+            samples_path: paths.samples,
+            log_interval,
+            max_steps,
+            mfu: None,
+            first_step: 1,
+        }
     }
 
     /// Log model FLOP utilisation: `flops_per_token` × tokens/s against `peak_flops` (FLOP/s).
@@ -116,7 +135,7 @@ impl Monitor {
             line["mfu"] = m.into();
             self.board.scalar("train/mfu", m, r.step);
         }
-        for (key, v) in [("ce", r.ce), ("kl", r.kl)] {
+        for (key, v) in [("ce", r.ce), ("kl", r.kl), ("allreduce_ms", r.allreduce_ms)] {
             if let Some(v) = v {
                 line[key] = v.into();
                 self.board.scalar(&format!("train/{key}"), v, r.step);
@@ -170,7 +189,7 @@ impl Monitor {
         for (layer, proj, ratio) in ratios {
             self.board.scalar(&format!("lors/{proj}/layer_{layer:02}"), *ratio as f64, step);
         }
-        if let Some(text) = sample {
+        if let Some(text) = sample.filter(|_| self.metrics.is_some()) {
             self.board.text("samples", text, step);
             let mut f = fs::OpenOptions::new()
                 .create(true)
@@ -185,9 +204,22 @@ impl Monitor {
         Ok(())
     }
 
+    /// Append a record to metrics.jsonl (it needs a "step": a resume drops later steps' lines).
+    pub fn record(&mut self, line: serde_json::Value) -> Result<()> {
+        self.log(line)
+    }
+
+    /// Report that all `ranks` of a data-parallel run hold the weights with this checksum.
+    pub fn weights_check(&mut self, step: usize, checksum: u64, ranks: usize) -> Result<()> {
+        self.log(serde_json::json!({"step": step, "weights_checksum": format!("{checksum:016x}"), "ranks": ranks}))?;
+        self.console.line(&format!("ranks {step:>6} | all {ranks} hold identical weights (checksum {checksum:016x})"));
+        Ok(())
+    }
+
     /// Flush metrics.jsonl (before a checkpoint, so it never lags behind one).
     pub fn flush(&mut self) -> Result<()> {
-        self.metrics.flush().with_context(|| format!("cannot write {}", self.metrics_path.display()))
+        let Some(metrics) = self.metrics.as_mut() else { return Ok(()) };
+        metrics.flush().with_context(|| format!("cannot write {}", self.metrics_path.display()))
     }
 
     /// Flush everything and end the progress bar.
@@ -208,7 +240,8 @@ impl Monitor {
 
     /// Append one JSON line to metrics.jsonl.
     fn log(&mut self, line: serde_json::Value) -> Result<()> {
-        writeln!(self.metrics, "{line}").with_context(|| {
+        let Some(metrics) = self.metrics.as_mut() else { return Ok(()) };
+        writeln!(metrics, "{line}").with_context(|| {
             format!(
                 "cannot append to {} (disk full or not writable?); checkpoints already written are intact",
                 self.metrics_path.display()

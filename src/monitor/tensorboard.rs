@@ -144,6 +144,11 @@ impl Board {
         Ok(board)
     }
 
+    /// A board that writes nothing (the reports of a data-parallel rank other than 0).
+    pub fn off(dir: &Path) -> Board {
+        Board { dir: dir.to_path_buf(), writer: None, name_secs: (0, 0), file: None, queued_bytes: 0 }
+    }
+
     /// The directory the event file is in.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -29,6 +29,10 @@ pub struct TrainState {
     pub tokens_seen: u64,
     /// Last validation loss, if any.
     pub val_loss: Option<f64>,
+    /// Data-parallel runs: the batch-sampling RNG states of ranks 1.. (rank 0's is
+    /// `data_rng`); empty for a single process. Its length + 1 is the world size that wrote it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_data_rngs: Vec<u64>,
 }
 
 /// What a checkpoint holds, to be written.

@@ -7,10 +7,15 @@
 //!     every eval_interval: evaluate on the fixed validation batches, sample, report
 //!     every ckpt_interval (and at the end, --stop-at or Ctrl-C): checkpoint
 //! ```
+//!
+//! A data-parallel run (`FitOptions::dist`) adds one hook at each of these points
+//! (distributed/mod.rs): the ranks agree on stopping after every step, evaluate sharded and
+//! compare weight checksums at every eval, and checkpoint through rank 0.
 
 use crate::infer::generate::{generate_tokens, Sampler};
 use crate::model::Model;
 use crate::monitor::{Monitor, StepReport};
+use crate::train::distributed::Dist;
 use crate::train::run_dir::RunDir;
 use crate::train::trainer::Trainer;
 use anyhow::{Context, Result};
@@ -20,6 +25,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set by the Ctrl-C handler: the loop checkpoints, flushes its logs and stops.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Ask the loop to stop after the current step, with a checkpoint, as Ctrl-C does (only stores
+/// to an atomic flag: callable from a signal handler).
+pub fn request_stop() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
 
 /// Ctrl-C finishes the current step, checkpoints and stops; a second Ctrl-C exits at once.
 pub fn install_ctrlc_handler() {
@@ -39,6 +50,8 @@ pub struct FitOptions {
     pub stop_at: Option<usize>,
     /// Samples at every eval: the tokenizer and the prompt to continue.
     pub sampler: Option<(tokenizers::Tokenizer, Vec<u32>)>,
+    /// Data-parallel training: this rank's communicator (None: a single process).
+    pub dist: Option<Dist>,
 }
 
 pub struct FitSummary {
@@ -80,20 +93,33 @@ pub fn fit(
         }
         let tokens_seen = trainer.state().tokens_seen;
         let (loss, lr, grad_norm, tokens, ms, ce, kl) = (s.loss, s.lr, s.grad_norm, s.tokens, s.ms, s.ce, s.kl);
-        monitor.step(&StepReport { step, loss, lr, grad_norm, tokens_seen, tokens, ms, ce, kl })?;
+        let allreduce_ms = opts.dist.as_ref().map(|_| s.sync_ms);
+        monitor.step(&StepReport { step, loss, lr, grad_norm, tokens_seen, tokens, ms, ce, kl, allreduce_ms })?;
         if step.is_multiple_of(tc.eval_interval) || step == tc.max_steps {
-            let val_loss = trainer.evaluate(val)?;
-            let sample = match &opts.sampler {
-                Some((tok, prompt)) => Some(sample_text(trainer.model(), tok, prompt, tc.seed ^ step as u64)?),
-                None => None,
+            let val_loss = match &opts.dist {
+                Some(d) => d.evaluate(trainer, val, step)?,
+                None => trainer.evaluate(val)?,
+            };
+            let sample = match (&opts.sampler, opts.dist.as_ref().is_none_or(Dist::is_root)) {
+                (Some((tok, prompt)), true) => Some(sample_text(trainer.model(), tok, prompt, tc.seed ^ step as u64)?),
+                _ => None,
             };
             monitor.eval(step, tokens_seen, val_loss, &trainer.model().residual_ratios()?, sample.as_deref())?;
+            if let Some(d) = &opts.dist {
+                monitor.weights_check(step, d.check_weights(trainer, step)?, d.size())?;
+            }
         }
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        let interrupted = match (INTERRUPTED.load(Ordering::SeqCst), &opts.dist) {
+            (mine, Some(d)) => d.any(mine, &format!("the stop check of step {step}"))?,
+            (mine, None) => mine,
+        };
         stopped_early = opts.stop_at == Some(step) || interrupted;
         if (tc.ckpt_interval > 0 && step.is_multiple_of(tc.ckpt_interval)) || step == tc.max_steps || stopped_early {
             monitor.flush()?;
-            let dir = trainer.save(run)?;
+            let dir = match &opts.dist {
+                Some(d) => d.save(trainer, run)?,
+                None => trainer.save(run)?,
+            };
             monitor.line(&format!("saved {}", dir.display()));
             checkpoint = Some(dir);
         }

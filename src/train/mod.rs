@@ -9,6 +9,8 @@
 //! * `distill.rs`: knowledge distillation from a teacher model.
 //! * `batches.rs`: training and validation batches.
 //! * `run_dir.rs` + `checkpoint.rs`: the run directory's layout and atomic checkpoints.
+//! * `distributed/`: data-parallel training over MPI and NCCL (ranks, gradient all-reduce,
+//!   watchdog, launcher detection).
 //!
 //! ```
 //! use lors_lm::{config::Config, train::{Source, Trainer}};
@@ -27,6 +29,7 @@ pub mod adamw;
 pub mod batches;
 pub mod checkpoint;
 pub mod distill;
+pub mod distributed;
 pub mod fit;
 pub mod optim;
 pub mod run_dir;

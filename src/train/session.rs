@@ -11,6 +11,7 @@ use crate::data::{Meta, TokenFile};
 use crate::model::{Model, ParamCounts};
 use crate::monitor::{Monitor, Paths};
 use crate::train::batches::{validation_batches, Source};
+use crate::train::distributed::Dist;
 use crate::train::fit::{fit, install_ctrlc_handler, FitOptions, FitSummary};
 use crate::train::run_dir::RunDir;
 use crate::train::trainer::Trainer;
@@ -36,6 +37,9 @@ pub struct SessionOptions {
     pub init_weights: Option<HashMap<String, Tensor>>,
     /// Distil from this teacher (train.distill_alpha, train.distill_temperature).
     pub teacher: Option<Model>,
+    /// Data-parallel training: this rank's communicator (`distributed::start`); None for a
+    /// single process.
+    pub dist: Option<Dist>,
 }
 
 /// The prepared data of a run, checked against its config.
@@ -84,13 +88,107 @@ pub fn open_data(dir: &Path, cfg: &mut Config) -> Result<RunData> {
 }
 
 /// Train `cfg` on the prepared data in `data_dir` into `run` (see the module docs).
-pub fn train(
-    mut cfg: Config,
-    data_dir: &Path,
-    run: &RunDir,
-    device: &Device,
-    opts: &SessionOptions,
-) -> Result<FitSummary> {
+pub fn train(cfg: Config, data_dir: &Path, run: &RunDir, device: &Device, opts: &SessionOptions) -> Result<FitSummary> {
+    let prepared = prepare(cfg, data_dir, run, device, opts);
+    // Data-parallel ranks go on only together: one rank's refusal stops all of them.
+    let Prepared { cfg, meta, val_file, val, train_tokens, mut trainer, resumed } = match &opts.dist {
+        Some(d) => d.agree(prepared, "starting the run")?,
+        None => prepared?,
+    };
+    let (dist_lines, dist_record) = match &opts.dist {
+        Some(d) => {
+            let (lines, record) = d.setup(&mut trainer)?;
+            (lines, Some(record))
+        }
+        None => {
+            let saved = trainer.state().rank_data_rngs.len() + 1;
+            let note = crate::train::distributed::world_change_note(saved, 1).filter(|_| resumed);
+            (note.map(|n| format!("resume    {n}")).into_iter().collect(), None)
+        }
+    };
+    let root = opts.dist.as_ref().is_none_or(Dist::is_root);
+    // Everything checked: now write (rank 0 alone in a data-parallel run).
+    if root {
+        if !resumed {
+            run.create(opts.force)?;
+            run.copy_data_files(data_dir)?;
+        }
+        run.write_config(&cfg)?;
+    }
+
+    let (start, t) = (trainer.state().step, cfg.train.seq_len);
+    let paths = Paths { metrics: run.metrics_path(), tensorboard: run.tb_dir(), samples: run.samples_path() };
+    let mut monitor = match root {
+        true => Monitor::open(paths, start, opts.quiet, cfg.train.log_interval, cfg.train.max_steps)?,
+        false => Monitor::silent(paths, cfg.train.log_interval, cfg.train.max_steps),
+    };
+    let counts = ParamCounts::new(&cfg.model, &cfg.lors);
+    if start == 0 {
+        monitor.scalar("model/params_unique", counts.total() as f64, 0);
+        monitor.scalar("model/params_vanilla_equivalent", counts.vanilla_total as f64, 0);
+    }
+    print_header(&monitor, &trainer, &counts, run, &meta, (train_tokens, val_file.len()), &dist_lines);
+    if let Some(record) = dist_record {
+        for key in ["world_size", "tokens_per_step", "allreduce_bytes_per_step"] {
+            monitor.scalar(&format!("dist/{key}"), record[key].as_f64().unwrap_or(0.0), start);
+        }
+        monitor.record(record)?;
+    }
+    if let Some((peak, _)) = crate::device::peak_tflops(&cfg.train, device) {
+        // tokens/s are the whole run's: against the peak of all its devices.
+        let devices = opts.dist.as_ref().map_or(1, Dist::size) as f64;
+        monitor.set_mfu(ParamCounts::flops_per_token(&cfg.model, t), peak * 1e12 * devices);
+    }
+    let sampler = match run.tokenizer_path() {
+        p if p.is_file() && root => {
+            // Samples start from BOS when the tokenizer has one, else from the first val tokens.
+            let prompt = match meta.bos_id {
+                Some(bos) => vec![bos],
+                None => val_file.window(0, 4.min(t))?,
+            };
+            Some((crate::data::load_tokenizer(&p)?, prompt))
+        }
+        _ => None,
+    };
+    install_ctrlc_handler();
+    let started = Instant::now();
+    let fit_opts = FitOptions { stop_at: opts.stop_at, sampler, dist: opts.dist.clone() };
+    let summary = fit(&mut trainer, run, &val, &mut monitor, &fit_opts)?;
+    let wall = started.elapsed().as_secs_f64();
+    let done = summary.final_step - start;
+    monitor.summary(&format!(
+        "done: {done} steps in {wall:.1}s, mean {:.0} tok/s | final val loss {} | checkpoint {} | metrics {} | tensorboard --logdir {}",
+        (done * trainer.tokens_per_step()) as f64 / wall.max(1e-9),
+        summary.val_loss.map_or("n/a".into(), |v| format!("{v:.4} (ppl {:.2})", v.exp())),
+        summary.checkpoint.as_deref().unwrap_or(&run.checkpoints_dir()).display(),
+        monitor.metrics_path().display(),
+        monitor.tensorboard_dir().display()
+    ));
+    if let Some(d) = opts.dist.as_ref().filter(|d| !d.is_root() && summary.stopped_early) {
+        crate::train::distributed::eprint_line(&format!(
+            "rank {}: stopped with the other ranks at step {} (rank 0 saved the checkpoint)",
+            d.rank(),
+            summary.final_step
+        ));
+    }
+    Ok(summary)
+}
+
+/// A run ready to train: checked data and run directory, the trainer built or resumed.
+struct Prepared {
+    cfg: Config,
+    meta: Meta,
+    val_file: TokenFile,
+    /// The fixed validation batches.
+    val: Vec<(Tensor, Tensor)>,
+    train_tokens: usize,
+    trainer: Trainer,
+    /// Continues a checkpoint (the run directory exists).
+    resumed: bool,
+}
+
+/// Every check and the trainer, writing nothing.
+fn prepare(mut cfg: Config, data_dir: &Path, run: &RunDir, device: &Device, opts: &SessionOptions) -> Result<Prepared> {
     let data = open_data(data_dir, &mut cfg)?;
     let resume_from = match opts.resume {
         true => Some(
@@ -114,65 +212,21 @@ pub fn train(
     if let Some(teacher) = &opts.teacher {
         trainer.set_teacher(teacher).with_context(|| format!("--teacher {}", cfg.train.teacher))?;
     }
-    // Everything checked: now write.
-    if resume_from.is_none() {
-        run.create(opts.force)?;
-        run.copy_data_files(data_dir)?;
-    }
-    run.write_config(&cfg)?;
-
-    let start = trainer.state().step;
-    let paths = Paths { metrics: run.metrics_path(), tensorboard: run.tb_dir(), samples: run.samples_path() };
-    let mut monitor = Monitor::open(paths, start, opts.quiet, cfg.train.log_interval, cfg.train.max_steps)?;
-    let counts = ParamCounts::new(&cfg.model, &cfg.lors);
-    if start == 0 {
-        monitor.scalar("model/params_unique", counts.total() as f64, 0);
-        monitor.scalar("model/params_vanilla_equivalent", counts.vanilla_total as f64, 0);
-    }
-    print_header(&monitor, &cfg, &counts, run, &data.meta, train_tokens, data.val.len(), device, start);
-    if let Some((peak, _)) = crate::device::peak_tflops(&cfg.train, device) {
-        monitor.set_mfu(ParamCounts::flops_per_token(&cfg.model, t), peak * 1e12);
-    }
-    let sampler = match run.tokenizer_path() {
-        p if p.is_file() => {
-            // Samples start from BOS when the tokenizer has one, else from the first val tokens.
-            let prompt = match data.meta.bos_id {
-                Some(bos) => vec![bos],
-                None => data.val.window(0, 4.min(t))?,
-            };
-            Some((crate::data::load_tokenizer(&p)?, prompt))
-        }
-        _ => None,
-    };
-    install_ctrlc_handler();
-    let started = Instant::now();
-    let summary = fit(&mut trainer, run, &val, &mut monitor, &FitOptions { stop_at: opts.stop_at, sampler })?;
-    let wall = started.elapsed().as_secs_f64();
-    let done = summary.final_step - start;
-    monitor.summary(&format!(
-        "done: {done} steps in {wall:.1}s, mean {:.0} tok/s | final val loss {} | checkpoint {} | metrics {} | tensorboard --logdir {}",
-        (done * trainer.tokens_per_step()) as f64 / wall.max(1e-9),
-        summary.val_loss.map_or("n/a".into(), |v| format!("{v:.4} (ppl {:.2})", v.exp())),
-        summary.checkpoint.as_deref().unwrap_or(&run.checkpoints_dir()).display(),
-        monitor.metrics_path().display(),
-        monitor.tensorboard_dir().display()
-    ));
-    Ok(summary)
+    let resumed = resume_from.is_some();
+    Ok(Prepared { cfg, meta: data.meta, val_file: data.val, val, train_tokens, trainer, resumed })
 }
 
-/// The resolved config, parameter table, data, device and run directory.
-#[allow(clippy::too_many_arguments)]
+/// The resolved config, parameter table, data, device, data-parallel ranks and run directory.
 fn print_header(
     monitor: &Monitor,
-    cfg: &Config,
+    trainer: &Trainer,
     counts: &ParamCounts,
     run: &RunDir,
     meta: &Meta,
-    train_tokens: usize,
-    val_tokens: usize,
-    device: &Device,
-    start: usize,
+    (train_tokens, val_tokens): (usize, usize),
+    dist_lines: &[String],
 ) {
+    let (cfg, device, start) = (trainer.cfg(), trainer.device(), trainer.state().step);
     let tc = &cfg.train;
     monitor.line(&format!("# resolved config (saved to {})", run.config_path().display()));
     monitor.line(cfg.to_toml().unwrap_or_default().trim_end());
@@ -182,11 +236,15 @@ fn print_header(
         "data      {} ({train_tokens} train / {val_tokens} val tokens, vocab {})",
         cfg.data.dir, meta.vocab_size
     ));
-    let tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum;
+    let tokens_per_step = trainer.tokens_per_step();
     monitor.line(&format!(
-        "device    {}, dtype {}, {tokens_per_step} tokens/step ({} × {} × {} accum), {:.2} epochs over the train split, {:.2} tokens per unique parameter",
+        "device    {}, dtype {}, {tokens_per_step} tokens/step ({}{} × {} × {} accum), {:.2} epochs over the train split, {:.2} tokens per unique parameter",
         crate::device::describe(device),
         tc.dtype,
+        match tokens_per_step / (tc.batch_size * tc.seq_len * tc.grad_accum).max(1) {
+            1 => String::new(),
+            n => format!("{n} ranks × "),
+        },
         tc.batch_size,
         tc.seq_len,
         tc.grad_accum,
@@ -203,6 +261,9 @@ fn print_header(
         )),
         None if !device.is_cpu() => monitor.line("mfu       not logged: unknown GPU peak; set train.peak_tflops"),
         None => {}
+    }
+    for line in dist_lines {
+        monitor.line(line);
     }
     monitor.line(&format!("run dir   {}", run.path().display()));
     if start > 0 {

@@ -30,6 +30,14 @@ use std::time::Instant;
 /// mean loss, before the gradient norm, clipping and the update.
 pub trait GradSync {
     fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()>;
+    /// Gradient bytes each rank contributes per step (0: nothing leaves the process).
+    fn bytes_per_step(&self) -> usize {
+        0
+    }
+    /// Processes whose batches each step combines (1: this one alone).
+    fn ranks(&self) -> usize {
+        1
+    }
 }
 
 /// A single process: nothing to combine.
@@ -51,7 +59,7 @@ pub struct StepStats {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
-    /// Tokens of this step (batch × seq_len × micro-batches).
+    /// Tokens of this step (batch × seq_len × micro-batches × data-parallel ranks).
     pub tokens: usize,
     /// Wall time of the step, and of its phases: forward + loss, backward, the rest
     /// (gradient accumulation, sync, clipping, AdamW).
@@ -59,6 +67,8 @@ pub struct StepStats {
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
+    /// Of `optimizer_ms`: combining the gradients across ranks (`GradSync::all_reduce`).
+    pub sync_ms: f64,
     /// The loss or gradient norm was not finite: the update was skipped.
     pub skipped: bool,
     /// Skipped steps in a row, this one included.
@@ -127,6 +137,7 @@ impl Trainer {
             opt_t: 0,
             tokens_seen: 0,
             val_loss: None,
+            rank_data_rngs: Vec::new(),
         };
         if let Some(ckpt) = ckpt {
             state = ckpt.state()?;
@@ -153,6 +164,21 @@ impl Trainer {
     /// Combine gradients across ranks with `sync` (data-parallel training).
     pub fn set_grad_sync(&mut self, sync: Box<dyn GradSync>) {
         self.sync = sync;
+    }
+
+    /// Gradient bytes the `GradSync` moves per step (0 in a single process).
+    pub fn sync_bytes_per_step(&self) -> usize {
+        self.sync.bytes_per_step()
+    }
+
+    /// The batch-sampling RNG (its state after the steps taken so far).
+    pub fn data_rng(&self) -> Rng {
+        self.data_rng
+    }
+
+    /// Draw the next batches from `rng` (a data-parallel rank's own stream).
+    pub fn set_data_rng(&mut self, rng: Rng) {
+        self.data_rng = rng;
     }
 
     /// Distil from `teacher` (same vocabulary) with `train.distill_alpha` and
@@ -187,10 +213,10 @@ impl Trainer {
     pub fn params(&self) -> &[(String, Var)] {
         &self.params
     }
-    /// Tokens of one optimizer step: batch_size × seq_len × grad_accum.
+    /// Tokens of one optimizer step: batch_size × seq_len × grad_accum × data-parallel ranks.
     pub fn tokens_per_step(&self) -> usize {
         let t = &self.cfg.train;
-        t.batch_size * t.seq_len * t.grad_accum
+        t.batch_size * t.seq_len * t.grad_accum * self.sync.ranks()
     }
 
     /// One optimizer step on `train.grad_accum` micro-batches drawn from the source.
@@ -213,7 +239,9 @@ impl Trainer {
         let step = self.state.step + 1;
         let lr = lr_at(step, &self.cfg.train);
         let (mut grads, mut loss, fwd, bwd, parts) = self.gradients(micro)?;
+        let ts = Instant::now();
         self.sync.all_reduce(&mut grads, &mut loss)?;
+        let sync_ms = ts.elapsed().as_secs_f64() * 1e3;
         let grad_norm = global_norm(&grads)?;
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
         let tc = &self.cfg.train;
@@ -233,7 +261,7 @@ impl Trainer {
             }
             self.opt.step(&grads, lr)?;
         }
-        let tokens: usize = micro.iter().map(|(x, _)| x.elem_count()).sum();
+        let tokens: usize = micro.iter().map(|(x, _)| x.elem_count()).sum::<usize>() * self.sync.ranks();
         self.state.step = step;
         self.state.tokens_seen += tokens as u64;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -247,6 +275,7 @@ impl Trainer {
             forward_ms: fwd,
             backward_ms: bwd,
             optimizer_ms: ms - fwd - bwd,
+            sync_ms,
             skipped,
             bad_steps: self.bad_steps,
             ce: parts.map(|p| p.0),
@@ -295,13 +324,25 @@ impl Trainer {
     /// detached first); recorded as the run's last validation loss.
     pub fn evaluate(&mut self, batches: &[(Tensor, Tensor)]) -> Result<f64> {
         let loss = evaluate(&self.model, batches)?;
-        self.state.val_loss = Some(loss);
+        self.set_val_loss(loss);
         Ok(loss)
+    }
+
+    /// Record the run's last validation loss (computed elsewhere, e.g. sharded over ranks).
+    pub fn set_val_loss(&mut self, loss: f64) {
+        self.state.val_loss = Some(loss);
     }
 
     /// Write a checkpoint of the current step into `run` (atomically), keeping the newest
     /// `train.keep_checkpoints`.
     pub fn save(&mut self, run: &RunDir) -> Result<PathBuf> {
+        self.save_ranks(run, Vec::new())
+    }
+
+    /// `save` for rank 0 of a data-parallel run, with the sample-stream states of ranks 1..
+    /// (so that a resume continues every rank's stream).
+    pub fn save_ranks(&mut self, run: &RunDir, other_ranks_data_rngs: Vec<u64>) -> Result<PathBuf> {
+        self.state.rank_data_rngs = other_ranks_data_rngs;
         self.state.data_rng = self.data_rng.state;
         self.state.opt_t = self.opt.t;
         let (params, optimizer) = (self.store.tensors(), self.opt.state_tensors());
@@ -315,12 +356,17 @@ pub fn evaluate(model: &Model, batches: &[(Tensor, Tensor)]) -> Result<f64> {
     if batches.is_empty() {
         bail!("evaluation needs at least one batch");
     }
+    Ok(evaluate_sum(model, batches)? / batches.len() as f64)
+}
+
+/// The sum of the mean losses of `model` over fixed batches, without building a graph.
+pub fn evaluate_sum(model: &Model, batches: &[(Tensor, Tensor)]) -> Result<f64> {
     let frozen = model.merged()?;
     let mut total = 0.0;
     for (x, y) in batches {
         total += frozen.forward_loss(x, y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
-    Ok(total / batches.len() as f64)
+    Ok(total)
 }
 
 /// Global L2 norm of all gradients, with one host sync.
