@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{bin, repo, run_err, run_ok, train_tiny};
+use common::{bin, prepare_text, repo, run_err, run_ok, train_tiny};
 
 use candle_core::{Device, Tensor};
 use lors_lm::formats::hf;
@@ -24,11 +24,7 @@ fn json(out: &Output) -> Value {
 fn prepared(dir: &Path) -> PathBuf {
     let text = "Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; \
                 whenever I find myself involuntarily pausing before coffin warehouses, then, I account it high time to get to sea. ";
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, text.repeat(30)).unwrap();
-    let data = dir.join("data");
-    run_ok(bin().args(["prepare", "--vocab-size", "400", "--input"]).arg(&corpus).arg("--out").arg(&data));
-    data
+    prepare_text(dir, &text.repeat(30), 400)
 }
 
 /// Train a tiny model of `mode` (30 steps, so the private factors are non-zero).

@@ -6,7 +6,7 @@ mod common;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use common::{bin, repo, run_err, run_ok, train_tiny};
+use common::{bin, prepare_text, repo, run_err, run_ok, train_tiny};
 use lors_lm::config::{Config, Mode, Proj};
 use lors_lm::infer::generate::{generate_tokens, Sampler};
 use lors_lm::model::{Model, Ops, ParamCounts, ParamStore, Weights};
@@ -176,11 +176,7 @@ fn a_detached_model_cannot_be_detached_again() -> Result<()> {
 fn prepared(dir: &Path) -> PathBuf {
     let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my \
                 purse, and nothing particular to interest me on shore, I thought I would sail about a little. ";
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, text.repeat(30)).unwrap();
-    let data = dir.join("data");
-    run_ok(bin().args(["prepare", "--vocab-size", "300", "--input"]).arg(&corpus).arg("--out").arg(&data));
-    data
+    prepare_text(dir, &text.repeat(30), 300)
 }
 
 /// A tiny run of `mode` trained for 30 steps (the private factors move away from zero).

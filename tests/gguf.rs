@@ -11,7 +11,7 @@ mod common;
 use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use common::{bin, run_err, run_ok, train_tiny};
+use common::{bin, prepare_text, run_err, run_ok, train_tiny};
 use lors_lm::formats::gguf::load_gguf;
 use lors_lm::train::RunDir;
 use serde_json::Value as Json;
@@ -21,11 +21,7 @@ use std::path::{Path, PathBuf};
 fn prepared(dir: &Path) -> PathBuf {
     let text = "Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; \
                 whenever I find myself involuntarily pausing before coffin warehouses, in 1851, then I account it high time. ";
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, text.repeat(30)).unwrap();
-    let data = dir.join("data");
-    run_ok(bin().args(["prepare", "--vocab-size", "400", "--input"]).arg(&corpus).arg("--out").arg(&data));
-    data
+    prepare_text(dir, &text.repeat(30), 400)
 }
 
 /// Train a tiny model (100 steps, LORS factors non-zero) with extra `--set`s.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bin, repo_str, run_ok};
+use common::{bin, prepare_text, repo_str, run_ok};
 
 use candle_core::Device;
 use lors_lm::train::RunDir;
@@ -13,11 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 fn prepared(dir: &Path) -> PathBuf {
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, "Call me Ishmael. Some years ago, never mind how long precisely. ".repeat(50)).unwrap();
-    let data = dir.join("data");
-    run_ok(bin().args(["prepare", "--vocab-size", "300", "--input"]).arg(&corpus).arg("--out").arg(&data));
-    data
+    prepare_text(dir, &"Call me Ishmael. Some years ago, never mind how long precisely. ".repeat(50), 300)
 }
 
 /// Every row: arguments, and text the error must contain. Each must exit non-zero with one

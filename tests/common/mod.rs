@@ -43,6 +43,16 @@ pub fn run_err(cmd: &mut Command) -> String {
     err
 }
 
+/// `text` written to DIR/corpus.txt and prepared by `lors-lm prepare --vocab-size vocab` into
+/// DIR/data, which is returned.
+pub fn prepare_text(dir: &Path, text: &str, vocab: usize) -> PathBuf {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, text).unwrap();
+    let data = dir.join("data");
+    run_ok(bin().args(["prepare", "--vocab-size", &vocab.to_string(), "--input"]).arg(&corpus).arg("--out").arg(&data));
+    data
+}
+
 /// `lors-lm train --quiet` with the tiny config on `data`, writing to `run`.
 pub fn train_tiny(data: &Path, run: &Path) -> Command {
     let mut c = bin();

@@ -6,10 +6,10 @@
 //! over MPI. The stream is synchronised inside the watchdog's watch, so a lost GPU peer ends
 //! the run instead of hanging it.
 
-use crate::train::distributed::sync::{flatten, gradient_numel, unflatten};
+use crate::train::distributed::sync::{flatten, gradient_numel, mean_loss, unflatten};
 use crate::train::distributed::Dist;
 use crate::train::trainer::GradSync;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, Device, InplaceOp1, Layout, Tensor, Var};
 
@@ -70,20 +70,14 @@ impl InplaceOp1 for AllReduceAvg<'_> {
 impl GradSync for NcclAllReduce {
     fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
         self.step += 1;
-        let flat = flatten(grads)?;
-        if flat.elem_count() != self.numel {
-            bail!("gradient buffer of {} values for {} parameter values", flat.elem_count(), self.numel);
-        }
+        let flat = flatten(grads, self.numel)?;
         flat.inplace_op1(&AllReduceAvg(&self.comm))?;
         {
             let _armed = self.dist.arm(&format!("the NCCL gradient all-reduce of step {}", self.step));
             self.device.synchronize()?;
         }
         unflatten(&flat, grads)?;
-        let mut total = [0.0];
-        self.dist.sum_f64(&[*loss], &mut total, &format!("the loss all-reduce of step {}", self.step))?;
-        *loss = total[0] / self.dist.size() as f64;
-        Ok(())
+        mean_loss(&self.dist, loss, self.step)
     }
 
     fn bytes_per_step(&self) -> usize {

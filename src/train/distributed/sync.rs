@@ -31,10 +31,23 @@ pub fn gradient_numel(params: &[(String, Var)]) -> usize {
     params.iter().map(|(_, v)| v.elem_count()).sum()
 }
 
-/// All gradients as one flat f32 vector (P,), on their device.
-pub fn flatten(grads: &[Tensor]) -> Result<Tensor> {
+/// All gradients as one flat f32 vector (P,), on their device; P must be the `numel` the
+/// all-reduce was built for.
+pub fn flatten(grads: &[Tensor], numel: usize) -> Result<Tensor> {
     let flat = grads.iter().map(|g| g.flatten_all()?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&flat, 0)?)
+    let flat = Tensor::cat(&flat, 0)?;
+    if flat.elem_count() != numel {
+        bail!("gradient buffer of {} values for {numel} parameter values", flat.elem_count());
+    }
+    Ok(flat)
+}
+
+/// Replace `loss` by its mean over the ranks (one collective; every rank gets the same value).
+pub fn mean_loss(dist: &Dist, loss: &mut f64, step: usize) -> Result<()> {
+    let mut total = [0.0];
+    dist.sum_f64(&[*loss], &mut total, &format!("the loss all-reduce of step {step}"))?;
+    *loss = total[0] / dist.size() as f64;
+    Ok(())
 }
 
 /// Cut `flat` (P,) back into tensors shaped (and typed) like `grads`, replacing them.
@@ -52,10 +65,7 @@ impl GradSync for HostAllReduce {
     fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
         self.step += 1;
         let n = self.dist.size();
-        let send = flatten(grads)?.to_vec1::<f32>()?;
-        if send.len() != self.numel {
-            bail!("gradient buffer of {} values for {} parameter values", send.len(), self.numel);
-        }
+        let send = flatten(grads, self.numel)?.to_vec1::<f32>()?;
         let mut recv = vec![0f32; send.len()];
         self.dist.sum_f32(&send, &mut recv, &format!("the gradient all-reduce of step {}", self.step))?;
         drop(send);
@@ -63,10 +73,7 @@ impl GradSync for HostAllReduce {
         recv.iter_mut().for_each(|v| *v *= inv);
         let device = grads.first().map(|g| g.device().clone()).unwrap_or(candle_core::Device::Cpu);
         unflatten(&Tensor::from_vec(recv, self.numel, &device)?, grads)?;
-        let mut total = [0.0];
-        self.dist.sum_f64(&[*loss], &mut total, &format!("the loss all-reduce of step {}", self.step))?;
-        *loss = total[0] / n as f64;
-        Ok(())
+        mean_loss(&self.dist, loss, self.step)
     }
 
     fn bytes_per_step(&self) -> usize {
