@@ -221,8 +221,7 @@ class Exp:
                     plans.append((f"sandwich r{r}", ["--private-layers", "0,L-1", "--rank", str(r)]))
                 for label, flags in plans:
                     self.student(layers, teacher, label, flags, frac, seeds)
-                if layers == 8 or frac == 50:
-                    self.baselines(layers, teacher, seeds, (frac,))
+                self.baselines(layers, teacher, seeds, (frac,))
                 self.report(partial=True)
         self.report()
 
