@@ -9,8 +9,13 @@ scripts/check_llamacpp.sh.
    of its chat prompt, and top-1 agreement over 256 teacher-forced positions, llama.cpp (quantized
    matmuls) against lors-lm (dequantized f32 weights).
 
+3. With --student RUN --student-gguf FILE instead (scripts/smollm2_experiment.py): a compressed
+   and uptrained SmolLM2 student exported by lors-lm; llama.cpp's logits on a prompt against
+   the run's own (f32, factored LORS weights) and its greedy continuation against lors-lm's.
+
 Prints one line per check and a JSON summary; exits 1 when a check fails.
 Usage: llamacpp_check.py --bin BIN --run RUN --gguf-dir DIR --smollm FILE --text FILE
+       llamacpp_check.py --bin BIN --student RUN --student-gguf FILE [--json-out FILE]
 """
 
 import argparse
@@ -185,19 +190,53 @@ def pretrained_model(args, tmp, summary):
                                  "acc_llama_cpp": acc_cpp}
 
 
+def student_model(args, tmp, summary):
+    """A compressed SmolLM2 student: the run (LORS, f32) in lors-lm against its GGUF export
+    (merged weights) in llama.cpp, on a plain prompt and a chat prompt."""
+    cpp = Cpp(args.student_gguf, 512, f32_cache=True)
+    for name, prompt in [("plain", PROMPT), ("chat", SMOL_CHAT[0])]:
+        p_ids, ours, run_logits, _ = lors(args.bin, ["--run", args.student], ["--prompt", prompt], 32, tmp)
+        check(cpp.tokenize(prompt, special=True) == p_ids, f"student: llama.cpp tokenizes the {name} prompt as lors-lm ({len(p_ids)} tokens)")
+        e = rel_err(cpp.logits(p_ids), run_logits)
+        check(e < 1e-3, f"student: {name} prompt logits, llama.cpp on the GGUF (f32) vs lors-lm on the run: relative error {e:.2e} (< 1e-3)")
+        theirs, cpp_tps = cpp.greedy(p_ids, 32)
+        same = agree(ours, theirs)
+        check(same >= 16 or ours == theirs, f"student: greedy continuation of the {name} prompt agrees for {same}/{len(ours)} tokens (need 16)")
+        print(f"     lors-lm:   {cpp.llm.detokenize(ours).decode('utf-8', 'replace')!r}")
+        print(f"     llama.cpp: {cpp.llm.detokenize(theirs).decode('utf-8', 'replace')!r} ({cpp_tps:.1f} tokens/s)")
+        summary[f"student_{name}"] = {"rel_err": e, "greedy_agree": same, "n": len(ours),
+                                      "text_lors_lm": cpp.llm.detokenize(ours).decode("utf-8", "replace"),
+                                      "text_llama_cpp": cpp.llm.detokenize(theirs).decode("utf-8", "replace"),
+                                      "tokens_per_s_llama_cpp": cpp_tps}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bin", required=True)
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--gguf-dir", required=True)
-    ap.add_argument("--smollm", required=True)
-    ap.add_argument("--text", required=True)
+    ap.add_argument("--run")
+    ap.add_argument("--gguf-dir")
+    ap.add_argument("--smollm")
+    ap.add_argument("--text")
+    ap.add_argument("--student", help="a lors-lm run (the compressed student) ...")
+    ap.add_argument("--student-gguf", help="... and its GGUF export: check only these two")
+    ap.add_argument("--json-out", help="also write the JSON summary to this file")
     args = ap.parse_args()
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:
-        trained_model(args, tmp, summary)
-        pretrained_model(args, tmp, summary)
+        if args.student or args.student_gguf:
+            if not (args.student and args.student_gguf):
+                ap.error("--student and --student-gguf go together")
+            student_model(args, tmp, summary)
+        else:
+            missing = [f"--{k.replace('_', '-')}" for k in ("run", "gguf_dir", "smollm", "text") if not getattr(args, k)]
+            if missing:
+                ap.error(f"missing {', '.join(missing)}")
+            trained_model(args, tmp, summary)
+            pretrained_model(args, tmp, summary)
     print(json.dumps(summary, indent=1))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=1)
     if failures:
         print(f"{len(failures)} check(s) failed", file=sys.stderr)
         sys.exit(1)

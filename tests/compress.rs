@@ -43,6 +43,7 @@ fn spec(energy: Option<f64>) -> Spec {
         targets: Proj::ALL.to_vec(),
         private_layers: vec![],
         energy,
+        budget: None,
     }
 }
 
@@ -135,6 +136,38 @@ fn the_energy_report_matches_a_known_spectrum() -> Result<()> {
     // --energy 0.8 keeps two singular values of q.
     let c = compress(&cfg.model, &tensors, &spec(Some(0.8)))?;
     assert_eq!(c.lors.proj_ranks[&Proj::Q], vec![2, 2]);
+    Ok(())
+}
+
+/// `--budget`: the ranks fit the budget, are those of `--energy` at the fraction it chose, and
+/// one step finer would not fit; a budget below bases + rank 1 is refused.
+#[test]
+fn a_budget_picks_the_largest_energy_that_fits() -> Result<()> {
+    let (cfg, _, tensors) = vanilla(4, 11, DType::F32)?;
+    let vanilla_block = lors_lm::model::ParamCounts::new(&cfg.model, &cfg.lors).block_projections();
+    let block =
+        |c: &lors_lm::compress::Compressed| lors_lm::model::ParamCounts::new(&cfg.model, &c.lors).block_projections();
+    let mut last = 0.0;
+    for frac in [0.45, 0.6, 0.75, 0.9] {
+        let budget = (frac * vanilla_block as f64) as usize;
+        let c = compress(&cfg.model, &tensors, &Spec { budget: Some(budget), ..spec(None) })?;
+        let e = c.energy.expect("a budget reports the energy it chose");
+        assert!(block(&c) <= budget, "{frac}: {} > {budget}", block(&c));
+        assert!(e > last && e < 1.0, "{frac}: energy {e} after {last}");
+        last = e;
+        // The same ranks as --energy e; a slightly larger fraction no longer fits.
+        let same = compress(&cfg.model, &tensors, &spec(Some(e)))?;
+        assert_eq!(same.lors.proj_ranks, c.lors.proj_ranks);
+        let finer = compress(&cfg.model, &tensors, &spec(Some((e + 1e-6).min(1.0))))?;
+        assert!(block(&finer) > budget, "{frac}: energy {e} is not the largest that fits");
+        // Random layers: the residuals are most of the weight, so this is far from free.
+        assert!(block(&c) as f64 > 0.9 * budget as f64);
+    }
+    let err = compress(&cfg.model, &tensors, &Spec { budget: Some(vanilla_block / 5), ..spec(None) })
+        .err()
+        .expect("a budget below the base is refused")
+        .to_string();
+    assert!(err.contains("--budget") && err.contains("more than the budget"), "{err}");
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! GGUF both ways on files the tests make: `export --format gguf` read back with `--gguf`
 //! (f32: the run's logits, greedy text and loss; f16/q8_0 within tolerance), the tokenizer
 //! rebuilt from the metadata, the metadata types llama.cpp checks, `compress --from FILE.gguf`
-//! at full rank (lors and lowrank) and with layers dropped, `train --init-from/--teacher FILE.gguf`, and a battery of malformed files
+//! at full rank (lors and lowrank) and with layers dropped, `train --init-from/--teacher FILE.gguf`,
+//! the SmolLM2 compression pipeline on a small GGUF made here, and a battery of malformed files
 //! (wrong magic, truncations, unsupported architecture, tensors or types, absurd sizes), each
 //! refused with an error naming the file, never a panic, nothing written.
 //! llama.cpp itself checks the files in scripts/check_llamacpp.sh.
@@ -255,6 +256,128 @@ fn gguf_as_a_source_for_compress_and_train() {
     .arg(&file);
     run_ok(&mut c);
     assert!(RunDir::open(&student).unwrap().load(None, &Device::Cpu).is_ok());
+}
+
+/// The SmolLM2 pipeline (scripts/smollm2_experiment.py) on a small GGUF Llama made here (4
+/// layers, grouped-query attention, tied embeddings): data prepared with the file's own
+/// tokenizer; compression at full rank gives the file's logits; `--budget 0.5` fits its budget;
+/// the student uptrained with the file as teacher exports to a GGUF that reads back with the
+/// run's logits and greedy text.
+#[test]
+fn a_small_gguf_llama_through_the_compression_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let run = tmp.path().join("run");
+    train(
+        &data,
+        &run,
+        &[
+            "lors.mode=vanilla",
+            "model.n_layers=4",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.tie_embeddings=true",
+        ],
+    );
+    let file = tmp.path().join("llama.gguf");
+    export(&run, &file, "f32");
+
+    // Data tokenized by the GGUF's tokenizer: the same ids as the run's own tokenizer.
+    let text_dir = tmp.path().join("text");
+    std::fs::create_dir_all(&text_dir).unwrap();
+    let text = "Whenever I find myself growing grim about the mouth, in 1851, I account it high time. ";
+    std::fs::write(text_dir.join("a.txt"), text.repeat(40)).unwrap();
+    let by_gguf = tmp.path().join("by-gguf");
+    run_ok(bin().args(["prepare", "--tokenizer"]).arg(&file).arg("--input").arg(&text_dir).arg("--out").arg(&by_gguf));
+    let by_json = tmp.path().join("by-json");
+    run_ok(
+        bin()
+            .args(["prepare", "--tokenizer"])
+            .arg(data.join("tokenizer.json"))
+            .arg("--input")
+            .arg(&text_dir)
+            .arg("--out")
+            .arg(&by_json),
+    );
+    for split in ["train.bin", "val.bin"] {
+        let (a, b) = (std::fs::read(by_gguf.join(split)).unwrap(), std::fs::read(by_json.join(split)).unwrap());
+        assert!(!a.is_empty() && a == b, "{split}: the GGUF's tokenizer encodes differently");
+    }
+    let meta: Json = serde_json::from_str(&std::fs::read_to_string(by_gguf.join("meta.json")).unwrap()).unwrap();
+    assert!(meta["tokenizer_source"].as_str().unwrap().starts_with("gguf:"), "{}", meta["tokenizer_source"]);
+    let teacher_loss = eval_loss(&["--gguf", file.to_str().unwrap()], &by_gguf);
+
+    // Full rank: the file's logits, through grouped-query attention and four layers.
+    let (_, gguf_logits) = greedy(&["--gguf", file.to_str().unwrap()], 4, &tmp.path().join("g.npy"));
+    let full = tmp.path().join("full");
+    run_ok(bin().args(["compress", "--energy", "1", "--group-size", "2", "--from"]).arg(&file).arg("--out").arg(&full));
+    let (_, full_logits) = greedy(&["--run", full.to_str().unwrap()], 4, &tmp.path().join("f.npy"));
+    let err = rel_err(&full_logits, &gguf_logits);
+    assert!(err < 1e-4, "compressed at full rank: logits differ by {err}");
+
+    // Half the block parameters, plain and activation-aware (calibrated on the train split),
+    // then uptrained with the file as teacher.
+    let compress_half = |out: &Path, calibrate: bool| -> Json {
+        let mut c = bin();
+        c.args(["compress", "--budget", "0.5", "--json", "--data"]).arg(&by_gguf).arg("--from").arg(&file);
+        if calibrate {
+            c.arg("--calibrate").arg(&by_gguf);
+        }
+        serde_json::from_slice(&run_ok(c.arg("--out").arg(out)).stdout).unwrap()
+    };
+    let plain = compress_half(&tmp.path().join("plain"), false);
+    let half = tmp.path().join("half");
+    let rep = compress_half(&half, true);
+    let (aware_loss, plain_loss) =
+        (rep["val"]["compressed_loss"].as_f64().unwrap(), plain["val"]["compressed_loss"].as_f64().unwrap());
+    assert!(aware_loss < plain_loss, "activation-aware {aware_loss} vs plain {plain_loss}");
+    assert!(rep["calibration"]["tokens"].as_u64().unwrap() > 0, "{}", rep["calibration"]);
+    // Calibration data in another tokenizer is refused, nothing written.
+    std::fs::create_dir_all(tmp.path().join("other")).unwrap();
+    let other = prepare_text(&tmp.path().join("other"), &text.repeat(20), 300);
+    let refused = tmp.path().join("refused");
+    let err = run_err(
+        bin()
+            .args(["compress", "--budget", "0.5", "--calibrate"])
+            .arg(&other)
+            .arg("--from")
+            .arg(&file)
+            .arg("--out")
+            .arg(&refused),
+    );
+    assert!(err.contains("--calibrate") && err.contains("vocabulary"), "{err}");
+    assert!(!refused.exists());
+    let frac = rep["params"]["block_fraction"].as_f64().unwrap();
+    assert!(frac <= 0.5 && frac > 0.4, "--budget 0.5 gave {frac} of the block parameters");
+    let energy = rep["energy"].as_f64().unwrap();
+    assert!(energy > 0.0 && energy < 1.0, "{energy}");
+    let source_loss = rep["val"]["source_loss"].as_f64().unwrap();
+    assert!((source_loss - teacher_loss).abs() < 0.05, "{source_loss} vs eval --gguf {teacher_loss}");
+    let student = tmp.path().join("student");
+    run_ok(
+        bin()
+            .args(["train", "--quiet", "--set", "train.max_steps=4", "--set", "train.warmup_steps=1"])
+            .args(["--set", "train.distill_alpha=0.5", "--set", "train.lr=1e-3", "--data"])
+            .arg(&by_gguf)
+            .arg("--init-from")
+            .arg(&half)
+            .arg("--teacher")
+            .arg(&file)
+            .arg("--out")
+            .arg(&student),
+    );
+    let student_file = tmp.path().join("student.gguf");
+    export(&student, &student_file, "f32");
+    let src = ["--run", student.to_str().unwrap()];
+    let (run_ids, run_logits) = greedy(&src, 8, &tmp.path().join("s.npy"));
+    let (file_ids, file_logits) = greedy(&["--gguf", student_file.to_str().unwrap()], 8, &tmp.path().join("t.npy"));
+    assert_eq!(run_ids, file_ids);
+    let err = rel_err(&file_logits, &run_logits);
+    assert!(err < 1e-5, "the student's GGUF export: logits differ by {err}");
+    let (_, factored_logits) = greedy(&[&src[..], &["--weights", "factored"]].concat(), 8, &tmp.path().join("u.npy"));
+    let err = rel_err(&factored_logits, &run_logits);
+    assert!(err < 1e-4, "factored weights: logits differ by {err}");
+    assert!(rel_err(&run_logits, &gguf_logits) > 1e-3, "the student is not the teacher");
 }
 
 /// Rewrite a GGUF file through candle's reader and writer, editing metadata and tensors.

@@ -3,7 +3,8 @@
 //! (with `--data`) the validation loss of the source and of the compressed model.
 
 use crate::cmd::source::{self, Kind, Loaded};
-use crate::compress::{compress, keep_layers, mean_energy_by_proj, Compressed, ProjReport, Spec};
+use crate::compress::calibrate::Calibration;
+use crate::compress::{compress_calibrated, keep_layers, mean_energy_by_proj, Compressed, ProjReport, Spec};
 use crate::config::{Config, LorsConfig, Mode, Proj};
 use crate::data::{Meta, TokenFile};
 use crate::infer::perplexity::eval_tokens;
@@ -58,13 +59,26 @@ pub struct CompressArgs {
     /// instead of a fixed rank.
     #[arg(long, value_name = "F", conflicts_with_all = ["attn_rank", "ffn_rank"])]
     pub energy: Option<f64>,
+    /// Choose the ranks to fit this fraction of the source's block (projection) parameters
+    /// (0-1]: every projection keeps the same fraction of its residual energy, the largest
+    /// that fits (printed). Instead of a fixed rank or --energy.
+    #[arg(long, value_name = "F", conflicts_with_all = ["attn_rank", "ffn_rank", "energy"])]
+    pub budget: Option<f64>,
+    /// Activation-aware truncation (SVD-LLM): run the source over windows of the train split of
+    /// this prepared data (same tokenizer) and make every residual's SVD minimise the error
+    /// on the inputs the layer sees, not on its weights. Far better for pretrained models.
+    #[arg(long, value_name = "DIR")]
+    pub calibrate: Option<PathBuf>,
+    /// Calibration tokens for --calibrate.
+    #[arg(long, value_name = "N", default_value_t = 16384, requires = "calibrate")]
+    pub calibration_tokens: usize,
     /// lors (shared bases + private low-rank residuals) or lowrank (no sharing: each layer's
     /// weight truncated to rank r, the per-layer SVD baseline).
     #[arg(long, default_value = "lors", value_parser = ["lors", "lowrank"])]
     pub mode: String,
     /// Layer dropping instead (a baseline): keep only these layers (comma-separated, `L-1` =
     /// the last), as a vanilla model.
-    #[arg(long, value_delimiter = ',', value_name = "LAYERS", conflicts_with_all = ["energy", "private_layers", "group_size", "groups"])]
+    #[arg(long, value_delimiter = ',', value_name = "LAYERS", conflicts_with_all = ["energy", "budget", "private_layers", "group_size", "groups", "calibrate"])]
     pub keep_layers: Vec<String>,
     /// Prepared data (same tokenizer): report the validation loss of the source and of the
     /// compressed model before any training.
@@ -83,16 +97,23 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     let device = Device::Cpu;
     let src = source::load(&args.from, args.checkpoint, &device, "--from")?;
     let n = src.cfg.model.n_layers;
-    let spec = spec(args, n)?;
+    let before = ParamCounts::new(&src.cfg.model, &src.cfg.lors);
+    let spec = spec(args, n, before.block_projections())?;
     let tensors: HashMap<_, _> = src.model.merged_tensors()?.into_iter().collect();
+    let mut calib_tokens = None;
     let (model_cfg, compressed) = if args.keep_layers.is_empty() {
         check_groups_align(&src.cfg.lors, &spec.lors_config(), n)?;
-        (src.cfg.model.clone(), compress(&src.cfg.model, &tensors, &spec)?)
+        let calib = match &args.calibrate {
+            Some(dir) => Some(calibration(dir, &src, args.calibration_tokens)?),
+            None => None,
+        };
+        calib_tokens = calib.as_ref().map(|c| c.tokens);
+        (src.cfg.model.clone(), compress_calibrated(&src.cfg.model, &tensors, &spec, calib.as_ref())?)
     } else {
         let keep = args.keep_layers.iter().map(|s| parse_layer(s, n, "--keep-layers")).collect::<Result<Vec<_>>>()?;
         let (m, tensors) = keep_layers(&src.cfg.model, &tensors, &keep)?;
         let lors = LorsConfig { mode: Mode::Vanilla, ..LorsConfig::default() };
-        (m, Compressed { lors, tensors, report: vec![] })
+        (m, Compressed { lors, tensors, report: vec![], energy: None })
     };
     let mut cfg = Config { model: model_cfg, lors: compressed.lors.clone(), ..src.cfg.clone() };
     cfg.train.seq_len = cfg.train.seq_len.min(cfg.model.max_seq_len);
@@ -107,7 +128,6 @@ pub fn run(args: &CompressArgs) -> Result<()> {
         Some(dir) => Some(validation_losses(dir, &src, &model, &cfg)?),
         None => None,
     };
-    let before = ParamCounts::new(&src.cfg.model, &src.cfg.lors);
     let after = ParamCounts::new(&cfg.model, &cfg.lors);
     let report = json!({
         "source": src.describe(),
@@ -117,6 +137,8 @@ pub fn run(args: &CompressArgs) -> Result<()> {
             "after": {"block": after.block_projections(), "total": after.total()},
             "block_fraction": after.block_projections() as f64 / before.block_projections().max(1) as f64,
         },
+        "energy": compressed.energy,
+        "calibration": args.calibrate.as_ref().map(|d| json!({"data": d, "tokens": calib_tokens})),
         "energy_by_projection": mean_energy_by_proj(&compressed.report).into_iter().map(|(p, e)| (p.to_string(), e)).collect::<HashMap<_, _>>(),
         "projections": compressed.report,
         "val": losses.map(|(s, c, n)| json!({"source_loss": s, "compressed_loss": c, "tokens": n})),
@@ -134,6 +156,9 @@ pub fn run(args: &CompressArgs) -> Result<()> {
             before.total(),
             after.total()
         );
+        if let (Some(f), Some(e)) = (args.budget, compressed.energy) {
+            println!("--budget {f}: every projection keeps {:.2} % of its residual energy", 100.0 * e);
+        }
         if let Some((s, c, n)) = losses {
             println!(
                 "validation loss over {n} tokens: source {s:.4} (ppl {:.2}), compressed {c:.4} (ppl {:.2})",
@@ -164,8 +189,9 @@ fn check_out(out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// The compression spec from the flags, for a model of `n_layers`.
-fn spec(args: &CompressArgs, n_layers: usize) -> Result<Spec> {
+/// The compression spec from the flags, for a model of `n_layers` with `block` unique block
+/// parameters.
+fn spec(args: &CompressArgs, n_layers: usize, block: usize) -> Result<Spec> {
     let targets = args
         .targets
         .iter()
@@ -179,6 +205,13 @@ fn spec(args: &CompressArgs, n_layers: usize) -> Result<Spec> {
     if args.rank == 0 {
         bail!("--rank must be >= 1");
     }
+    let budget = match args.budget {
+        Some(f) if !(f > 0.0 && f <= 1.0) => {
+            bail!("--budget {f}: the fraction of the source's block parameters must be in (0, 1], e.g. 0.5")
+        }
+        Some(f) => Some((f * block as f64).floor() as usize),
+        None => None,
+    };
     Ok(Spec {
         mode: Mode::from_name(&args.mode).with_context(|| format!("--mode {}: use lors or lowrank", args.mode))?,
         rank: args.rank,
@@ -189,6 +222,7 @@ fn spec(args: &CompressArgs, n_layers: usize) -> Result<Spec> {
         targets,
         private_layers,
         energy: args.energy,
+        budget,
     })
 }
 
@@ -227,6 +261,27 @@ fn check_groups_align(src: &LorsConfig, dst: &LorsConfig, n: usize) -> Result<()
         );
     }
     Ok(())
+}
+
+/// The calibration of `src` on the prepared data `dir` (windows of up to 512 tokens).
+fn calibration(dir: &Path, src: &Loaded, n_tokens: usize) -> Result<Calibration> {
+    let meta = Meta::load(dir).with_context(|| format!("--calibrate {}", dir.display()))?;
+    if meta.vocab_size != src.cfg.model.vocab_size {
+        bail!(
+            "--calibrate {} has a vocabulary of {} but the model's is {}: prepare it with the model's tokenizer (`lors-lm prepare --tokenizer ...`)",
+            dir.display(),
+            meta.vocab_size,
+            src.cfg.model.vocab_size
+        );
+    }
+    if n_tokens == 0 {
+        bail!("--calibration-tokens must be >= 1");
+    }
+    let t = std::time::Instant::now();
+    let seq_len = src.cfg.model.max_seq_len.min(512);
+    let cal = Calibration::from_data(&src.model.merged()?, dir, n_tokens, seq_len, 4)?;
+    eprintln!("calibration: {} tokens of {} in {:.1}s", cal.tokens, dir.display(), t.elapsed().as_secs_f64());
+    Ok(cal)
 }
 
 /// (source loss, compressed loss, predicted tokens) over the validation split of `dir`.

@@ -24,10 +24,10 @@ pub struct PrepareArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_VOCAB_SIZE, conflicts_with = "tokenizer")]
     pub vocab_size: usize,
 
-    /// Use an existing tokenizer instead of training one: a tokenizer.json file, or
-    /// hf:OWNER/NAME[@REVISION] from the Hugging Face Hub (through its standard cache;
-    /// HF_HUB_OFFLINE=1 uses the cache only).
-    #[arg(long, value_name = "FILE|hf:OWNER/NAME")]
+    /// Use an existing tokenizer instead of training one: a tokenizer.json file, a .gguf model
+    /// (its embedded tokenizer, so the data fits that model), or hf:OWNER/NAME[@REVISION] from
+    /// the Hugging Face Hub (through its standard cache; HF_HUB_OFFLINE=1 uses the cache only).
+    #[arg(long, value_name = "FILE|GGUF|hf:OWNER/NAME")]
     pub tokenizer: Option<String>,
 
     /// Fraction of the token stream, taken from its end, kept for validation (val.bin).

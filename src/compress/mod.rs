@@ -10,14 +10,17 @@
 //! Private layers (`private_layers`) and projection types that are not targets keep their full
 //! weights; embeddings, norms and the head are copied. The rank of each projection is fixed
 //! (`rank`, `attn_rank`, `ffn_rank`) or chosen per projection and layer to keep a fraction of
-//! the residual's energy (`energy`: Σ_{i<r} σ_i² / Σ σ_i²). The result is a LORS config and
+//! the residual's energy (`energy`: Σ_{i<r} σ_i² / Σ σ_i²), or to keep the largest such fraction
+//! that fits a budget of block parameters (`budget`). The result is a LORS config and
 //! its named tensors; `lors-lm compress` writes them as a run directory.
 
+pub mod calibrate;
 pub mod svd;
 
 use crate::model::lors::{factor_names, LorsConfig, Mode, Proj};
 use crate::model::ModelConfig;
 use anyhow::{bail, Context, Result};
+use calibrate::Calibration;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -42,6 +45,9 @@ pub struct Spec {
     pub private_layers: Vec<usize>,
     /// Choose each projection's rank to keep this fraction of its residual's energy.
     pub energy: Option<f64>,
+    /// Or: the most block parameters (bases, private weights and factors) the result may
+    /// have; the largest energy fraction that fits decides the ranks (as `energy` would).
+    pub budget: Option<usize>,
 }
 
 /// One projection of one layer after compression.
@@ -53,7 +59,8 @@ pub struct ProjReport {
     pub group: Option<usize>,
     /// Rank of its private residual (0 when kept private).
     pub rank: usize,
-    /// Fraction of ‖W_l − W_shared‖²_F the residual keeps (1 when kept private).
+    /// Fraction of ‖W_l − W_shared‖²_F the residual keeps (1 when kept private); with a
+    /// calibration, of ‖(W_l − W_shared) X‖²_F over the calibration inputs X.
     pub energy_kept: f64,
     /// ‖W_l − W_shared‖_F / ‖W_l‖_F: how far the layer is from its group's mean.
     pub residual_norm: f64,
@@ -64,6 +71,8 @@ pub struct Compressed {
     /// Every parameter of the LORS model, named as the model names them.
     pub tensors: HashMap<String, Tensor>,
     pub report: Vec<ProjReport>,
+    /// The energy fraction that decided the ranks (`energy`, or the one `budget` chose).
+    pub energy: Option<f64>,
 }
 
 impl Spec {
@@ -87,6 +96,19 @@ impl Spec {
 /// Compress the vanilla-named weights `source` (`Model::merged_tensors`) of a model with
 /// dimensions `m` as `spec` says.
 pub fn compress(m: &ModelConfig, source: &HashMap<String, Tensor>, spec: &Spec) -> Result<Compressed> {
+    compress_calibrated(m, source, spec, None)
+}
+
+/// `compress`, activation-aware when a calibration of the source is given (every residual's
+/// SVD whitened by its input's Gram matrix, `svd::Whitening`). Three steps: bases and private
+/// weights, the SVD of every residual, then the ranks (fixed, by energy, or by budget) and the
+/// factors.
+pub fn compress_calibrated(
+    m: &ModelConfig,
+    source: &HashMap<String, Tensor>,
+    spec: &Spec,
+    calib: Option<&Calibration>,
+) -> Result<Compressed> {
     if !matches!(spec.mode, Mode::Lors | Mode::Lowrank) {
         bail!("compression writes a lors or lowrank model, not {}", spec.mode);
     }
@@ -114,20 +136,21 @@ pub fn compress(m: &ModelConfig, source: &HashMap<String, Tensor>, spec: &Spec) 
         }
     }
     let n = m.n_layers;
+    // 1. Full weights of what stays private, bases of the groups, the SVD of every residual.
+    let mut fixed = 0; // block parameters that do not depend on the ranks
+    let mut residuals = vec![];
     for p in Proj::ALL {
-        let mut ranks = vec![0; n];
-        // Layers kept private: their full weight.
         for l in (0..n).filter(|&l| !lors.is_target(p, l)) {
             let name = format!("layers.{l}.{p}.weight");
-            tensors.insert(name.clone(), get(&name)?);
+            let w = get(&name)?;
+            fixed += w.elem_count();
+            tensors.insert(name, w);
             report.push(ProjReport { proj: p, layer: l, group: None, rank: 0, energy_kept: 1.0, residual_norm: 0.0 });
         }
         // Low rank without sharing: each layer's own weight, truncated.
         for l in (0..n).filter(|&l| lors.is_target(p, l) && !lors.has_base(p, l)) {
             let w = get(&format!("layers.{l}.{p}.weight"))?;
-            let (rank, r) = compress_layer(&lors, spec, p, l, &w, &w.zeros_like()?, &mut tensors)?;
-            ranks[l] = rank;
-            report.push(r);
+            residuals.push(Residual::new(p, l, None, &w, &w.zeros_like()?, calib)?);
         }
         for g in 0..lors.n_groups(n) {
             let layers: Vec<usize> =
@@ -137,55 +160,114 @@ pub fn compress(m: &ModelConfig, source: &HashMap<String, Tensor>, spec: &Spec) 
             }
             let weights = layers.iter().map(|l| get(&format!("layers.{l}.{p}.weight"))).collect::<Result<Vec<_>>>()?;
             let shared = (Tensor::stack(&weights, 0)?.sum(0)? / layers.len() as f64)?; // (out, in)
-            tensors.insert(format!("shared.{g}.{p}.weight"), shared.clone());
             for (&l, w) in layers.iter().zip(&weights) {
-                let (rank, r) = compress_layer(&lors, spec, p, l, w, &shared, &mut tensors)?;
-                ranks[l] = rank;
-                report.push(ProjReport { proj: p, layer: l, group: Some(g), ..r });
+                residuals.push(Residual::new(p, l, Some(g), w, &shared, calib)?);
             }
+            fixed += shared.elem_count();
+            tensors.insert(format!("shared.{g}.{p}.weight"), shared);
         }
-        if spec.energy.is_some() && (0..n).any(|l| lors.is_target(p, l)) {
-            lors.proj_ranks.insert(p, ranks);
+    }
+    // 2. The ranks.
+    let energy = match spec.budget {
+        Some(budget) => Some(energy_for_budget(&residuals, fixed, budget)?),
+        None => spec.energy,
+    };
+    let ranks: Vec<usize> = residuals
+        .iter()
+        .map(|r| match energy {
+            Some(f) => r.svd.rank_for_energy(f),
+            None => lors.rank_for(r.proj, r.layer),
+        })
+        .collect();
+    // 3. The factors.
+    for (r, &rank) in residuals.iter().zip(&ranks) {
+        report.push(r.factors(rank, &mut tensors)?);
+        if energy.is_some() {
+            lors.proj_ranks.entry(r.proj).or_insert_with(|| vec![0; n])[r.layer] = rank;
         }
     }
     report.sort_by_key(|r| (r.layer, r.proj));
-    Ok(Compressed { lors, tensors, report })
+    Ok(Compressed { lors, tensors, report, energy })
 }
 
-/// The private factors of `proj` in `layer` from the SVD of `w − shared` (`shared` = 0 for
-/// low rank without sharing); returns the rank and the layer's report (group filled in by the
-/// caller for shared layers).
-fn compress_layer(
-    lors: &LorsConfig,
-    spec: &Spec,
-    proj: Proj,
-    layer: usize,
-    w: &Tensor,
-    shared: &Tensor,
-    tensors: &mut HashMap<String, Tensor>,
-) -> Result<(usize, ProjReport)> {
-    let (out, inp) = w.dims2()?;
-    let residual = (w - shared)?;
-    let svd = ResidualSvd::new(&residual.flatten_all()?.to_vec1::<f32>()?, out, inp)?;
-    let rank = match spec.energy {
-        Some(f) => svd.rank_for_energy(f),
-        None => lors.rank_for(proj, layer),
+/// The largest fraction of residual energy that every projection can keep (each with the
+/// smallest rank that keeps it) while the block parameters stay within `budget`; `fixed`
+/// counts the bases and private weights. Bisection: the parameter count only grows with the
+/// fraction.
+fn energy_for_budget(residuals: &[Residual], fixed: usize, budget: usize) -> Result<f64> {
+    let params = |f: f64| -> usize {
+        fixed + residuals.iter().map(|r| r.svd.rank_for_energy(f) * (r.svd.rows + r.svd.cols)).sum::<usize>()
     };
-    if rank > svd.k() {
+    let least = params(0.0);
+    if least > budget {
         bail!(
-            "rank {rank} of {proj} is larger than min(out, in) = {} of its {out}×{inp} weight: choose a rank ≤ {}",
-            svd.k(),
-            svd.k()
+            "--budget: the bases and private weights ({fixed} parameters) plus rank 1 everywhere take {least} block parameters, more than the budget of {budget}: allow a larger budget, or use fewer groups / private layers"
         );
     }
-    let (b, a) = svd.factors(rank)?;
-    let (a_name, b_name) = factor_names(proj, layer);
-    tensors.insert(a_name, Tensor::from_vec(a, (rank, inp), &Device::Cpu)?);
-    tensors.insert(b_name, Tensor::from_vec(b, (out, rank), &Device::Cpu)?);
-    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt()) };
-    let residual_norm = svd.energy().sqrt() / norm(w)?.max(f64::MIN_POSITIVE);
-    let energy_kept = svd.energy_kept(rank);
-    Ok((rank, ProjReport { proj, layer, group: None, rank, energy_kept, residual_norm }))
+    let (mut lo, mut hi) = (0.0, 1.0);
+    if params(hi) <= budget {
+        return Ok(hi);
+    }
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if params(mid) <= budget {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+/// One residual `W_l − W_shared` (`shared` = 0 for low rank without sharing) and its SVD.
+struct Residual {
+    proj: Proj,
+    layer: usize,
+    group: Option<usize>,
+    svd: ResidualSvd,
+    /// ‖W_l − W_shared‖_F / ‖W_l‖_F: how far the layer is from its group's mean.
+    residual_norm: f64,
+}
+
+impl Residual {
+    fn new(
+        proj: Proj,
+        layer: usize,
+        group: Option<usize>,
+        w: &Tensor,
+        shared: &Tensor,
+        calib: Option<&Calibration>,
+    ) -> Result<Self> {
+        let (out, inp) = w.dims2()?;
+        let residual = (w - shared)?;
+        let white = calib.map(|c| c.whitening(proj, layer)).transpose()?;
+        let svd = ResidualSvd::new_whitened(&residual.flatten_all()?.to_vec1::<f32>()?, out, inp, white.as_ref())?;
+        let norm =
+            |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt()) };
+        let residual_norm = norm(&residual)? / norm(w)?.max(f64::MIN_POSITIVE);
+        Ok(Self { proj, layer, group, svd, residual_norm })
+    }
+
+    /// Writes the rank-`rank` factors into `tensors`; returns the projection's report.
+    fn factors(&self, rank: usize, tensors: &mut HashMap<String, Tensor>) -> Result<ProjReport> {
+        let (proj, svd) = (self.proj, &self.svd);
+        if rank > svd.k() {
+            bail!(
+                "rank {rank} of {proj} is larger than min(out, in) = {} of its {}×{} weight: choose a rank ≤ {}",
+                svd.k(),
+                svd.rows,
+                svd.cols,
+                svd.k()
+            );
+        }
+        let (b, a) = svd.factors(rank)?;
+        let (a_name, b_name) = factor_names(proj, self.layer);
+        tensors.insert(a_name, Tensor::from_vec(a, (rank, svd.cols), &Device::Cpu)?);
+        tensors.insert(b_name, Tensor::from_vec(b, (svd.rows, rank), &Device::Cpu)?);
+        let (layer, group, residual_norm, energy_kept) =
+            (self.layer, self.group, self.residual_norm, svd.energy_kept(rank));
+        Ok(ProjReport { proj, layer, group, rank, energy_kept, residual_norm })
+    }
 }
 
 /// Layer dropping (the simplest compression, a baseline): the layers `keep` of a vanilla-named

@@ -16,6 +16,7 @@ use tokenizers::{
 };
 
 use super::hub::fetch_hub_file;
+use crate::formats::gguf;
 
 /// The special token of trained tokenizers (id 0): end of text, also used as beginning of text.
 pub const EOT: &str = "<|endoftext|>";
@@ -159,7 +160,8 @@ pub(super) enum TokenizerPlan {
 }
 
 impl TokenizerSpec {
-    /// Checks `--tokenizer` (a tokenizer.json path or `hf:OWNER/NAME[@REVISION]`), or without
+    /// Checks `--tokenizer` (a tokenizer.json path, a GGUF model file whose tokenizer is used, or
+    /// `hf:OWNER/NAME[@REVISION]`), or without
     /// it `--vocab-size`.
     pub(super) fn parse(tokenizer: Option<&str>, vocab_size: usize) -> Result<TokenizerSpec> {
         let Some(spec) = tokenizer else {
@@ -196,6 +198,10 @@ impl TokenizerSpec {
     pub(super) fn load(self) -> Result<TokenizerPlan> {
         Ok(match self {
             TokenizerSpec::Train { vocab_size } => TokenizerPlan::Train { vocab_size },
+            TokenizerSpec::File(path) if gguf::looks_like_gguf(&path) || gguf::is_gguf_file(&path) => {
+                let tok = gguf::load_gguf_tokenizer(&path).context("--tokenizer")?;
+                TokenizerPlan::Ready(Box::new(tok), format!("gguf:{}", path.display()))
+            }
             TokenizerSpec::File(path) => {
                 let tok = load_tokenizer(&path).context("--tokenizer")?;
                 TokenizerPlan::Ready(Box::new(tok), format!("file:{}", path.display()))

@@ -159,6 +159,13 @@ impl Pass<'_> {
 /// Per-layer key/value cache for generation: (k, v), each (B, H_kv, T_past, hd).
 pub type KvCache = Vec<Option<(Tensor, Tensor)>>;
 
+/// Sees the input (B, T, in) of the projections `projs` of one block, in forward order:
+/// [q, k, v], [o], [gate, up], [down] ([`Model::visit_inputs`], activation-aware compression).
+pub type InputTap<'a, 'b> = &'a mut (dyn FnMut(&[Proj], &Tensor) -> Result<()> + 'b);
+
+/// An [`InputTap`] for the whole model: also told the layer.
+pub type LayerInputTap<'a, 'b> = &'a mut (dyn FnMut(usize, &[Proj], &Tensor) -> Result<()> + 'b);
+
 // ---------------------------------------------------------------------------------------------
 // Stacked projections, attention, MLP, block
 // ---------------------------------------------------------------------------------------------
@@ -174,8 +181,17 @@ struct Attention {
 
 impl Attention {
     /// x: (B, T, d), the normed residual stream at positions offset..offset+T → (B, T, d).
-    fn forward(&self, x: &Tensor, p: &Pass, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        p: &Pass,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mut tap: Option<InputTap<'_, '_>>,
+    ) -> Result<Tensor> {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if let Some(tap) = tap.as_deref_mut() {
+            tap(&[Proj::Q, Proj::K, Proj::V], x)?;
+        }
         let qkv = self.qkv.forward(x, p.ops, p.mm)?; // (B, T, (H + 2·Hkv)·hd)
         let y = match cache {
             // Training and evaluation: RoPE and attention in one op on the packed projections.
@@ -191,6 +207,9 @@ impl Attention {
                 p.ops.attention(&q, &k, &v, scale, p.mm)? // (B, T, H·hd)
             }
         };
+        if let Some(tap) = tap {
+            tap(&[Proj::O], &y)?;
+        }
         self.o.forward(&y, p.ops, p.mm)
     }
 }
@@ -203,8 +222,14 @@ struct Mlp {
 
 impl Mlp {
     /// SwiGLU: x (B, T, d) → down(silu(x Wgateᵀ) · x Wupᵀ) (B, T, d).
-    fn forward(&self, x: &Tensor, p: &Pass) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, p: &Pass, mut tap: Option<InputTap<'_, '_>>) -> Result<Tensor> {
+        if let Some(tap) = tap.as_deref_mut() {
+            tap(&[Proj::Gate, Proj::Up], x)?;
+        }
         let h = p.ops.swiglu_packed(&self.gate_up.forward(x, p.ops, p.mm)?)?; // (B, T, 2·F) -> (B, T, F)
+        if let Some(tap) = tap {
+            tap(&[Proj::Down], &h)?;
+        }
         self.down.forward(&h, p.ops, p.mm)
     }
 }
@@ -236,9 +261,15 @@ impl Block {
     }
 
     /// x (B, T, d) → (B, T, d).
-    fn forward(&self, x: &Tensor, p: &Pass, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&p.ops.rms_norm(x, &self.attn_norm, p.eps)?, p, cache)?)?;
-        Ok((&x + self.mlp.forward(&p.ops.rms_norm(&x, &self.ffn_norm, p.eps)?, p)?)?)
+    fn forward(
+        &self,
+        x: &Tensor,
+        p: &Pass,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mut tap: Option<InputTap<'_, '_>>,
+    ) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&p.ops.rms_norm(x, &self.attn_norm, p.eps)?, p, cache, tap.as_deref_mut())?)?;
+        Ok((&x + self.mlp.forward(&p.ops.rms_norm(&x, &self.ffn_norm, p.eps)?, p, tap)?)?)
     }
 
     /// Its four stacks: [q, k, v], o, [gate, up], down.
@@ -417,7 +448,7 @@ impl Model {
     /// ids (B, T) at positions offset..offset+T → logits (B, T, V), optionally reading and
     /// extending a KV cache.
     pub fn forward_at(&self, ids: &Tensor, offset: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let x = self.hidden_at(ids, offset, cache)?;
+        let x = self.hidden_at(ids, offset, cache, None)?;
         match self.weights {
             Some(_) => linear_detached(&x, self.head(), self.ops, self.matmul_dtype), // (B, T, d) -> (B, T, V)
             None => linear_as(&x, self.head(), self.matmul_dtype),
@@ -430,7 +461,14 @@ impl Model {
     }
 
     /// The final-normed hidden states (B, T, d) that the LM head reads.
-    fn hidden_at(&self, ids: &Tensor, offset: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// `tap` sees every projection's input, with its layer.
+    fn hidden_at(
+        &self,
+        ids: &Tensor,
+        offset: usize,
+        mut cache: Option<&mut KvCache>,
+        mut tap: Option<LayerInputTap<'_, '_>>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if offset + t > self.cfg.max_seq_len {
             bail!("sequence of {} tokens exceeds model.max_seq_len ({})", offset + t, self.cfg.max_seq_len);
@@ -438,15 +476,23 @@ impl Model {
         let p = Pass { rope: &self.rope, offset, mm: self.matmul_dtype, ops: self.ops, eps: self.cfg.norm_eps };
         let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.d_model))?; // (B, T, d)
         for (l, block) in self.layers.iter().enumerate() {
-            x = block.forward(&x, &p, cache.as_deref_mut().map(|c| &mut c[l]))?;
+            let mut layer_tap = tap.as_deref_mut().map(|t| move |projs: &[Proj], x: &Tensor| t(l, projs, x));
+            let layer_tap = layer_tap.as_mut().map(|t| t as InputTap);
+            x = block.forward(&x, &p, cache.as_deref_mut().map(|c| &mut c[l]), layer_tap)?;
         }
         self.ops.rms_norm(&x, &self.norm, self.cfg.norm_eps)
+    }
+
+    /// Runs ids (B, T) through the blocks, showing `tap` the input (B, T, in) of every
+    /// projection with its layer (the calibration pass of activation-aware compression).
+    pub fn visit_inputs(&self, ids: &Tensor, tap: LayerInputTap<'_, '_>) -> Result<()> {
+        self.hidden_at(ids, 0, None, Some(tap)).map(|_| ())
     }
 
     /// Mean next-token loss of ids (B, T) against targets (B, T): what training minimises.
     /// The fused kernels run the LM head and the loss as one op that never stores the logits.
     pub fn forward_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let x = self.hidden_at(ids, 0, None)?;
+        let x = self.hidden_at(ids, 0, None, None)?;
         let (b, t, d) = x.dims3()?;
         // (B, T, d) -> (B·T, d); targets (B, T) -> (B·T)
         self.ops.linear_cross_entropy(&x.reshape((b * t, d))?, self.head(), &targets.reshape(b * t)?, self.matmul_dtype)

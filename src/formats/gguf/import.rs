@@ -86,6 +86,19 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     Ok(GgufModel { cfg, model, tokenizer, bos, eos, add_bos })
 }
 
+/// The tokenizer of a GGUF file alone (only the header is read, not the weights): for
+/// `prepare --tokenizer model.gguf`, so that data can be tokenized for a GGUF model.
+pub fn load_gguf_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let shown = path.display();
+    if !is_gguf_file(path) {
+        bail!("{shown}: not a GGUF file (no such file, or it does not start with the GGUF magic)");
+    }
+    let mut reader = BufReader::new(File::open(path).with_context(|| format!("cannot open {shown}"))?);
+    let ct = Content::read(&mut reader)
+        .map_err(|e| anyhow::anyhow!("{shown}: cannot read the GGUF header: {e} (a truncated or damaged file?)"))?;
+    tokenizer_from_gguf(&ct, path)
+}
+
 /// A float metadata value (f32 values are read back as the decimal they were written from:
 /// 1e-5 stays 1e-5, not 9.99999974e-6).
 fn float(v: &Value) -> Option<f64> {
