@@ -257,6 +257,24 @@ class Exp:
             "--json-out", out], log="llama.cpp check")
         return json.loads(out.read_text())
 
+    def rank_profiles(self):
+        """Where the budget put the rank: mean rank per projection type and per third of the
+        stack, for the calibrated one-group students (uniform energy, so a large rank means a
+        residual whose energy is spread over many directions)."""
+        md = ["Where `--budget` put the rank (one group, calibrated; mean rank of the private residual):\n",
+              "| budget | q | k | v | o | gate | up | down | layers 0-9 | 10-19 | 20-29 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            if r["kind"] != "LORS" or r["name"] != "1 group":
+                continue
+            rep = json.loads((Path(r["run"]) / "compress.json").read_text())["projections"]
+            mean = lambda xs: sum(xs) / max(1, len(xs))
+            by_proj = [mean([p["rank"] for p in rep if p["proj"] == q]) for q in ("q", "k", "v", "o", "gate", "up", "down")]
+            by_third = [mean([p["rank"] for p in rep if lo <= p["layer"] < lo + 10]) for lo in (0, 10, 20)]
+            md.append(f"| {100 * r['frac']:.0f} % | " + " | ".join(f"{x:.0f}" for x in by_proj + by_third) + " |")
+        md.append("")
+        return md
+
     @staticmethod
     def safetensors_mb(run):
         latest = (run / "checkpoints/latest").read_text().strip()
@@ -313,6 +331,7 @@ class Exp:
                               f"error {v['rel_err']:.1e} against lors-lm on the run; greedy continuation agrees for "
                               f"{v['greedy_agree']}/{v['n']} tokens: {v['text_llama_cpp']!r}")
                 md.append("")
+            md += self.rank_profiles()
             md.append(f"Samples (greedy, {a.sample_tokens} tokens after {PROMPT!r}):\n")
             for r in self.rows:
                 md.append(f"- {r['name']} ({r['kind']}): {r['sample']['text'].strip()!r}")
