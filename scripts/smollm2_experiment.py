@@ -116,10 +116,10 @@ class Exp:
         rep = json.loads((run / "compress.json").read_text())
         return run, rep, self.evaluate(run, run / "eval.json")
 
-    def uptrain(self, name, init, kd):
+    def uptrain(self, name, init, kd, steps=None):
         run = self.out / name
         if not (run / "eval.json").is_file():
-            steps = self.a.steps
+            steps = steps or self.a.steps
             args = [self.bin, "train", "--quiet", "--init-from", init, "--data", self.data_dir, "--out", run, "--force"]
             sets = [f"train.max_steps={steps}", f"train.batch_size={self.a.batch_size}", f"train.seq_len={self.a.seq_len}",
                     f"train.lr={self.a.lr}", f"train.min_lr={self.a.lr / 10}", f"train.warmup_steps={max(1, steps // 8)}",
@@ -213,6 +213,13 @@ class Exp:
                 run, loss, secs = self.uptrain(Path(r["run"]).name + ("-kd" if kd else "-ce"), r["run"], kd)
                 trained.append(dict(r, name=r["name"] + (" + KD" if kd else ""), run=str(run), uptrained=loss,
                                     seconds=secs, kd=kd))
+        if self.a.long_steps:
+            # The best 75 % student again, on more tokens: how far more uptraining goes.
+            r = next(t for t in trained if t["frac"] == 0.75 and t["kd"])
+            init = str(Path(r["run"]).parent / Path(r["run"]).name.removesuffix("-kd"))
+            run, loss, secs = self.uptrain(Path(r["run"]).name + "-long", init, True, self.a.long_steps)
+            u = self.a.long_steps * self.a.batch_size * self.a.seq_len
+            trained.append(dict(r, name=f"{r['name']}, {u:,} tokens", run=str(run), uptrained=loss, seconds=secs))
         run, loss, secs = self.uptrain("original-ce", orig_run, False)
         trained.append(dict(self.rows[0], name="original, uptrained", run=str(run), uptrained=loss, seconds=secs,
                             kd=False))
@@ -356,6 +363,8 @@ def main():
     ap.add_argument("--data", type=Path, default=ROOT / "data/smol", help="prepared data in SmolLM2's tokenizer [data/smol]")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/smollm2")
     ap.add_argument("--steps", type=int, default=24, help="uptraining steps [24]")
+    ap.add_argument("--long-steps", type=int, default=96,
+                    help="uptrain the best 75 %% student (with KD) again for this many steps; 0: skip [96]")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-4)
