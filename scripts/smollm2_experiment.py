@@ -14,10 +14,11 @@ LORS, uptrained, and back into llama.cpp, with lors-lm only.
    same-size baselines: per-layer truncated SVD without sharing (`--mode lowrank`, calibrated
    too) and layer dropping (evenly spaced layers with the first and last; or the first and
    last blocks of layers). Every model is evaluated straight after compression.
-3. The best LORS student of each budget and the baselines are uptrained on U tokens of the
-   train split with distillation from the original (`train --teacher`), the 50 % student also
-   without; the original itself is uptrained on the same U (what domain adaptation alone
-   gives).
+3. The best LORS student of each budget (the lowest loss straight after compression) and, at
+   50 %, the best of each baseline kind are uptrained on U tokens of the train split, with
+   and without distillation from the original (`train --teacher`); the best 75 % student also
+   on 4 U (`--long-steps`); the original itself is uptrained on the same U (what domain
+   adaptation alone gives).
 4. The best student is exported to GGUF (f32) and checked by llama.cpp (llama-cpp-python in
    .venv-llamacpp, `scripts/setup_llamacpp_venv.sh`; skip with --no-llamacpp); every row is
    sampled with `generate` (greedy), and the original and the best student report tokens/s
@@ -204,22 +205,22 @@ class Exp:
         for frac in (0.75, 0.5):
             best = lambda kind: min((r for r in compressed if r["frac"] == frac and r["kind"] == kind),
                                     key=lambda r: r["after_compress"], default=None)
-            picks = [(best("LORS"), True)]
+            picks = [(best("LORS"), True), (best("LORS"), False)]
             if frac == 0.5:
-                picks += [(best("LORS"), False), (best("per-layer SVD"), True), (best("layer dropping"), True)]
+                picks += [(best(kind), kd) for kind in ("per-layer SVD", "layer dropping") for kd in (True, False)]
             for r, kd in picks:
                 if r is None:
                     continue
                 run, loss, secs = self.uptrain(Path(r["run"]).name + ("-kd" if kd else "-ce"), r["run"], kd)
-                trained.append(dict(r, name=r["name"] + (" + KD" if kd else ""), run=str(run), uptrained=loss,
-                                    seconds=secs, kd=kd))
+                trained.append(dict(r, name=r["name"] + (", uptrained + KD" if kd else ", uptrained"), run=str(run),
+                                    uptrained=loss, seconds=secs, kd=kd))
         if self.a.long_steps:
             # The best 75 % student again, on more tokens: how far more uptraining goes.
             r = next(t for t in trained if t["frac"] == 0.75 and t["kd"])
             init = str(Path(r["run"]).parent / Path(r["run"]).name.removesuffix("-kd"))
             run, loss, secs = self.uptrain(Path(r["run"]).name + "-long", init, True, self.a.long_steps)
             u = self.a.long_steps * self.a.batch_size * self.a.seq_len
-            trained.append(dict(r, name=f"{r['name']}, {u:,} tokens", run=str(run), uptrained=loss, seconds=secs))
+            trained.append(dict(r, name=f"{r['name']} on {u:,} tokens", run=str(run), uptrained=loss, seconds=secs))
         run, loss, secs = self.uptrain("original-ce", orig_run, False)
         trained.append(dict(self.rows[0], name="original, uptrained", run=str(run), uptrained=loss, seconds=secs,
                             kd=False))
@@ -241,8 +242,10 @@ class Exp:
         best["gguf_f16_mb"] = gguf16.stat().st_size / 2**20
         self.teacher_gguf_mb = Path(self.teacher).stat().st_size / 2**20
         self.speed = {
-            "original (GGUF, f32 merged)": cached(self.out / "speed-original.json",
-                                                  lambda: self.sample(self.teacher, "merged", True)),
+            "original (Q4_1 GGUF, dequantized to f32)": cached(self.out / "speed-original.json",
+                                                               lambda: self.sample(self.teacher, "merged", True)),
+            "original (lors-lm run, f32)": cached(self.out / "speed-original-run.json",
+                                                  lambda: self.sample(orig_run, "merged", True)),
             "best student, merged": cached(Path(best["run"]) / "speed-merged.json",
                                            lambda: self.sample(best["run"], "merged", True)),
             "best student, factored": cached(Path(best["run"]) / "speed-factored.json",

@@ -174,7 +174,64 @@ fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
     if !path.is_file() {
         bail!("checkpoint file {} is missing", path.display());
     }
-    candle_core::safetensors::load(path, device).with_context(|| {
+    read_safetensors(path, device).with_context(|| {
         format!("cannot read {}: the file is truncated or corrupt (use another --checkpoint)", path.display())
     })
+}
+
+/// One tensor's entry in a safetensors header.
+#[derive(Deserialize)]
+struct TensorEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+/// Reads a safetensors file one tensor at a time, so that loading takes the tensors' memory
+/// plus the largest one's bytes, not twice the file (as reading it whole first would: the
+/// peak RSS of `generate --weights factored` is what it is for).
+fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    use candle_core::DType;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(path)?;
+    let file_len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)?;
+    let n = u64::from_le_bytes(n);
+    if n > file_len.saturating_sub(8) || n > 100 << 20 {
+        bail!("the header size {n} does not fit the file of {file_len} bytes");
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let mut entries: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
+    entries.remove("__metadata__");
+    let data_start = 8 + n;
+    let mut out = HashMap::with_capacity(entries.len());
+    for (name, entry) in entries {
+        let e: TensorEntry = serde_json::from_value(entry).with_context(|| format!("tensor {name}"))?;
+        let dtype = match e.dtype.as_str() {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F64" => DType::F64,
+            "U32" => DType::U32,
+            "U8" => DType::U8,
+            "I64" => DType::I64,
+            other => bail!("tensor {name}: unsupported dtype {other}"),
+        };
+        let (start, end) = e.data_offsets;
+        let bytes = e.shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+        if end < start || end - start != bytes || data_start + end > file_len {
+            bail!(
+                "tensor {name}: bytes {start}..{end} do not hold its {:?} {} or lie past the end of the file",
+                e.shape,
+                e.dtype
+            );
+        }
+        let mut buf = vec![0u8; bytes as usize];
+        f.seek(SeekFrom::Start(data_start + start))?;
+        f.read_exact(&mut buf)?;
+        out.insert(name, Tensor::from_raw_buffer(&buf, dtype, &e.shape, device)?);
+    }
+    Ok(out)
 }
