@@ -30,6 +30,7 @@ Only the Python standard library is needed.
 """
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -311,15 +312,16 @@ class Exp:
                   "uptrained at 201 tokens/s, 245 s); safetensors: the run's f32 checkpoint (unique parameters)")
         md.append("- block = unique parameters of the projections (q, k, v, o, gate, up, down); the embedding (28.3M, tied) "
                   "is the same in every row\n")
-        md.append("| row | kind | block params | % of original | loss after compression | after uptraining | Δ vs original | "
+        ppl = lambda x: f"{x:.4f} ({math.exp(x):,.0f})" if x < 20 else f"{x:.4f}"
+        md.append("| row | kind | block params | % of original | loss (ppl) after compression | after uptraining | Δ loss vs original | "
                   "uptraining wall time | safetensors |")
         md.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in sorted(self.rows, key=lambda r: (-r["block"], r.get("uptrained", r["after_compress"]))):
             final = r.get("uptrained")
             loss = final if final is not None else r["after_compress"]
             md.append(f"| {r['name']} | {r['kind']}{' (energy %.1f %%)' % (100 * r['energy']) if r.get('energy') else ''} | "
-                      f"{r['block']:,} | {100 * r['block'] / orig_block:.1f} % | {r['after_compress']:.4f} | "
-                      f"{'%.4f' % final if final is not None else '—'} | {100 * (loss / teacher_loss - 1):+.1f} % | "
+                      f"{r['block']:,} | {100 * r['block'] / orig_block:.1f} % | {ppl(r['after_compress'])} | "
+                      f"{ppl(final) if final is not None else '—'} | {100 * (loss / teacher_loss - 1):+.1f} % | "
                       f"{'%.0f s' % r['seconds'] if r.get('seconds') else '—'} | "
                       f"{'%.0f MB' % r['safetensors_mb'] if r.get('safetensors_mb') else '—'} |")
         md.append("")
