@@ -100,14 +100,15 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     let before = ParamCounts::new(&src.cfg.model, &src.cfg.lors);
     let spec = spec(args, n, before.block_projections())?;
     let tensors: HashMap<_, _> = src.model.merged_tensors()?.into_iter().collect();
-    let mut calib_tokens = None;
-    let (model_cfg, compressed) = if args.keep_layers.is_empty() {
+    if args.keep_layers.is_empty() {
         check_groups_align(&src.cfg.lors, &spec.lors_config(), n)?;
-        let calib = match &args.calibrate {
-            Some(dir) => Some(calibration(dir, &src, args.calibration_tokens)?),
-            None => None,
-        };
-        calib_tokens = calib.as_ref().map(|c| c.tokens);
+    }
+    // After the cheap checks; --calibrate conflicts with --keep-layers (clap).
+    let calib = match &args.calibrate {
+        Some(dir) => Some(calibration(dir, &src, args.calibration_tokens)?),
+        None => None,
+    };
+    let (model_cfg, compressed) = if args.keep_layers.is_empty() {
         (src.cfg.model.clone(), compress_calibrated(&src.cfg.model, &tensors, &spec, calib.as_ref())?)
     } else {
         let keep = args.keep_layers.iter().map(|s| parse_layer(s, n, "--keep-layers")).collect::<Result<Vec<_>>>()?;
@@ -138,7 +139,7 @@ pub fn run(args: &CompressArgs) -> Result<()> {
             "block_fraction": after.block_projections() as f64 / before.block_projections().max(1) as f64,
         },
         "energy": compressed.energy,
-        "calibration": args.calibrate.as_ref().map(|d| json!({"data": d, "tokens": calib_tokens})),
+        "calibration": args.calibrate.as_ref().map(|d| json!({"data": d, "tokens": calib.as_ref().map(|c| c.tokens)})),
         "energy_by_projection": mean_energy_by_proj(&compressed.report).into_iter().map(|(p, e)| (p.to_string(), e)).collect::<HashMap<_, _>>(),
         "projections": compressed.report,
         "val": losses.map(|(s, c, n)| json!({"source_loss": s, "compressed_loss": c, "tokens": n})),

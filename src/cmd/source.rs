@@ -54,7 +54,7 @@ impl Loaded {
 /// `.gguf`, or any file that starts with the GGUF magic). `flag` names the option in errors.
 pub fn load(spec: &str, step: Option<usize>, device: &Device, flag: &str) -> Result<Loaded> {
     let path = Path::new(spec);
-    if gguf::looks_like_gguf(path) || gguf::is_gguf_file(path) {
+    if gguf::names_gguf(path) {
         if step.is_some() {
             bail!("{flag} {spec}: --checkpoint applies to run directories only");
         }

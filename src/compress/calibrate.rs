@@ -24,10 +24,14 @@ fn site(p: Proj) -> Proj {
     }
 }
 
-/// The Gram matrices of a model's projection inputs.
+/// (layer, site) → (n, row-major n × n Σ x xᵀ).
+type Grams = HashMap<(usize, Proj), (usize, Vec<f64>)>;
+
+/// The whitening of every projection input of a model, one per block input (q, k and v share
+/// theirs, as gate and up do), each computed once from its Gram matrix.
 pub struct Calibration {
-    /// (layer, site) → (n, row-major n × n Σ x xᵀ).
-    grams: HashMap<(usize, Proj), (usize, Vec<f64>)>,
+    /// (layer, site) → its whitening.
+    whitenings: HashMap<(usize, Proj), Whitening>,
     /// Calibration tokens seen.
     pub tokens: usize,
 }
@@ -49,40 +53,37 @@ impl Calibration {
         let stride = (train.len() - seq_len) / windows.max(1);
         let starts: Vec<usize> =
             (0..windows).map(|i| i * stride.max(1)).filter(|&s| s + seq_len <= train.len()).collect();
-        let mut cal = Self { grams: HashMap::new(), tokens: 0 };
+        let (mut grams, mut tokens) = (Grams::new(), 0);
         for chunk in starts.chunks(batch.max(1)) {
             let mut ids = Vec::with_capacity(chunk.len() * seq_len);
             for &s in chunk {
                 ids.extend(train.window(s, seq_len)?);
             }
             let ids = Tensor::from_vec(ids, (chunk.len(), seq_len), &model.device())?;
-            cal.add(model, &ids)?;
+            add_inputs(&mut grams, model, &ids)?;
+            tokens += ids.elem_count();
         }
-        Ok(cal)
-    }
-
-    /// Adds the inputs of one forward pass over ids (B, T).
-    pub fn add(&mut self, model: &Model, ids: &Tensor) -> Result<()> {
-        let grams = &mut self.grams;
-        model.visit_inputs(ids, &mut |layer, projs, x| {
-            let n = x.dim(candle_core::D::Minus1)?;
-            let x = x.reshape(((), n))?.to_dtype(DType::F32)?; // (B·T, n)
-            let g =
-                x.t()?.matmul(&x)?.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?;
-            let entry = grams.entry((layer, site(projs[0]))).or_insert_with(|| (n, vec![0.0; n * n]));
-            entry.1.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-            Ok(())
-        })?;
-        self.tokens += ids.elem_count();
-        Ok(())
+        // Each Gram matrix is dropped as soon as its whitening (the same size) is made.
+        let whitenings = grams.drain().map(|(key, (n, g))| Ok((key, Whitening::new(&g, n)?))).collect::<Result<_>>()?;
+        Ok(Self { whitenings, tokens })
     }
 
     /// The whitening of the input of `proj` in `layer`.
-    pub fn whitening(&self, proj: Proj, layer: usize) -> Result<Whitening> {
-        let (n, g) = self
-            .grams
+    pub fn whitening(&self, proj: Proj, layer: usize) -> Result<&Whitening> {
+        self.whitenings
             .get(&(layer, site(proj)))
-            .with_context(|| format!("calibration saw no input of {proj} in layer {layer}"))?;
-        Whitening::new(g, *n)
+            .with_context(|| format!("calibration saw no input of {proj} in layer {layer}"))
     }
+}
+
+/// Adds the projection inputs of one forward pass over ids (B, T) to `grams`.
+fn add_inputs(grams: &mut Grams, model: &Model, ids: &Tensor) -> Result<()> {
+    model.visit_inputs(ids, &mut |layer, projs, x| {
+        let n = x.dim(candle_core::D::Minus1)?;
+        let x = x.reshape(((), n))?.to_dtype(DType::F32)?; // (B·T, n)
+        let g = x.t()?.matmul(&x)?.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f64>()?;
+        let entry = grams.entry((layer, site(projs[0]))).or_insert_with(|| (n, vec![0.0; n * n]));
+        entry.1.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+        Ok(())
+    })
 }

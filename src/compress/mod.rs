@@ -241,7 +241,7 @@ impl Residual {
         let (out, inp) = w.dims2()?;
         let residual = (w - shared)?;
         let white = calib.map(|c| c.whitening(proj, layer)).transpose()?;
-        let svd = ResidualSvd::new_whitened(&residual.flatten_all()?.to_vec1::<f32>()?, out, inp, white.as_ref())?;
+        let svd = ResidualSvd::new_whitened(&residual.flatten_all()?.to_vec1::<f32>()?, out, inp, white)?;
         let norm =
             |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt()) };
         let residual_norm = norm(&residual)? / norm(w)?.max(f64::MIN_POSITIVE);

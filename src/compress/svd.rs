@@ -126,9 +126,21 @@ impl ResidualSvd {
         self.sigma[..r.min(self.k())].iter().map(|s| s * s).sum::<f64>() / total
     }
 
-    /// The smallest rank that keeps at least `fraction` of the energy (at least 1).
+    /// The smallest rank that keeps at least `fraction` of the energy (at least 1). One pass
+    /// over the spectrum (`--budget` asks this of every residual at every bisection step).
     pub fn rank_for_energy(&self, fraction: f64) -> usize {
-        (1..=self.k()).find(|&r| self.energy_kept(r) >= fraction - 1e-12).unwrap_or(self.k()).max(1)
+        let total = self.energy();
+        if total == 0.0 {
+            return 1; // a zero residual keeps all of its (no) energy at any rank
+        }
+        let mut kept = 0.0;
+        for (i, s) in self.sigma.iter().enumerate() {
+            kept += s * s;
+            if kept / total >= fraction - 1e-12 {
+                return i + 1;
+            }
+        }
+        self.k().max(1)
     }
 
     /// The rank-r factors (B: rows × r, A: r × cols), row-major.

@@ -198,7 +198,7 @@ impl TokenizerSpec {
     pub(super) fn load(self) -> Result<TokenizerPlan> {
         Ok(match self {
             TokenizerSpec::Train { vocab_size } => TokenizerPlan::Train { vocab_size },
-            TokenizerSpec::File(path) if gguf::looks_like_gguf(&path) || gguf::is_gguf_file(&path) => {
+            TokenizerSpec::File(path) if gguf::names_gguf(&path) => {
                 let tok = gguf::load_gguf_tokenizer(&path).context("--tokenizer")?;
                 TokenizerPlan::Ready(Box::new(tok), format!("gguf:{}", path.display()))
             }

@@ -44,9 +44,15 @@ pub fn is_gguf_file(path: &Path) -> bool {
     path.is_file() && File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }
 
-/// Load a GGUF Llama onto `device`: weights dequantized to f32, q and k brought back from
-/// llama.cpp's RoPE layout, the tokenizer rebuilt from the metadata.
-pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
+/// Whether `path` is meant as a GGUF file: named `*.gguf` (it may not exist), or a file that
+/// starts with the GGUF magic.
+pub fn names_gguf(path: &Path) -> bool {
+    looks_like_gguf(path) || is_gguf_file(path)
+}
+
+/// The header (metadata and tensor infos) of a GGUF file, the reader positioned after it, and
+/// the file's size.
+fn read_header(path: &Path) -> Result<(Content, BufReader<File>, u64)> {
     let shown = path.display();
     let file = File::open(path).with_context(|| format!("cannot open {shown}"))?;
     let file_size = file.metadata().with_context(|| format!("cannot read {shown}"))?.len();
@@ -56,6 +62,14 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let mut reader = BufReader::new(file);
     let ct = Content::read(&mut reader)
         .map_err(|e| anyhow::anyhow!("{shown}: cannot read the GGUF header: {e} (a truncated or damaged file?)"))?;
+    Ok((ct, reader, file_size))
+}
+
+/// Load a GGUF Llama onto `device`: weights dequantized to f32, q and k brought back from
+/// llama.cpp's RoPE layout, the tokenizer rebuilt from the metadata.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
+    let shown = path.display();
+    let (ct, mut reader, file_size) = read_header(path)?;
     let cfg = config_from_gguf(&ct, path)?;
     check_tensors(&ct, &cfg.model, path, file_size)?;
     let tokenizer = tokenizer_from_gguf(&ct, path)?;
@@ -89,14 +103,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
 /// The tokenizer of a GGUF file alone (only the header is read, not the weights): for
 /// `prepare --tokenizer model.gguf`, so that data can be tokenized for a GGUF model.
 pub fn load_gguf_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
-    let shown = path.display();
-    if !is_gguf_file(path) {
-        bail!("{shown}: not a GGUF file (no such file, or it does not start with the GGUF magic)");
-    }
-    let mut reader = BufReader::new(File::open(path).with_context(|| format!("cannot open {shown}"))?);
-    let ct = Content::read(&mut reader)
-        .map_err(|e| anyhow::anyhow!("{shown}: cannot read the GGUF header: {e} (a truncated or damaged file?)"))?;
-    tokenizer_from_gguf(&ct, path)
+    tokenizer_from_gguf(&read_header(path)?.0, path)
 }
 
 /// A float metadata value (f32 values are read back as the decimal they were written from:

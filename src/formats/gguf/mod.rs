@@ -28,7 +28,7 @@ mod import;
 mod tokenizer;
 
 pub use export::{write_gguf, GgufDtype, GgufInfo};
-pub use import::{is_gguf_file, load_gguf, load_gguf_tokenizer, looks_like_gguf, GgufModel};
+pub use import::{load_gguf, load_gguf_tokenizer, names_gguf, GgufModel};
 
 use crate::model::Proj;
 use anyhow::{Context, Result};
