@@ -190,6 +190,30 @@ impl Config {
         Ok(toml::to_string_pretty(self)?)
     }
 
+    /// The keys whose values differ between two configs, as `section.key (ours vs theirs)`.
+    pub fn differences(&self, other: &Config) -> Result<Vec<String>> {
+        let table = |c: &Config| -> Result<toml::Table> { Ok(toml::Table::try_from(c)?) };
+        let (ours, theirs) = (table(self)?, table(other)?);
+        let mut out = vec![];
+        let empty = toml::Table::new();
+        let mut sections: Vec<&String> = ours.keys().chain(theirs.keys()).collect();
+        sections.sort();
+        sections.dedup();
+        for section in sections {
+            let (a, b) = (section_of(&ours, section, &empty), section_of(&theirs, section, &empty));
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let show = |v: Option<&toml::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+                if a.get(key) != b.get(key) {
+                    out.push(format!("{section}.{key} ({} vs {})", show(a.get(key)), show(b.get(key))));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Range checks that the types cannot express. Vocabulary 0 is allowed here (resolved
     /// from the data later).
     pub fn validate(&self) -> Result<()> {
@@ -230,6 +254,11 @@ impl Config {
         )?;
         Ok(())
     }
+}
+
+/// A section of a serialized config (an empty table when absent or not a table).
+fn section_of<'a>(t: &'a toml::Table, name: &str, empty: &'a toml::Table) -> &'a toml::Table {
+    t.get(name).and_then(toml::Value::as_table).unwrap_or(empty)
 }
 
 fn ensure(cond: bool, msg: &str) -> Result<()> {

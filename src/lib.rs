@@ -12,13 +12,14 @@
 //! | `infer`, `formats` | generation and perplexity; Hugging Face and GGUF import/export |
 //! | `model` | the Llama model, the LORS method (`model/lors.rs`), parameters |
 //! | `kernels` | fused CPU kernels with their backward passes |
-//! | `data`, `monitor`, `config`, `device`, `rng` | prepared data, reports, configuration, devices |
+//! | `data`, `monitor`, `config`, `device`, `rng`, `files` | prepared data, reports, configuration, devices, atomic writes |
 
 pub mod cmd;
 pub mod compress;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod files;
 pub mod formats;
 pub mod infer;
 pub mod kernels;

@@ -2,7 +2,8 @@
 //! checkpoint and the checkpoint's temporary directory itself before renaming it into place,
 //! and fsyncs the checkpoints directory after `latest` moves. (An earlier version renamed the
 //! temporary directory without syncing it, so a crash could publish a checkpoint whose files'
-//! directory entries were not on disk.) Needs `strace` (CI installs it).
+//! directory entries were not on disk.) The run's config.toml is replaced the same way (temp
+//! file, fsync, rename), never rewritten in place. Needs `strace` (CI installs it).
 
 mod common;
 
@@ -78,4 +79,18 @@ fn a_checkpoint_directory_is_synced_before_it_is_renamed_into_place() {
             .is_some_and(|fd| calls[latest + i + 1..].iter().any(|c| c.starts_with(&format!("fsync({fd})"))))
     });
     assert!(synced_parent, "{} was not fsynced after latest moved", ckpts.display());
+    // RUN_DIR/config.toml (what a --resume reads) is never written in place: a temp file,
+    // fsynced, then renamed over it, so a crash leaves the old file or the new one.
+    let (config, config_tmp) = (run.join("config.toml").display().to_string(), run.join(".config.toml.tmp"));
+    let written_in_place = calls.iter().any(|c| opened_fd(c, &config).is_some() && c.contains("O_WRONLY"));
+    assert!(!written_in_place, "{config} was opened for writing in place");
+    let published = calls
+        .iter()
+        .position(|c| c.starts_with("rename") && c.contains(&format!("\"{config}\"")))
+        .unwrap_or_else(|| panic!("no rename to {config} in the trace"));
+    let synced_config = calls[..published].iter().enumerate().any(|(i, c)| {
+        opened_fd(c, &config_tmp.display().to_string())
+            .is_some_and(|fd| calls[i + 1..published].iter().any(|c| c.starts_with(&format!("fsync({fd})"))))
+    });
+    assert!(synced_config, "{} was not fsynced before it replaced {config}", config_tmp.display());
 }

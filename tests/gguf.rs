@@ -448,6 +448,26 @@ fn malformed_gguf_files_are_refused_with_clear_errors() {
     meta_edit("align.gguf", "general.alignment", Value::U32(0), "general.alignment is 0");
     meta_edit("heads.gguf", "llama.attention.head_count", Value::U32(3), "unsupported model metadata");
     meta_edit("ctx.gguf", "llama.context_length", Value::U64(1 << 40), "context_length");
+    // A block count far beyond the tensors the file holds: refused before anything loops or
+    // allocates per layer (2^63 used to spin in validation, 10^10 to allocate until killed).
+    meta_edit("blocks63.gguf", "llama.block_count", Value::U64(1 << 63), "llama.block_count = 9223372036854775808");
+    meta_edit("blocks10.gguf", "llama.block_count", Value::U64(10_000_000_000), "room for at most");
+    // Layer numbers only in their canonical form (blk.00 or blk.+0 would collide with blk.0),
+    // and no tensor named twice.
+    let rename = |ts: &mut Vec<(String, QTensor)>, from: &str, to: &str| {
+        ts.iter_mut().filter(|(n, _)| n == from).for_each(|(n, _)| *n = to.to_string());
+    };
+    rewrite(&good, &t("blk00.gguf"), |_, ts| rename(ts, "blk.0.attn_q.weight", "blk.00.attn_q.weight"));
+    cases.push((t("blk00.gguf"), "tensor blk.00.attn_q.weight is not part of a plain"));
+    rewrite(&good, &t("blkplus.gguf"), |_, ts| rename(ts, "blk.1.ffn_up.weight", "blk.+1.ffn_up.weight"));
+    cases.push((t("blkplus.gguf"), "tensor blk.+1.ffn_up.weight is not part of a plain"));
+    rewrite(&good, &t("twice.gguf"), |_, ts| {
+        let (name, q) = ts.iter().find(|(n, _)| n == "blk.0.attn_k.weight").unwrap();
+        let again =
+            QTensor::quantize(&q.dequantize(&Device::Cpu).unwrap().affine(2.0, 0.0).unwrap(), GgmlDType::F32).unwrap();
+        ts.push((name.clone(), again));
+    });
+    cases.push((t("twice.gguf"), "a tensor name is repeated"));
     rewrite(&good, &t("bias.gguf"), |_, ts| {
         let bias = Tensor::zeros(32, DType::F32, &Device::Cpu).unwrap();
         ts.push(("blk.0.attn_q.bias".into(), QTensor::quantize(&bias, GgmlDType::F32).unwrap()));
@@ -475,7 +495,12 @@ fn malformed_gguf_files_are_refused_with_clear_errors() {
     cases.push((patched(&bytes, "vocab.gguf", "token_embd.weight", 4 + 8, &huge), "llama.vocab_size = "));
     rewrite(&good, &t("novocab.gguf"), |m, _| m.retain(|(k, _)| k != "llama.vocab_size"));
     let novocab = std::fs::read(t("novocab.gguf")).unwrap();
-    cases.push((patched(&novocab, "embd.gguf", "token_embd.weight", 4 + 8, &huge), "runs past the end"));
+    cases.push((
+        patched(&novocab, "embd.gguf", "token_embd.weight", 4 + 8, &huge),
+        "vocab_size = 1099511627776 exceeds",
+    ));
+    let rows = (1u64 << 22).to_le_bytes(); // within the bounds on a config, past the file's end
+    cases.push((patched(&novocab, "embd22.gguf", "token_embd.weight", 4 + 8, &rows), "runs past the end"));
     cases.push((patched(&bytes, "offset.gguf", "blk.2.ffn_down.weight", 4 + 16 + 4, &huge), "runs past the end"));
     let mut header = bytes.clone();
     header[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes()); // metadata count

@@ -416,3 +416,31 @@ fn forward_at_an_offset_without_a_cache_agrees_between_plain_and_fused() -> Resu
     assert!(max_abs_diff(&plain.forward_at(&x, 0, None)?, &got)? < 1e-4, "RoPE is relative");
     Ok(())
 }
+
+// ---------------------------------------------------------------- RoPE tables
+
+/// RoPE tables cover the positions used, not `max_seq_len`: a model whose config allows 2^26
+/// positions (tables of 2 × 64 GiB, were they built up front) runs a forward pass, and the
+/// tables grow as a cached decode walks past their first size, every logit equal to the same
+/// weights at a short max_seq_len in one pass.
+#[test]
+fn rope_tables_grow_with_the_positions_used() -> Result<()> {
+    let mut short = tiny(Mode::Lors);
+    short.model.max_seq_len = 300;
+    let mut long = short.clone();
+    long.model.max_seq_len = lors_lm::model::MAX_POSITIONS;
+    let (a, _) = build(&short, DType::F32, 7)?;
+    let (b, _) = build(&long, DType::F32, 7)?;
+    let mut rng = Rng::new(3);
+    let x = ids(&mut rng, 1, 300, 50)?;
+    let whole = a.forward(&x)?; // (1, 300, V)
+    let mut cache = b.new_cache();
+    let mut steps = vec![];
+    for pos in 0..300 {
+        steps.push(b.forward_at(&x.narrow(1, pos, 1)?, pos, Some(&mut cache))?);
+    }
+    let stepped = Tensor::cat(&steps, 1)?;
+    let diff = max_abs_diff(&whole, &stepped)?;
+    assert!(diff < 1e-4, "cached decode past the first table size differs by {diff}");
+    Ok(())
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{bin, repo, run_err, run_ok, train_tiny};
+use common::{bin, repo, run_err, run_ok, snapshot, train_tiny};
 
 use std::path::Path;
 
@@ -160,24 +160,6 @@ fn train_refuses_bad_input_clearly() {
     let e =
         run_err(bin().args(["generate", "--checkpoint", "999", "--prompt", "x", "--run"]).arg(tmp.path().join("r")));
     assert!(e.contains("999"), "{e}");
-}
-
-/// Every file of a directory tree with its bytes, to compare a directory before and after.
-fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// A command that refuses leaves the run directory byte-identical: a --resume whose config

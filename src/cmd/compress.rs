@@ -19,6 +19,7 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -30,7 +31,8 @@ pub struct CompressArgs {
     /// Checkpoint step of a run source [default: the latest].
     #[arg(long, value_name = "STEP")]
     pub checkpoint: Option<usize>,
-    /// Run directory to write (refused if it exists and is not empty, unless --force).
+    /// Run directory to write: new or empty (refused if it holds anything but a run, or a
+    /// source of this command).
     #[arg(long, value_name = "RUN_DIR")]
     pub out: PathBuf,
     /// Rank of every private residual B_l A_l.
@@ -84,7 +86,8 @@ pub struct CompressArgs {
     /// compressed model before any training.
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Write into a non-empty --out (its files are replaced).
+    /// Start over in an --out that holds a run: that run's own files (config, checkpoints,
+    /// logs, reports) are deleted first, nothing else.
     #[arg(long)]
     pub force: bool,
     /// Print the report as JSON (it is always saved as RUN_DIR/compress.json).
@@ -93,7 +96,7 @@ pub struct CompressArgs {
 }
 
 pub fn run(args: &CompressArgs) -> Result<()> {
-    check_out(&args.out, args.force)?;
+    check_out(args)?;
     let device = Device::Cpu;
     let src = source::load(&args.from, args.checkpoint, &device, "--from")?;
     let n = src.cfg.model.n_layers;
@@ -176,15 +179,19 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     Ok(())
 }
 
-/// Refuse an --out that holds anything unless --force (before any work is done).
-fn check_out(out: &Path, force: bool) -> Result<()> {
-    if out.exists() {
-        let non_empty = fs::read_dir(out)
-            .with_context(|| format!("--out {} exists but is not a readable directory", out.display()))?
-            .next()
-            .is_some();
-        if non_empty && !force {
-            bail!("--out {} is not empty: pass --force to replace it, or choose another directory", out.display());
+/// Refuse, before any work is done, an --out that holds anything but a run (a run only with
+/// --force), or that is or contains a source this command reads.
+fn check_out(args: &CompressArgs) -> Result<()> {
+    let run = RunDir::at(&args.out);
+    run.check_new(args.force)?;
+    let sources = [
+        ("--from", Some(Path::new(&args.from))),
+        ("--data", args.data.as_deref()),
+        ("--calibrate", args.calibrate.as_deref()),
+    ];
+    for (flag, path) in sources {
+        if let Some(p) = path {
+            run.check_not_source(p, flag)?;
         }
     }
     Ok(())
@@ -319,10 +326,7 @@ fn write_run(
     data: Option<&Path>,
 ) -> Result<()> {
     let run = RunDir::at(out);
-    if force && out.exists() {
-        fs::remove_dir_all(out).with_context(|| format!("cannot clear {}", out.display()))?;
-    }
-    run.create(false)?;
+    run.create(force)?; // a run's own files only: check_out refused anything else
     run.write_config(cfg)?;
     src.tokenizer
         .save(run.tokenizer_path(), false)
@@ -347,14 +351,16 @@ fn write_run(
     };
     let optimizer = opt.state_tensors();
     run.save_checkpoint(&Contents { cfg, params: &compressed.tensors, optimizer: &optimizer, state: &state }, 0)?;
-    let path = out.join("compress.json");
-    fs::write(&path, serde_json::to_string_pretty(report)? + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))
+    let text = serde_json::to_string_pretty(report)? + "\n";
+    crate::files::write_atomic(&out.join("compress.json"), |w| w.write_all(text.as_bytes()))
 }
 
 /// Rank and energy kept per layer (rows) and projection type (columns).
 fn table(report: &[ProjReport], n_layers: usize) -> String {
-    let mut s = format!("{:<6}", "layer");
+    let mut s = String::from(
+        "rN P% = rank N of the private residual B·A, and P = the share of the residual's energy ‖W_l − W_shared‖²_F it keeps\n(energy_kept in compress.json; W_shared = 0 in lowrank mode; with --calibrate, of ‖(W_l − W_shared)·X‖²_F); private = not shared\n",
+    );
+    let _ = write!(s, "{:<6}", "layer");
     for p in Proj::ALL {
         let _ = write!(s, " {:>13}", p.name());
     }

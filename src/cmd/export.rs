@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde_json::{json, Value};
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ExportArgs {
@@ -23,13 +23,14 @@ pub struct ExportArgs {
     #[arg(long, default_value = "hf-llama", value_parser = ["hf-llama", "gguf"])]
     pub format: String,
     /// Output directory (hf-llama: refused if it exists and is not empty, unless --force), or
-    /// file (gguf, e.g. model.gguf: refused if it exists, unless --force).
+    /// file (gguf, e.g. model.gguf: refused if it exists, unless --force); outside --run.
     #[arg(long, value_name = "DIR|FILE")]
     pub out: PathBuf,
     /// Weight dtype: f32, bf16 or f16 for hf-llama; f32, f16 or q8_0 for gguf (norms stay f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "q8_0"])]
     pub dtype: String,
-    /// Write into a non-empty --out (files of the same name are replaced).
+    /// Write into a non-empty --out: the export's own files (model.safetensors, config.json,
+    /// generation_config.json, tokenizer.json; or the GGUF file) are replaced, nothing else.
     #[arg(long)]
     pub force: bool,
 }
@@ -44,6 +45,22 @@ fn parse_dtype(s: &str) -> Result<(DType, &'static str)> {
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
+    // An export inside the run (or the run inside the export) would overwrite the run's own
+    // files (tokenizer.json, config files) or leave foreign ones in it.
+    let overlap = match args.format.as_str() {
+        "gguf" => {
+            let dir = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            crate::files::is_within(dir, &args.run)
+        }
+        _ => crate::files::is_within(&args.out, &args.run) || crate::files::is_within(&args.run, &args.out),
+    };
+    if overlap {
+        bail!(
+            "--out {} and --run {} overlap: export to a path outside the run directory",
+            args.out.display(),
+            args.run.display()
+        );
+    }
     if args.format == "gguf" {
         return run_gguf(args);
     }

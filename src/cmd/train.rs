@@ -119,7 +119,7 @@ fn run_as(args: &TrainArgs, dist: Option<&Dist>) -> Result<FitSummary> {
     };
     let mut cfg = match (&args.config, args.resume, &init) {
         (Some(c), _, _) => Config::load(c, &sets)?,
-        (None, true, _) => Config::load(&run.config_path(), &sets)?,
+        (None, true, _) => resume_config(&run, &sets)?,
         (None, false, Some(src)) => {
             src.cfg.with_sets(&sets, &format!("the config of --init-from {}", src.describe()))?
         }
@@ -136,6 +136,19 @@ fn run_as(args: &TrainArgs, dist: Option<&Dist>) -> Result<FitSummary> {
         None if !cfg.data.dir.is_empty() => PathBuf::from(&cfg.data.dir),
         None => bail!("no data: pass --data DIR (from `lors-lm prepare`) or set data.dir in the config"),
     };
+    if !args.resume {
+        // A new run (with --force) clears its directory's run files: never where a source is.
+        run.check_not_source(&data_dir, "--data")?;
+        for (flag, spec) in [("--init-from", &args.init_from), ("--teacher", &args.teacher)] {
+            if let Some(spec) = spec {
+                run.check_not_source(Path::new(spec), flag)?;
+            }
+        }
+    }
+    if cfg.model.vocab_size == 0 {
+        // "Take it from the prepared data": resolved before --init-from compares dimensions.
+        cfg.model.vocab_size = Meta::load(&data_dir)?.vocab_size;
+    }
     let init_weights = match init {
         Some(src) => {
             cfg.train.init_from = args.init_from.clone().unwrap_or_default();
@@ -164,6 +177,33 @@ fn run_as(args: &TrainArgs, dist: Option<&Dist>) -> Result<FitSummary> {
         dist: dist.cloned(),
     };
     session::train(cfg, &data_dir, &run, &device, &opts)
+}
+
+/// The config a `--resume` without `--config` continues with: RUN_DIR/config.toml, checked
+/// against the copy saved with the latest checkpoint (written atomically with its weights).
+/// A file that differs (damaged, edited by hand, or from a resume whose `--set` changes no
+/// checkpoint has recorded yet) is refused with both ways on; a missing one gives the
+/// checkpoint's config.
+fn resume_config(run: &RunDir, sets: &[String]) -> Result<Config> {
+    let ckpt = run.checkpoint(None)?;
+    let saved = ckpt.config()?;
+    let path = run.config_path();
+    let (shown, step) = (path.display(), ckpt.step);
+    if !path.exists() {
+        eprintln!("note: {shown} is missing: resuming with the config saved with checkpoint {step}");
+        return saved.with_sets(sets, &format!("the config of checkpoint {step}"));
+    }
+    let file = Config::load(&path, &[]).with_context(|| {
+        format!("{shown} cannot be used (damaged by a crash?): delete it to resume with the config saved with checkpoint {step}, or pass --config FILE")
+    })?;
+    let diff = file.differences(&saved)?;
+    if !diff.is_empty() {
+        bail!(
+            "{shown} differs from the config saved with checkpoint {step}: {}. Pass --config {shown} to resume with the file's values, or delete the file to resume with the checkpoint's (add --set KEY=VALUE for changes)",
+            diff.join(", ")
+        );
+    }
+    file.with_sets(sets, &shown.to_string())
 }
 
 /// The weights a new run starts from: the source's own parameters when they fit the config

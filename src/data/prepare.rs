@@ -15,10 +15,14 @@ use super::tokenizer::{
     chunking_is_exact, find_bos_eos, split_into_chunks, tokenizer_vocab_size, train_bpe, TokenizerPlan, TokenizerSpec,
     DEFAULT_VOCAB_SIZE, EOT,
 };
-use super::tokens::{write_atomic, write_splits, InputFile, Meta};
+use super::tokens::{write_splits, InputFile, Meta};
+use crate::files::write_atomic;
 
 /// Each split must hold at least this many tokens (one input and one target).
 pub const MIN_SPLIT_TOKENS: usize = 2;
+/// The files `prepare` writes into `--out` (and `--force` replaces); nothing else there is
+/// touched.
+const OUTPUT_FILES: [&str; 4] = ["meta.json", "tokenizer.json", "train.bin", "val.bin"];
 /// The validation fraction used when none is given.
 pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
 /// Target size of the text pieces encoded in parallel (see [`split_into_chunks`]).
@@ -108,6 +112,16 @@ fn check_options(opts: &PrepareOptions) -> Result<TokenizerSpec> {
     let out = &opts.out;
     if out.exists() && !out.is_dir() {
         bail!("--out {} exists and is not a directory", out.display());
+    }
+    for name in OUTPUT_FILES {
+        let written = out.join(name);
+        if let Some(input) = opts.input.iter().find(|i| crate::files::same_path(i, &written)) {
+            bail!(
+                "--input {} is the {name} that prepare writes into --out {}: choose another --out",
+                input.display(),
+                out.display()
+            );
+        }
     }
     if out.join("meta.json").exists() && !opts.force {
         bail!(

@@ -1,14 +1,15 @@
 //! The files of a prepared directory: `meta.json` ([`Meta`]) and the token files
 //! `train.bin`/`val.bin` ([`TokenFile`], memory-mapped), with the writers `prepare` and the
-//! tests use. Every file is written through a temp file and a rename ([`write_atomic`]).
+//! tests use. Every file is written through a temp file and a rename ([`crate::files::write_atomic`]).
 use std::fs;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::tokenizer::{find_bos_eos, load_tokenizer};
+use crate::files::write_atomic;
 
 /// Version of the prepared-directory layout, stored in `meta.json`.
 pub const FORMAT_VERSION: u32 = 1;
@@ -314,28 +315,6 @@ pub(super) fn write_splits(dir: &Path, train: &[u32], val: &[u32], vocab_size: u
         val_fraction: None,
         tokenizer_file: None,
     })
-}
-
-/// Writes `path` through a temp file in the same directory, renamed into place on success.
-pub(super) fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&mut BufWriter<fs::File>) -> std::io::Result<()>,
-) -> Result<()> {
-    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    let result = (|| {
-        let file = fs::File::create(&tmp)?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        write(&mut w)?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(err) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(err).with_context(|| format!("could not write {}", path.display()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, TensorId};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 // ---------------------------------------------------------------------------------------------
 // Config
@@ -73,6 +74,11 @@ impl Default for ModelConfig {
     }
 }
 
+/// Bounds on a config's dimensions (`ModelConfig::validate`).
+pub const MAX_LAYERS: usize = 1 << 16;
+pub const MAX_WIDTH: usize = 1 << 24;
+pub const MAX_POSITIONS: usize = 1 << 26;
+
 impl ModelConfig {
     pub fn kv_heads(&self) -> usize {
         if self.n_kv_heads == 0 {
@@ -87,8 +93,24 @@ impl ModelConfig {
     }
 
     /// Range checks that the types cannot express (vocabulary 0 is allowed: resolved later).
+    /// Every dimension is also bounded (far above any published model) so that a damaged or
+    /// hostile config can never drive a loop or an allocation of astronomical size.
     pub fn validate(&self) -> Result<()> {
         let check = |ok: bool, msg: String| if ok { Ok(()) } else { bail!("{msg}") };
+        for (key, value, limit) in [
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("d_model", self.d_model, MAX_WIDTH),
+            ("n_heads", self.n_heads, MAX_WIDTH),
+            ("n_kv_heads", self.n_kv_heads, MAX_WIDTH),
+            ("ffn_hidden", self.ffn_hidden, MAX_WIDTH),
+            ("vocab_size", self.vocab_size, MAX_WIDTH),
+            ("max_seq_len", self.max_seq_len, MAX_POSITIONS),
+        ] {
+            check(
+                value <= limit,
+                format!("model.{key} = {value} exceeds the limit of {limit}: the config is damaged"),
+            )?;
+        }
         check(self.d_model > 0, "model.d_model must be > 0".into())?;
         check(self.n_layers > 0, "model.n_layers must be > 0".into())?;
         check(self.n_heads > 0, "model.n_heads must be > 0".into())?;
@@ -117,31 +139,70 @@ impl ModelConfig {
 
 /// Rotary position embedding tables, HF "rotate_half" convention: the first and second
 /// halves of each head form the rotated pairs.
+///
+/// The tables cover the positions used so far, not `max_seq_len`: they are built on first use
+/// and grown (to the next power of two, at most `max_seq_len`) when a longer sequence comes.
+/// A 1M-context model that generates a few tokens builds tables for a few positions, and a
+/// file's `context_length` never sizes an allocation before its weights are read. The model's
+/// clones share the tables.
 #[derive(Debug, Clone)]
 struct Rope {
-    /// (max_seq_len, head_dim): cos/sin of position·θ_i, each frequency twice (both halves).
-    cos: Tensor,
-    sin: Tensor,
+    head_dim: usize,
+    theta: f64,
+    max_positions: usize,
+    dtype: DType,
+    device: Device,
+    /// (positions, head_dim): cos/sin of position·θ_i, each frequency twice (both halves).
+    tables: Arc<Mutex<Option<(Tensor, Tensor)>>>,
 }
 
+/// The most RoPE table elements (positions × head_dim) built, whatever the config says.
+const MAX_ROPE_ELEMENTS: usize = 1 << 30;
+
 impl Rope {
-    fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let hd = cfg.head_dim();
+    fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Self {
+        Self {
+            head_dim: cfg.head_dim(),
+            theta: cfg.rope_theta,
+            max_positions: cfg.max_seq_len,
+            dtype,
+            device: device.clone(),
+            tables: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// cos and sin tables covering at least positions 0..n (`n` <= `max_positions`).
+    fn tables(&self, n: usize) -> Result<(Tensor, Tensor)> {
+        let mut guard = self.tables.lock().map_err(|_| anyhow::anyhow!("the RoPE tables' lock is poisoned"))?;
+        if let Some((cos, sin)) = guard.as_ref().filter(|(cos, _)| cos.dim(0).is_ok_and(|have| have >= n)) {
+            return Ok((cos.clone(), sin.clone()));
+        }
+        let rows = n.max(64).next_power_of_two().min(self.max_positions).max(n);
+        let (cos, sin) = self.build(rows)?;
+        *guard = Some((cos.clone(), sin.clone()));
+        Ok((cos, sin))
+    }
+
+    fn build(&self, n: usize) -> Result<(Tensor, Tensor)> {
+        let hd = self.head_dim;
+        if n.checked_mul(hd).is_none_or(|e| e > MAX_ROPE_ELEMENTS) {
+            bail!("RoPE tables for {n} positions × head_dim {hd} exceed {MAX_ROPE_ELEMENTS} elements: use shorter sequences");
+        }
         let half = hd / 2;
-        let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
-        let n = cfg.max_seq_len;
+        let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / self.theta.powf(2.0 * i as f64 / hd as f64)).collect();
         let angle = |pos: usize, j: usize| pos as f64 * inv_freq[j % half];
         let table = |f: fn(f64) -> f64| -> Result<Tensor> {
             let v: Vec<f64> = (0..n).flat_map(|pos| (0..hd).map(move |j| f(angle(pos, j)))).collect();
-            Ok(Tensor::from_vec(v, (n, hd), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+            Ok(Tensor::from_vec(v, (n, hd), &Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?)
         };
-        Ok(Self { cos: table(f64::cos)?, sin: table(f64::sin)? })
+        Ok((table(f64::cos)?, table(f64::sin)?))
     }
 }
 
 /// What every block of one forward pass shares.
-struct Pass<'a> {
-    rope: &'a Rope,
+struct Pass {
+    /// RoPE cos/sin tables covering at least the pass's positions.
+    rope: (Tensor, Tensor),
     /// Position of the first token.
     offset: usize,
     /// dtype of the matmuls.
@@ -150,9 +211,9 @@ struct Pass<'a> {
     eps: f64,
 }
 
-impl Pass<'_> {
+impl Pass {
     fn rope(&self) -> (&Tensor, &Tensor) {
-        (&self.rope.cos, &self.rope.sin)
+        (&self.rope.0, &self.rope.1)
     }
 }
 
@@ -335,7 +396,7 @@ impl Model {
             false => Some(store.get("lm_head.weight", &[v, d], Init::Normal(0.02), Role::Matrix)?),
         };
         store.finish()?;
-        let rope = Rope::new(m, store.dtype, &store.device)?;
+        let rope = Rope::new(m, store.dtype, &store.device);
         let ops = Ops::best_for(&embed);
         Ok(Self { cfg: m.clone(), embed, layers, norm, lm_head, rope, matmul_dtype: store.dtype, ops, weights: None })
     }
@@ -473,7 +534,13 @@ impl Model {
         if offset + t > self.cfg.max_seq_len {
             bail!("sequence of {} tokens exceeds model.max_seq_len ({})", offset + t, self.cfg.max_seq_len);
         }
-        let p = Pass { rope: &self.rope, offset, mm: self.matmul_dtype, ops: self.ops, eps: self.cfg.norm_eps };
+        let p = Pass {
+            rope: self.rope.tables(offset + t)?,
+            offset,
+            mm: self.matmul_dtype,
+            ops: self.ops,
+            eps: self.cfg.norm_eps,
+        };
         let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.d_model))?; // (B, T, d)
         for (l, block) in self.layers.iter().enumerate() {
             let mut layer_tap = tap.as_deref_mut().map(|t| move |projs: &[Proj], x: &Tensor| t(l, projs, x));

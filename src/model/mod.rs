@@ -18,7 +18,7 @@ pub mod params;
 pub mod stack;
 pub mod store;
 
-pub use llama::{KvCache, Model, ModelConfig};
+pub use llama::{KvCache, Model, ModelConfig, MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH};
 pub use lors::{LorsConfig, LorsLinear, Mode, Proj};
 pub use ops::Ops;
 pub use params::ParamCounts;

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -107,9 +108,8 @@ pub fn train_one(r: &Resolved, seed: u64, dir: &Path, data_dir: &Path, ev: &Fina
         commit: git_commit(),
     };
     let result_path = dir.join("result.json");
-    let tmp = result_path.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_string_pretty(&res)?)?;
-    fs::rename(&tmp, &result_path)?;
+    let text = serde_json::to_string_pretty(&res)?;
+    crate::files::write_atomic(&result_path, |w| w.write_all(text.as_bytes()))?;
     Ok(res)
 }
 

@@ -212,8 +212,8 @@ fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
     for (name, entry) in entries {
         let e: TensorEntry = serde_json::from_value(entry).with_context(|| format!("tensor {name}"))?;
         let (start, end) = e.data_offsets;
-        if end < start || data_start + end > file_len {
-            bail!("tensor {name}: bytes {start}..{end} lie past the end of the file");
+        if end < start || data_start.checked_add(end).is_none_or(|e| e > file_len) {
+            bail!("tensor {name}: bytes {start}..{end} do not lie within the file's {file_len} bytes");
         }
         let mut buf = vec![0u8; (end - start) as usize];
         f.seek(SeekFrom::Start(data_start + start))?;

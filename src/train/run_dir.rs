@@ -21,7 +21,23 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// What commands write into a run directory; `--force` replaces these and nothing else.
+const OWNED: &[&str] = &[
+    "config.toml",
+    "tokenizer.json",
+    "data_meta.json",
+    "metrics.jsonl",
+    "samples.txt",
+    "tb",
+    "checkpoints",
+    "compress.json",
+    "result.json",
+];
+/// The temp files of the atomic writes into a run directory (`files::write_atomic`).
+const OWNED_TEMP: &[&str] = &[".config.toml.tmp", ".compress.json.tmp", ".result.json.tmp"];
 
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -84,41 +100,88 @@ impl RunDir {
         self.config_path().exists() || self.checkpoints_dir().exists()
     }
 
-    /// Refuse to start a new run over another one unless `force`; touches nothing.
+    /// The entries of the directory that no command writes into a run directory (sorted):
+    /// a directory holding any is not a run's, and no command writes a run into it.
+    pub fn foreign_entries(&self) -> Result<Vec<String>> {
+        if !self.root.is_dir() {
+            return Ok(vec![]);
+        }
+        let listing = fs::read_dir(&self.root).with_context(|| format!("cannot list {}", self.root.display()))?;
+        let mut foreign = vec![];
+        for entry in listing {
+            let name = entry.with_context(|| format!("cannot list {}", self.root.display()))?.file_name();
+            let name = name.to_string_lossy();
+            if !OWNED.contains(&name.as_ref()) && !OWNED_TEMP.contains(&name.as_ref()) {
+                foreign.push(name.into_owned());
+            }
+        }
+        foreign.sort();
+        Ok(foreign)
+    }
+
+    /// Refuse to start a new run over another one unless `force`, and refuse outright a
+    /// directory that holds anything a run does not own (another run's parent, the working
+    /// directory, a data directory): `--force` then replaces only a run's own files. Touches
+    /// nothing.
     pub fn check_new(&self, force: bool) -> Result<()> {
+        if self.root.exists() && !self.root.is_dir() {
+            bail!("{} exists and is not a directory: choose another --out", self.root.display());
+        }
+        let foreign = self.foreign_entries()?;
+        if !foreign.is_empty() {
+            let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
+            bail!(
+                "{} is not a run directory: it holds {} entr{} that no run writes ({}{}). A run goes into a new or empty directory (or, with --force, one that holds only a run): choose another --out; nothing was changed",
+                self.root.display(),
+                foreign.len(),
+                if foreign.len() == 1 { "y" } else { "ies" },
+                shown.join(", "),
+                if foreign.len() > shown.len() { ", ..." } else { "" }
+            );
+        }
         if self.holds_run() && !force {
             bail!(
                 "{} already holds a run: pass --resume to continue it, --force to start over (deletes its checkpoints), or another --out",
                 self.root.display()
             );
         }
-        if self.root.exists() && !self.root.is_dir() {
-            bail!("{} exists and is not a directory: choose another --out", self.root.display());
+        Ok(())
+    }
+
+    /// Refuse a run directory that is, or contains, a source the command reads (`flag` names
+    /// it): starting over there would delete or overwrite it.
+    pub fn check_not_source(&self, source: &Path, flag: &str) -> Result<()> {
+        if crate::files::is_within(source, &self.root) {
+            bail!(
+                "{flag} {} lies in the output directory {}: writing there would replace what is read; choose another output directory",
+                source.display(),
+                self.root.display()
+            );
         }
         Ok(())
     }
 
     /// Make the directory ready for a new run (after `check_new` and every other check passed):
-    /// an earlier run's config, checkpoints, logs and samples are deleted when `force`.
+    /// an earlier run's own files (config, checkpoints, logs, samples, reports) are deleted
+    /// when `force`, nothing else.
     pub fn create(&self, force: bool) -> Result<()> {
         self.check_new(force)?;
-        for sub in [self.checkpoints_dir(), self.tb_dir()] {
-            if sub.exists() {
-                fs::remove_dir_all(&sub).with_context(|| format!("cannot clear {}", sub.display()))?;
-            }
-        }
-        for f in [self.config_path(), self.metrics_path(), self.samples_path()] {
-            if f.exists() {
-                fs::remove_file(&f).with_context(|| format!("cannot remove {}", f.display()))?;
+        for name in OWNED.iter().chain(OWNED_TEMP) {
+            let p = self.root.join(name);
+            if p.is_dir() && !p.is_symlink() {
+                fs::remove_dir_all(&p).with_context(|| format!("cannot clear {}", p.display()))?;
+            } else if p.symlink_metadata().is_ok() {
+                fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
             }
         }
         fs::create_dir_all(&self.root).with_context(|| format!("cannot create run directory {}", self.root.display()))
     }
 
-    /// Write the run's resolved config.
+    /// Write the run's resolved config, atomically (temp file, fsync, rename): a crash leaves
+    /// the old file or the new one.
     pub fn write_config(&self, cfg: &Config) -> Result<()> {
-        let p = self.config_path();
-        fs::write(&p, cfg.to_toml()?).with_context(|| format!("cannot write {}", p.display()))
+        let text = cfg.to_toml()?;
+        crate::files::write_atomic(&self.config_path(), |w| w.write_all(text.as_bytes()))
     }
 
     /// Copy the tokenizer and the data's meta.json from a prepared data directory.

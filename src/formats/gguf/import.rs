@@ -16,11 +16,15 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-/// The longest context we build RoPE tables for (Llama 3.1's is 131,072).
+/// The longest context accepted (Llama 3.1's is 131,072; RoPE tables grow with the positions
+/// actually used, so this costs nothing up front).
 const MAX_CONTEXT: usize = 1 << 20;
+
+/// The tensors of one Llama block: attn_norm, ffn_norm and the 7 projections.
+const TENSORS_PER_BLOCK: usize = 9;
 
 /// A model loaded from a GGUF file.
 pub struct GgufModel {
@@ -60,9 +64,38 @@ fn read_header(path: &Path) -> Result<(Content, BufReader<File>, u64)> {
         bail!("{shown} is not a GGUF file (it does not start with the GGUF magic): pass a .gguf file written by llama.cpp's tools or `lors-lm export --format gguf`");
     }
     let mut reader = BufReader::new(file);
+    let mut head = [0u8; 24];
+    reader.read_exact(&mut head).with_context(|| format!("{shown}: the GGUF header is truncated"))?;
+    reader.seek(SeekFrom::Start(0)).with_context(|| format!("cannot read {shown}"))?;
     let ct = Content::read(&mut reader)
         .map_err(|e| anyhow::anyhow!("{shown}: cannot read the GGUF header: {e} (a truncated or damaged file?)"))?;
+    // Content keeps tensors and metadata in maps: an entry named twice would silently replace
+    // the first (which one wins is the file's order, not the reader's choice). Refuse it.
+    let (n_tensors, n_kv) = header_counts(&head);
+    if n_tensors != ct.tensor_infos.len() as u64 {
+        bail!(
+            "{shown}: the header lists {n_tensors} tensors but only {} distinct names: a tensor name is repeated (the file is damaged)",
+            ct.tensor_infos.len()
+        );
+    }
+    if n_kv != ct.metadata.len() as u64 {
+        bail!(
+            "{shown}: the header lists {n_kv} metadata entries but only {} distinct keys: a key is repeated (the file is damaged)",
+            ct.metadata.len()
+        );
+    }
     Ok((ct, reader, file_size))
+}
+
+/// The tensor and metadata counts of a GGUF header's first 24 bytes (magic, version, counts:
+/// u32 counts in version 1, u64 after).
+fn header_counts(head: &[u8; 24]) -> (u64, u64) {
+    let u32_at = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    let u64_at = |at: usize| u64::from(u32_at(at)) | (u64::from(u32_at(at + 4)) << 32);
+    match u32_at(4) {
+        1 => (u64::from(u32_at(8)), u64::from(u32_at(12))),
+        _ => (u64_at(8), u64_at(16)),
+    }
 }
 
 /// Load a GGUF Llama onto `device`: weights dequantized to f32, q and k brought back from
@@ -151,10 +184,20 @@ fn config_from_gguf(ct: &Content, origin: &Path) -> Result<Config> {
     };
     let embd =
         ct.tensor_infos.get("token_embd.weight").with_context(|| format!("{shown}: no token_embd.weight tensor"))?;
+    // Each block is 9 tensors (2 norms, 7 projections): bound the count by what the file holds
+    // before anything loops or allocates per layer.
+    let n_layers = need("block_count")?;
+    let room = ct.tensor_infos.len() / TENSORS_PER_BLOCK;
+    if n_layers > room {
+        bail!(
+            "{shown}: llama.block_count = {n_layers} but the file holds {} tensors, room for at most {room} blocks of {TENSORS_PER_BLOCK}: the metadata is damaged",
+            ct.tensor_infos.len()
+        );
+    }
     let model = ModelConfig {
         vocab_size: embd.shape.dims().first().copied().unwrap_or(0),
         d_model: d,
-        n_layers: need("block_count")?,
+        n_layers,
         n_heads,
         n_kv_heads,
         ffn_hidden: need("feed_forward_length")?,
@@ -165,21 +208,21 @@ fn config_from_gguf(ct: &Content, origin: &Path) -> Result<Config> {
             .with_context(|| format!("{shown}: no llama.attention.layer_norm_rms_epsilon"))?,
         tie_embeddings: !ct.tensor_infos.contains_key("output.weight"),
     };
+    if model.max_seq_len > MAX_CONTEXT {
+        bail!(
+            "{shown}: llama.context_length = {} exceeds the {MAX_CONTEXT} positions lors-lm supports",
+            model.max_seq_len
+        );
+    }
+    if let Some(v) = get("vocab_size").and_then(int).filter(|&v| v as usize != model.vocab_size) {
+        bail!("{shown}: llama.vocab_size = {v} but token_embd.weight has {} rows", model.vocab_size);
+    }
     model.validate().with_context(|| format!("{shown}: unsupported model metadata"))?;
     let hd = model.head_dim();
     for k in ["rope.dimension_count", "attention.key_length", "attention.value_length"] {
         if get(k).is_some() && need(k)? != hd {
             bail!("{shown}: llama.{k} = {} differs from embedding_length / head_count = {hd}: not supported", need(k)?);
         }
-    }
-    if let Some(v) = get("vocab_size").and_then(int).filter(|&v| v as usize != model.vocab_size) {
-        bail!("{shown}: llama.vocab_size = {v} but token_embd.weight has {} rows", model.vocab_size);
-    }
-    if model.max_seq_len > MAX_CONTEXT {
-        bail!(
-            "{shown}: llama.context_length = {} exceeds the {MAX_CONTEXT} positions lors-lm supports",
-            model.max_seq_len
-        );
     }
     let mut cfg =
         Config { model, lors: LorsConfig { mode: Mode::Vanilla, ..LorsConfig::default() }, ..Config::default() };

@@ -75,8 +75,10 @@ pub fn name_from_gguf(name: &str) -> Option<String> {
         "output.weight" => return Some("lm_head.weight".into()),
         _ => {}
     }
-    let (layer, rest) = name.strip_prefix("blk.")?.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
+    let (digits, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    // Only the canonical form (`blk.0.`, `blk.12.`): `blk.00.` or `blk.+0.` would otherwise
+    // name the same layer twice.
+    let layer: usize = digits.parse().ok().filter(|l: &usize| l.to_string() == digits)?;
     let ours = match rest {
         "attn_norm.weight" | "ffn_norm.weight" => rest.to_string(),
         _ => {
@@ -121,7 +123,16 @@ mod tests {
         }
         assert_eq!(gguf_name("layers.3.o.weight").unwrap(), "blk.3.attn_output.weight");
         assert_eq!(gguf_name("layers.0.down.weight").unwrap(), "blk.0.ffn_down.weight");
-        for other in ["blk.0.attn_q.bias", "blk.1.ffn_gate_inp.weight", "rope_freqs.weight", "blk.x.attn_q.weight"] {
+        for other in [
+            "blk.0.attn_q.bias",
+            "blk.1.ffn_gate_inp.weight",
+            "rope_freqs.weight",
+            "blk.x.attn_q.weight",
+            "blk.00.attn_q.weight",
+            "blk.+0.attn_q.weight",
+            "blk.01.ffn_up.weight",
+            "blk. 1.ffn_up.weight",
+        ] {
             assert_eq!(name_from_gguf(other), None, "{other}");
         }
         assert!(gguf_name("layers.0.lors_a").is_err());
