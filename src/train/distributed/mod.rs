@@ -6,7 +6,7 @@
 //! every rank:  grad_accum × { own micro-batch → forward → backward }   (Trainer::step)
 //!              GradSync: flatten the gradients of the unique parameters into one buffer,
 //!                        all-reduce it (MPI on the CPU, NCCL on GPUs), divide by N;
-//!                        the loss likewise                          (sync.rs, nccl.rs)
+//!                        the loss and its parts (CE, KL) likewise   (sync.rs, nccl.rs)
 //!              global norm, non-finite skip, clip, AdamW on the average (identical everywhere)
 //!              stop? (Ctrl-C / SIGTERM / SIGUSR1 on any rank stops all at the same step)
 //! every eval:  the validation batches sharded over the ranks, losses summed; a checksum of
