@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+pub use crate::model::config::ModelConfig;
 pub use crate::model::lors::{LorsConfig, Mode, ParamOptions, PrivateInit, Proj};
-pub use crate::model::ModelConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

@@ -1,7 +1,7 @@
 //! Data-parallel training through the real binary under `mpirun` (CPU, 2 ranks, one thread
 //! each): equivalence with one process on the same windows, bit-identical ranks with only
-//! rank 0 writing, exact resume, a rank killed or hung mid-run, Ctrl-C, and the bytes each
-//! step moves for LORS against vanilla.
+//! rank 0 writing, exact resume, a rank killed or hung mid-run, Ctrl-C, the bytes each step
+//! moves for LORS against vanilla, and distillation's logged loss parts.
 //!
 //! Built only with the `mpi` feature (Cargo.toml `required-features`); `scripts/test.sh` builds
 //! and runs it where MPI is installed, and CI (LORS_LM_REQUIRE_MPI=1) fails without one. A
@@ -212,6 +212,52 @@ fn a_resume_with_the_same_ranks_repeats_the_uninterrupted_run_exactly() {
     assert_eq!(losses(&full).len(), 12);
     assert_eq!(losses(&full), losses(&split), "every rank's sample stream must continue exactly");
     assert_eq!(max_abs_diff(&latest_params(&full), &latest_params(&split)), 0.0);
+}
+
+/// Distillation under data parallelism: the logged `ce` and `kl` are the ranks' means, as the
+/// loss is, so they make up the loss as a single process's do, loss = (1 − α)·CE + α·T²·KL
+/// (train/distill.rs), at every step. Rank 0's own parts (what was logged before) do not: its
+/// windows are not rank 1's.
+#[test]
+fn distilled_ranks_log_loss_parts_that_make_up_the_loss() {
+    let _g = lock();
+    let tmp = tempfile::tempdir().unwrap();
+    // A teacher is loaded with its tokenizer: data prepared from text has one.
+    let words = ["the", "whale", "sea", "ship", "captain", "harpoon", "white", "ocean", "deep", "sail"];
+    let mut x = 7u64;
+    let text: Vec<&str> = (0..6000)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            words[((x >> 33) % words.len() as u64) as usize]
+        })
+        .collect();
+    let data = common::prepare_text(tmp.path(), &text.join(" "), 300);
+    let teacher = tmp.path().join("teacher");
+    let bin = env!("CARGO_BIN_EXE_lors-lm");
+    run_ok(Command::new(bin).args(train_args(&data, &teacher, &["train.max_steps=10", "lors.mode=vanilla"])));
+    let (alpha, temp) = (0.3, 2.0);
+    let (a, t) = (format!("train.distill_alpha={alpha}"), format!("train.distill_temperature={temp}"));
+    let sets = ["train.max_steps=6", "train.grad_accum=2", "train.eval_interval=100", &a, &t];
+    let with_teacher = ["--teacher".to_string(), teacher.display().to_string()];
+    let single = tmp.path().join("single");
+    run_ok(Command::new(bin).args(train_args(&data, &single, &sets)).args(&with_teacher));
+    let ranks = tmp.path().join("ranks");
+    run_ok(train_ranks(2, &data, &ranks, &sets).args(&with_teacher));
+    for run in [&single, &ranks] {
+        let steps: Vec<serde_json::Value> = metrics(run).into_iter().filter(|m| m.get("ce").is_some()).collect();
+        assert_eq!(steps.len(), 6, "{}: one line with ce and kl per step", run.display());
+        for m in &steps {
+            let get = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("{}: no {k} in {m}", run.display()));
+            let (loss, ce, kl) = (get("loss"), get("ce"), get("kl"));
+            let parts = (1.0 - alpha) * ce + alpha * temp * temp * kl;
+            assert!(
+                (loss - parts).abs() < 1e-5 * loss.abs().max(1.0),
+                "{}: step {}: loss {loss} but (1 − α)·ce + α·T²·kl = {parts} (ce {ce}, kl {kl})",
+                run.display(),
+                m["step"]
+            );
+        }
+    }
 }
 
 /// The pid of `rank` among the processes running with `marker` in their command line.

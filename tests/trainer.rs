@@ -151,7 +151,7 @@ fn k_micro_batches_take_the_same_step_as_one_batch_of_k_times_b() -> Result<()> 
 struct Scale(f64);
 
 impl GradSync for Scale {
-    fn all_reduce(&mut self, grads: &mut [Tensor], _loss: &mut f64) -> Result<()> {
+    fn all_reduce(&mut self, grads: &mut [Tensor], _losses: &mut [f64]) -> Result<()> {
         for g in grads.iter_mut() {
             *g = (&*g * self.0)?;
         }
@@ -229,10 +229,10 @@ struct Poison {
 }
 
 impl GradSync for Poison {
-    fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
+    fn all_reduce(&mut self, grads: &mut [Tensor], losses: &mut [f64]) -> Result<()> {
         match self.plan[self.step] {
             Bad::No => {}
-            Bad::Loss => *loss = f64::NAN,
+            Bad::Loss => losses[0] = f64::NAN,
             Bad::Grad => grads[0] = (grads[0].ones_like()? * f64::INFINITY)?,
         }
         self.step += 1;
@@ -372,7 +372,7 @@ struct FixedGrads {
 }
 
 impl GradSync for FixedGrads {
-    fn all_reduce(&mut self, grads: &mut [Tensor], _loss: &mut f64) -> Result<()> {
+    fn all_reduce(&mut self, grads: &mut [Tensor], _losses: &mut [f64]) -> Result<()> {
         grads.clone_from_slice(&self.steps[self.next]);
         self.next += 1;
         Ok(())

@@ -2,15 +2,19 @@
 //! random tokens: median of several steps after warm-up. Prints a table and one JSON line per
 //! mode.
 //!
+//! With `--decode`, inference instead: what `bench_decode.rs` measures, per mode, weights and
+//! batch size.
+//!
 //! Each mode of each round is measured in a fresh child process (this binary, `bench
 //! --child`): the allocator keeps freed memory for reuse (`device::tune_allocator`), so a
 //! second mode measured in the same process would inherit the first one's heap and its peak
 //! RSS. Rounds alternate the modes (vanilla, lors, vanilla, lors, ...) so that a slow spell
 //! of the machine hits both; the lors/vanilla line is the median of the per-round ratios.
 
+use crate::cmd::bench_decode::{self, DecodeResult};
 use crate::config::{Config, Mode};
 use crate::infer::generate::{generate_tokens, Sampler};
-use crate::model::{Model, Ops};
+use crate::model::{Model, Ops, Weights};
 use crate::monitor::{peak_rss_mb, reset_peak_rss};
 use crate::rng::Rng;
 use crate::train::{Source, Trainer};
@@ -206,37 +210,62 @@ fn modes_of(base: &Config, args: &BenchArgs) -> Result<Vec<(String, Config)>> {
     Ok(modes)
 }
 
-/// Measure one mode in a fresh process of this binary (`bench --child`).
-fn bench_in_child(args: &BenchArgs, mode: &str) -> Result<BenchResult> {
+/// Run this binary as `bench --child --json --config FILE --set ... SWITCHES FLAG VALUE ...`
+/// (one measurement in a fresh process) and parse the JSON line it prints last; `what` names
+/// the measurement in errors.
+fn in_child<T: serde::de::DeserializeOwned>(
+    args: &BenchArgs,
+    switches: &[&str],
+    flags: &[(&str, String)],
+    what: &str,
+) -> Result<T> {
     let exe = std::env::current_exe().context("bench: cannot find this program's executable")?;
     let mut cmd = std::process::Command::new(&exe);
-    cmd.arg("bench").arg("--child").arg("--json").arg("--config").arg(&args.config);
+    cmd.args(["bench", "--child", "--json", "--config"]).arg(&args.config);
     for s in &args.sets {
         cmd.arg("--set").arg(s);
     }
-    for (flag, v) in [
-        ("--modes", mode.to_string()),
-        ("--vocab-size", args.vocab_size.to_string()),
-        ("--steps", args.steps.to_string()),
-        ("--warmup", args.warmup.to_string()),
-        ("--prompt-tokens", args.prompt_tokens.to_string()),
-        ("--gen-tokens", args.gen_tokens().to_string()),
-    ] {
+    cmd.args(switches);
+    for (flag, v) in flags {
         cmd.arg(flag).arg(v);
-    }
-    if args.plain_ops {
-        cmd.arg("--plain-ops");
     }
     let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("bench: running {}", exe.display()))?;
     if !out.status.success() {
-        bail!("bench: measuring mode {mode} failed ({}); its error is above", out.status);
+        bail!("{what} failed ({}); its error is above", out.status);
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().with_context(|| format!("bench: mode {mode} printed no result"))?;
-    serde_json::from_str(line).with_context(|| format!("bench: mode {mode} printed {line:?}, not a result"))
+    let line = stdout.lines().last().with_context(|| format!("{what} printed no result"))?;
+    serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}, not a result"))
+}
+
+/// Measure the training of one mode in a fresh process.
+fn bench_in_child(args: &BenchArgs, mode: &str) -> Result<BenchResult> {
+    let switches: &[&str] = if args.plain_ops { &["--plain-ops"] } else { &[] };
+    let flags = [
+        ("--modes", mode.to_string()),
+        ("--vocab-size", args.vocab_size.to_string()),
+        ("--steps", args.steps.to_string()),
+        ("--warmup", args.warmup.to_string()),
+        ("--prompt-tokens", args.prompt_tokens.to_string()),
+        ("--gen-tokens", args.gen_tokens().to_string()),
+    ];
+    in_child(args, switches, &flags, &format!("bench: mode {mode}"))
+}
+
+/// Measure the inference of one (mode, weights, batch) row in a fresh process.
+fn decode_in_child(args: &BenchArgs, mode: &str, w: Weights, batch: usize) -> Result<DecodeResult> {
+    let flags = [
+        ("--modes", mode.to_string()),
+        ("--weights", w.name().to_string()),
+        ("--batches", batch.to_string()),
+        ("--vocab-size", args.vocab_size.to_string()),
+        ("--prompt-tokens", args.prompt_tokens.to_string()),
+        ("--gen-tokens", args.gen_tokens().to_string()),
+    ];
+    in_child(args, &["--decode"], &flags, &format!("bench --decode: {mode} {} batch {batch}", w.name()))
 }
 
 /// Median over rounds of every measured field.
@@ -280,7 +309,7 @@ fn ratio(l: &[BenchResult], v: &[BenchResult], f: impl Fn(&BenchResult) -> Optio
 pub fn run(args: &BenchArgs) -> Result<()> {
     let base = Config::load(&args.config, &args.sets)?;
     if args.decode {
-        return crate::cmd::bench_decode::run(args, &modes_of(&base, args)?);
+        return run_decode(args, &modes_of(&base, args)?);
     }
     if args.steps == 0 {
         bail!("--steps must be > 0");
@@ -342,6 +371,54 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 ratio(l, v, |r| r.decode_tokens_per_sec)
             );
         }
+    }
+    Ok(())
+}
+
+/// `bench --decode`: every row of `bench_decode::rows` at every batch size, each round in
+/// fresh processes (or, as the child, the one row of --modes, --weights and --batches).
+fn run_decode(args: &BenchArgs, modes: &[(String, Config)]) -> Result<()> {
+    if args.batches.is_empty() || args.batches.contains(&0) {
+        bail!("--batches must list batch sizes >= 1");
+    }
+    if args.child {
+        let ([(_, cfg)], [batch]) = (modes, args.batches.as_slice()) else {
+            bail!("bench --decode --child measures exactly one mode and one batch size")
+        };
+        let w = match args.weights.as_deref() {
+            Some("merged") | None => Weights::Merged,
+            Some("factored") => Weights::Factored,
+            Some(other) => bail!("--weights {other}: expected merged or factored"),
+        };
+        let r = bench_decode::measure(cfg, w, *batch, args.prompt_tokens, args.gen_tokens())?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let rows = bench_decode::rows(modes);
+    eprintln!("{}", bench_decode::machine_header());
+    let cells: Vec<(String, Weights, usize)> =
+        args.batches.iter().flat_map(|&b| rows.iter().map(move |(m, w)| (m.clone(), *w, b))).collect();
+    let mut per_cell: Vec<Vec<DecodeResult>> = vec![vec![]; cells.len()];
+    for round in 0..args.rounds {
+        for (i, (m, w, b)) in cells.iter().enumerate() {
+            let r = decode_in_child(args, m, *w, *b)?;
+            eprintln!(
+                "bench --decode: round {}/{} {m} {} batch {b}: decode {:.1} tok/s, prompt {:.0} tok/s",
+                round + 1,
+                args.rounds,
+                w.name(),
+                r.decode_tokens_per_sec,
+                r.prompt_tokens_per_sec
+            );
+            per_cell[i].push(r);
+        }
+    }
+    let results: Vec<DecodeResult> = per_cell.iter().map(|r| bench_decode::combine(r)).collect();
+    for r in &results {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    if !args.json {
+        bench_decode::print_table(&results, &per_cell);
     }
     Ok(())
 }

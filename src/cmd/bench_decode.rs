@@ -1,12 +1,12 @@
-//! `lors-lm bench --decode`: inference of a config with random weights, vanilla merged
-//! against LORS (or shared) merged and factored: prompt and decoding tokens/s at each batch
-//! size, peak RSS, and the weight bytes each decoding step reads, beside this machine's cache
-//! sizes and read bandwidth (docs/performance.md, "Inference").
+//! What `lors-lm bench --decode` measures: inference of a config with random weights, vanilla
+//! merged against LORS (or shared) merged and factored: prompt and decoding tokens/s at each
+//! batch size, peak RSS, and the weight bytes each decoding step reads, beside this machine's
+//! cache sizes and read bandwidth (docs/performance.md, "Inference"); and the table of them.
 //!
-//! Every (mode, weights, batch) row of every round runs in a fresh child process (this binary,
-//! `bench --decode --child`), so that peak RSS is that row's alone; rounds alternate the rows.
+//! `cmd/bench.rs` runs every (mode, weights, batch) row of every round in a fresh child process
+//! (this binary, `bench --decode --child`), so that peak RSS is that row's alone; rounds
+//! alternate the rows.
 
-use crate::cmd::bench::BenchArgs;
 use crate::config::{Config, Mode};
 use crate::device::{cpu_caches, describe_caches, human_bytes, read_bandwidth};
 use crate::infer::generate::generate_batch;
@@ -14,7 +14,7 @@ use crate::infer::weights::predict;
 use crate::model::{Model, ParamStore, Weights};
 use crate::monitor::{peak_rss_mb, reset_peak_rss, rss_mb};
 use crate::rng::Rng;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
@@ -52,7 +52,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The rows of `--modes`: vanilla merged; every other mode merged and factored.
-fn rows(modes: &[(String, Config)]) -> Vec<(String, Weights)> {
+pub fn rows(modes: &[(String, Config)]) -> Vec<(String, Weights)> {
     let mut out = vec![];
     for (m, cfg) in modes {
         out.push((m.clone(), Weights::Merged));
@@ -63,10 +63,11 @@ fn rows(modes: &[(String, Config)]) -> Vec<(String, Weights)> {
     out
 }
 
-/// Build the model of `cfg` with random weights and keep it as `w`, measure one batch.
-pub fn measure(cfg: &Config, w: Weights, batch: usize, args: &BenchArgs) -> Result<DecodeResult> {
+/// Build the model of `cfg` with random weights and keep it as `w`, measure one batch of
+/// `prompt` prompt tokens (at least 1) and `gen` decoded ones (at least 2).
+pub fn measure(cfg: &Config, w: Weights, batch: usize, prompt: usize, gen: usize) -> Result<DecodeResult> {
     reset_peak_rss();
-    let (prompt, gen) = (args.prompt_tokens.max(1), args.gen_tokens().max(2));
+    let (prompt, gen) = (prompt.max(1), gen.max(2));
     if prompt + gen > cfg.model.max_seq_len {
         bail!("--prompt-tokens {prompt} + --gen-tokens {gen} exceed model.max_seq_len {}", cfg.model.max_seq_len);
     }
@@ -111,39 +112,9 @@ pub fn measure(cfg: &Config, w: Weights, batch: usize, args: &BenchArgs) -> Resu
     })
 }
 
-/// One row in a fresh process of this binary.
-fn in_child(args: &BenchArgs, mode: &str, w: Weights, batch: usize) -> Result<DecodeResult> {
-    let exe = std::env::current_exe().context("bench: cannot find this program's executable")?;
-    let mut cmd = std::process::Command::new(&exe);
-    cmd.args(["bench", "--decode", "--child", "--json", "--config"]).arg(&args.config);
-    for s in &args.sets {
-        cmd.arg("--set").arg(s);
-    }
-    for (flag, v) in [
-        ("--modes", mode.to_string()),
-        ("--weights", w.name().to_string()),
-        ("--batches", batch.to_string()),
-        ("--vocab-size", args.vocab_size.to_string()),
-        ("--prompt-tokens", args.prompt_tokens.to_string()),
-        ("--gen-tokens", args.gen_tokens().to_string()),
-    ] {
-        cmd.arg(flag).arg(v);
-    }
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("bench: running {}", exe.display()))?;
-    if !out.status.success() {
-        bail!("bench --decode: {mode} {} batch {batch} failed ({}); its error is above", w.name(), out.status);
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().context("bench --decode: the child printed no result")?;
-    serde_json::from_str(line).with_context(|| format!("bench --decode: the child printed {line:?}, not a result"))
-}
-
 /// The machine's header: caches from sysfs, read bandwidth at sizes that sit in L2, in the
 /// last-level cache and in DRAM.
-fn machine_header() -> String {
+pub fn machine_header() -> String {
     let bw: Vec<String> = [1usize << 20, 16 << 20, 1 << 30]
         .iter()
         .map(|&b| format!("{} {:.1}", human_bytes(b as u64), read_bandwidth(b, if b > 1 << 28 { 3 } else { 50 })))
@@ -156,53 +127,8 @@ fn machine_header() -> String {
     )
 }
 
-pub fn run(args: &BenchArgs, modes: &[(String, Config)]) -> Result<()> {
-    if args.batches.is_empty() || args.batches.contains(&0) {
-        bail!("--batches must list batch sizes >= 1");
-    }
-    if args.child {
-        let ([(_, cfg)], [batch]) = (modes, args.batches.as_slice()) else {
-            bail!("bench --decode --child measures exactly one mode and one batch size")
-        };
-        let w = match args.weights.as_deref() {
-            Some("merged") | None => Weights::Merged,
-            Some("factored") => Weights::Factored,
-            Some(other) => bail!("--weights {other}: expected merged or factored"),
-        };
-        println!("{}", serde_json::to_string(&measure(cfg, w, *batch, args)?)?);
-        return Ok(());
-    }
-    let rows = rows(modes);
-    eprintln!("{}", machine_header());
-    let cells: Vec<(String, Weights, usize)> =
-        args.batches.iter().flat_map(|&b| rows.iter().map(move |(m, w)| (m.clone(), *w, b))).collect();
-    let mut per_cell: Vec<Vec<DecodeResult>> = vec![vec![]; cells.len()];
-    for round in 0..args.rounds {
-        for (i, (m, w, b)) in cells.iter().enumerate() {
-            let r = in_child(args, m, *w, *b)?;
-            eprintln!(
-                "bench --decode: round {}/{} {m} {} batch {b}: decode {:.1} tok/s, prompt {:.0} tok/s",
-                round + 1,
-                args.rounds,
-                w.name(),
-                r.decode_tokens_per_sec,
-                r.prompt_tokens_per_sec
-            );
-            per_cell[i].push(r);
-        }
-    }
-    let results: Vec<DecodeResult> = per_cell.iter().map(|r| combine(r)).collect();
-    for r in &results {
-        println!("{}", serde_json::to_string(r)?);
-    }
-    if !args.json {
-        print_table(&results, &per_cell);
-    }
-    Ok(())
-}
-
 /// Medians over rounds.
-fn combine(rounds: &[DecodeResult]) -> DecodeResult {
+pub fn combine(rounds: &[DecodeResult]) -> DecodeResult {
     let med = |f: &dyn Fn(&DecodeResult) -> f64| median(rounds.iter().map(f).collect());
     let opt = |f: &dyn Fn(&DecodeResult) -> Option<f64>| {
         let v: Vec<f64> = rounds.iter().filter_map(f).collect();
@@ -218,7 +144,8 @@ fn combine(rounds: &[DecodeResult]) -> DecodeResult {
     }
 }
 
-fn print_table(results: &[DecodeResult], per_cell: &[Vec<DecodeResult>]) {
+/// The table of `results` (one per row and batch) with each one's rounds in `per_cell`.
+pub fn print_table(results: &[DecodeResult], per_cell: &[Vec<DecodeResult>]) {
     println!(
         "\n{:<8} {:<8} {:>5} {:>11} {:>11} {:>9} {:>9} {:>10} {:>10} {:>9}",
         "mode",

@@ -35,9 +35,9 @@
 //! Decoding (N = a few tokens) is the opposite case: `Model::factored` keeps the factors
 //! (`model/stack.rs`), so a group's layers read one base, which stays in cache.
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::model::ops::{linear_as, Ops};
-use crate::model::store::{Init, ParamStore};
+use crate::model::store::{Init, ParamStore, Role};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -224,19 +224,6 @@ impl Default for LorsConfig {
             private_weight_decay: None,
         }
     }
-}
-
-/// What one parameter is, for the optimizer (set when the model creates it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Embedding, LM head, a shared base or a private full weight.
-    Matrix,
-    /// A norm gain: never decayed.
-    Gain,
-    /// The private factor A_l (r×in).
-    FactorA,
-    /// The private factor B_l (out×r).
-    FactorB,
 }
 
 /// Learning-rate multiplier and weight decay of one parameter.

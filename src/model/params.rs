@@ -2,8 +2,8 @@
 //! the vanilla model at the same dimensions. Computed from the config alone, in closed form;
 //! tests check it against the parameters the model actually creates.
 
+use crate::model::config::ModelConfig;
 use crate::model::lors::{LorsConfig, Proj};
-use crate::model::ModelConfig;
 use std::fmt::Write;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -17,10 +17,10 @@
 //! candle matmuls.
 
 use crate::kernels::matvec::{linear_rows, F32View, LowRank, Segment};
+use crate::model::config::ModelConfig;
 use crate::model::lors::{LorsConfig, LorsLinear, Proj};
 use crate::model::ops::{linear_as, Ops};
 use crate::model::store::ParamStore;
-use crate::model::ModelConfig;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, TensorId, D};
 use std::collections::{HashMap, HashSet};

@@ -5,11 +5,23 @@
 //! its users add up in one place. Each parameter carries its [`Role`], which the optimizer reads
 //! to give it its learning-rate multiplier and weight decay.
 
-use crate::model::lors::Role;
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
+
+/// What one parameter is, for the optimizer (set when the model creates it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Embedding, LM head, a shared base or a private full weight.
+    Matrix,
+    /// A norm gain: never decayed.
+    Gain,
+    /// The private factor A_l (r×in).
+    FactorA,
+    /// The private factor B_l (out×r).
+    FactorB,
+}
 
 /// How to initialise a new parameter.
 #[derive(Debug, Clone, Copy)]

@@ -8,14 +8,14 @@
 //!     every ckpt_interval (and at the end, --stop-at or Ctrl-C): checkpoint
 //! ```
 //!
-//! A data-parallel run (`FitOptions::dist`) adds one hook at each of these points
-//! (distributed/mod.rs): the ranks agree on stopping after every step, evaluate sharded and
-//! compare weight checksums at every eval, and checkpoint through rank 0.
+//! A data-parallel run (`FitOptions::dist`) adds one hook at each of these points, the
+//! [`DataParallel`] trait (implemented by `distributed::Dist`, as the trainer's `GradSync` is
+//! by its gradient all-reduce): the ranks agree on stopping after every step, evaluate sharded
+//! and compare weight checksums at every eval, and checkpoint through rank 0.
 
 use crate::infer::generate::{generate_tokens, Sampler};
 use crate::model::Model;
 use crate::monitor::{Monitor, StepReport};
-use crate::train::distributed::Dist;
 use crate::train::run_dir::RunDir;
 use crate::train::trainer::Trainer;
 use anyhow::{Context, Result};
@@ -44,14 +44,32 @@ pub fn install_ctrlc_handler() {
     });
 }
 
+/// What a data-parallel run adds to the loop, at each point where its ranks must act
+/// together (every rank calls each method at the same step).
+pub trait DataParallel {
+    /// Ranks in the run.
+    fn size(&self) -> usize;
+    /// Whether this rank reports (rank 0): it alone samples text at an evaluation.
+    fn is_root(&self) -> bool;
+    /// The validation loss on `val`, sharded over the ranks (as `Trainer::evaluate` over all
+    /// of them in one process); recorded as the run's last validation loss.
+    fn evaluate(&self, trainer: &mut Trainer, val: &[(Tensor, Tensor)], step: usize) -> Result<f64>;
+    /// The checksum of this rank's weights, after checking that every rank's is the same.
+    fn check_weights(&self, trainer: &Trainer, step: usize) -> Result<u64>;
+    /// Whether any rank was asked to stop after `step` (`mine`: this one was).
+    fn stop(&self, mine: bool, step: usize) -> Result<bool>;
+    /// Checkpoint the current step through rank 0; returns the checkpoint's directory.
+    fn save(&self, trainer: &mut Trainer, run: &RunDir) -> Result<PathBuf>;
+}
+
 /// What `fit` needs besides the trainer.
 pub struct FitOptions {
     /// Stop after this step, checkpointing it, as if interrupted.
     pub stop_at: Option<usize>,
     /// Samples at every eval: the tokenizer and the prompt to continue.
     pub sampler: Option<(tokenizers::Tokenizer, Vec<u32>)>,
-    /// Data-parallel training: this rank's communicator (None: a single process).
-    pub dist: Option<Dist>,
+    /// Data-parallel training: this rank's part in it (None: a single process).
+    pub dist: Option<Box<dyn DataParallel>>,
 }
 
 pub struct FitSummary {
@@ -100,7 +118,7 @@ pub fn fit(
                 Some(d) => d.evaluate(trainer, val, step)?,
                 None => trainer.evaluate(val)?,
             };
-            let sample = match (&opts.sampler, opts.dist.as_ref().is_none_or(Dist::is_root)) {
+            let sample = match (&opts.sampler, opts.dist.as_ref().is_none_or(|d| d.is_root())) {
                 (Some((tok, prompt)), true) => Some(sample_text(trainer.model(), tok, prompt, tc.seed ^ step as u64)?),
                 _ => None,
             };
@@ -110,7 +128,7 @@ pub fn fit(
             }
         }
         let interrupted = match (INTERRUPTED.load(Ordering::SeqCst), &opts.dist) {
-            (mine, Some(d)) => d.any(mine, &format!("the stop check of step {step}"))?,
+            (mine, Some(d)) => d.stop(mine, step)?,
             (mine, None) => mine,
         };
         stopped_early = opts.stop_at == Some(step) || interrupted;

@@ -2,7 +2,8 @@
 //!
 //! * `trainer.rs`: [`Trainer`] (new / resume / with_weights, `step`, `evaluate`, `save`), the
 //!   one training step, with the hook where data-parallel training combines gradients.
-//! * `fit.rs`: the loop around it (reports, evaluation, checkpoints, Ctrl-C).
+//! * `fit.rs`: the loop around it (reports, evaluation, checkpoints, Ctrl-C), with the hooks
+//!   where data-parallel ranks act together (`DataParallel`).
 //! * `session.rs`: a whole training run from a resolved config (`train` and `sweep` use it).
 //! * `optim.rs` + `adamw.rs`: AdamW with per-parameter options, and its in-place CPU update.
 //! * `schedule.rs`: the learning rate at each step.

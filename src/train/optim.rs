@@ -7,7 +7,8 @@
 //!   p ← p − lr · (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε)
 
 use crate::config::Config;
-use crate::model::lors::{ParamOptions, Role};
+use crate::model::lors::ParamOptions;
+use crate::model::store::Role;
 use crate::train::adamw::{AdamUpdate, Moments};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};

@@ -12,7 +12,7 @@ use crate::model::{Model, ParamCounts};
 use crate::monitor::{Monitor, Paths};
 use crate::train::batches::{validation_batches, Source};
 use crate::train::distributed::Dist;
-use crate::train::fit::{fit, install_ctrlc_handler, FitOptions, FitSummary};
+use crate::train::fit::{fit, install_ctrlc_handler, DataParallel, FitOptions, FitSummary};
 use crate::train::run_dir::RunDir;
 use crate::train::trainer::Trainer;
 use anyhow::{bail, Context, Result};
@@ -152,7 +152,8 @@ pub fn train(cfg: Config, data_dir: &Path, run: &RunDir, device: &Device, opts: 
     };
     install_ctrlc_handler();
     let started = Instant::now();
-    let fit_opts = FitOptions { stop_at: opts.stop_at, sampler, dist: opts.dist.clone() };
+    let dist = opts.dist.clone().map(|d| Box::new(d) as Box<dyn DataParallel>);
+    let fit_opts = FitOptions { stop_at: opts.stop_at, sampler, dist };
     let summary = fit(&mut trainer, run, &val, &mut monitor, &fit_opts)?;
     let wall = started.elapsed().as_secs_f64();
     let done = summary.final_step - start;

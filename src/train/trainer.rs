@@ -27,9 +27,11 @@ use std::time::Instant;
 
 /// Where the gradients of one step are combined across data-parallel ranks: called once per
 /// step with the gradients summed over the micro-batches (in `Trainer::params` order) and the
-/// mean loss, before the gradient norm, clipping and the update.
+/// step's mean losses, before the gradient norm, clipping and the update. `losses` holds the
+/// loss, then with distillation its parts CE and KL: averaged over the ranks as the gradients
+/// are, so that the logged parts still make up the logged loss.
 pub trait GradSync {
-    fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()>;
+    fn all_reduce(&mut self, grads: &mut [Tensor], losses: &mut [f64]) -> Result<()>;
     /// Gradient bytes each rank contributes per step (0: nothing leaves the process).
     fn bytes_per_step(&self) -> usize {
         0
@@ -44,7 +46,7 @@ pub trait GradSync {
 pub struct Local;
 
 impl GradSync for Local {
-    fn all_reduce(&mut self, _grads: &mut [Tensor], _loss: &mut f64) -> Result<()> {
+    fn all_reduce(&mut self, _grads: &mut [Tensor], _losses: &mut [f64]) -> Result<()> {
         Ok(())
     }
 }
@@ -238,10 +240,11 @@ impl Trainer {
         let t0 = Instant::now();
         let step = self.state.step + 1;
         let lr = lr_at(step, &self.cfg.train);
-        let (mut grads, mut loss, fwd, bwd, parts) = self.gradients(micro)?;
+        let (mut grads, mut losses, fwd, bwd) = self.gradients(micro)?;
         let ts = Instant::now();
-        self.sync.all_reduce(&mut grads, &mut loss)?;
+        self.sync.all_reduce(&mut grads, &mut losses)?;
         let sync_ms = ts.elapsed().as_secs_f64() * 1e3;
+        let (loss, ce, kl) = (losses[0], losses.get(1).copied(), losses.get(2).copied());
         let grad_norm = global_norm(&grads)?;
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
         let tc = &self.cfg.train;
@@ -278,16 +281,15 @@ impl Trainer {
             sync_ms,
             skipped,
             bad_steps: self.bad_steps,
-            ce: parts.map(|p| p.0),
-            kl: parts.map(|p| p.1),
+            ce,
+            kl,
         })
     }
 
     /// Gradients summed over the micro-batches of loss / k (so: of the mean loss), the mean
-    /// loss, the time spent in forward and backward passes (ms), and with distillation the
-    /// mean (CE, KL).
-    #[allow(clippy::type_complexity)]
-    fn gradients(&self, micro: &[(Tensor, Tensor)]) -> Result<(Vec<Tensor>, f64, f64, f64, Option<(f64, f64)>)> {
+    /// loss followed with distillation by the mean CE and KL, and the time spent in forward
+    /// and backward passes (ms).
+    fn gradients(&self, micro: &[(Tensor, Tensor)]) -> Result<(Vec<Tensor>, Vec<f64>, f64, f64)> {
         let k = micro.len();
         let mut acc: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let (mut loss_sum, mut fwd, mut bwd) = (0.0, 0.0, 0.0);
@@ -317,7 +319,8 @@ impl Trainer {
             }
         }
         let grads = acc.into_iter().flatten().collect();
-        Ok((grads, loss_sum / k as f64, fwd, bwd, parts))
+        let losses = std::iter::once(loss_sum / k as f64).chain(parts.into_iter().flat_map(|(ce, kl)| [ce, kl]));
+        Ok((grads, losses.collect(), fwd, bwd))
     }
 
     /// Mean loss over fixed batches, without building a graph (the weights are merged and

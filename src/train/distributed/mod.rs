@@ -6,7 +6,7 @@
 //! every rank:  grad_accum × { own micro-batch → forward → backward }   (Trainer::step)
 //!              GradSync: flatten the gradients of the unique parameters into one buffer,
 //!                        all-reduce it (MPI on the CPU, NCCL on GPUs), divide by N;
-//!                        the loss likewise                          (sync.rs, nccl.rs)
+//!                        the loss and its parts (CE, KL) likewise   (sync.rs, nccl.rs)
 //!              global norm, non-finite skip, clip, AdamW on the average (identical everywhere)
 //!              stop? (Ctrl-C / SIGTERM / SIGUSR1 on any rank stops all at the same step)
 //! every eval:  the validation batches sharded over the ranks, losses summed; a checksum of
@@ -38,6 +38,7 @@ pub mod watchdog;
 
 use crate::model::ParamCounts;
 use crate::rng::Rng;
+use crate::train::fit::DataParallel;
 use crate::train::run_dir::RunDir;
 use crate::train::trainer::{evaluate_sum, GradSync, Trainer};
 use anyhow::{bail, Result};
@@ -313,50 +314,6 @@ impl Dist {
         }
     }
 
-    /// Mean loss over `val`, each rank evaluating every N-th batch (as `Trainer::evaluate`
-    /// does over all of them in one process); recorded as the run's last validation loss.
-    pub fn evaluate(&self, trainer: &mut Trainer, val: &[(Tensor, Tensor)], step: usize) -> Result<f64> {
-        let mine: Vec<(Tensor, Tensor)> = val.iter().skip(self.rank()).step_by(self.size()).cloned().collect();
-        let sum = if mine.is_empty() { 0.0 } else { evaluate_sum(trainer.model(), &mine)? };
-        let mut total = [0.0; 2];
-        self.sum_f64(&[sum, mine.len() as f64], &mut total, &format!("the evaluation of step {step}"))?;
-        if total[1] == 0.0 {
-            bail!("evaluation needs at least one batch");
-        }
-        let loss = total[0] / total[1];
-        trainer.set_val_loss(loss);
-        Ok(loss)
-    }
-
-    /// The checksum of this rank's weights, after checking that every rank's is the same.
-    pub fn check_weights(&self, trainer: &Trainer, step: usize) -> Result<u64> {
-        let params = trainer.params().iter().map(|(n, v)| (n.as_str(), v.as_tensor()));
-        let mine = weights_checksum(params)?;
-        let all = self.gather_u64(mine, &format!("the weight check of step {step}"))?;
-        if all.iter().any(|&c| c != all[0]) {
-            let list: Vec<String> = all.iter().enumerate().map(|(r, c)| format!("rank {r}: {c:016x}")).collect();
-            bail!(
-                "the ranks' weights diverged at step {step} ({}): data-parallel ranks must take identical steps; \
-                 the last checkpoint is intact (continue with --resume); please report this with the run's config",
-                list.join(", ")
-            );
-        }
-        Ok(mine)
-    }
-
-    /// Checkpoint the current step: rank 0 writes it with every rank's sample stream; every
-    /// rank learns whether that worked. Returns the checkpoint's directory.
-    pub fn save(&self, trainer: &mut Trainer, run: &RunDir) -> Result<PathBuf> {
-        let step = trainer.state().step;
-        let what = format!("the checkpoint of step {step}");
-        let streams = self.gather_u64(trainer.data_rng().state, &what)?;
-        let saved = match self.is_root() {
-            true => trainer.save_ranks(run, streams[1..].to_vec()),
-            false => Ok(run.checkpoints_dir().join(step.to_string())),
-        };
-        self.agree(saved, &what)
-    }
-
     /// Set this rank's sample stream: a new one for a new run, the saved one on resume (see
     /// the module docs). Returns a note for the run header when the world size changed.
     pub fn seed_stream(&self, trainer: &mut Trainer) -> Option<String> {
@@ -379,6 +336,62 @@ impl Dist {
             trainer.set_data_rng(rng);
         }
         world_change_note(saved_ranks, self.size())
+    }
+}
+
+/// The loop's hooks (`fit.rs`): what the ranks of this run do together at its evaluations,
+/// stop checks and checkpoints.
+impl DataParallel for Dist {
+    fn size(&self) -> usize {
+        self.comm.size()
+    }
+    fn is_root(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// Each rank evaluates every N-th batch; the sums and counts are added up.
+    fn evaluate(&self, trainer: &mut Trainer, val: &[(Tensor, Tensor)], step: usize) -> Result<f64> {
+        let mine: Vec<(Tensor, Tensor)> = val.iter().skip(self.rank()).step_by(self.size()).cloned().collect();
+        let sum = if mine.is_empty() { 0.0 } else { evaluate_sum(trainer.model(), &mine)? };
+        let mut total = [0.0; 2];
+        self.sum_f64(&[sum, mine.len() as f64], &mut total, &format!("the evaluation of step {step}"))?;
+        if total[1] == 0.0 {
+            bail!("evaluation needs at least one batch");
+        }
+        let loss = total[0] / total[1];
+        trainer.set_val_loss(loss);
+        Ok(loss)
+    }
+
+    fn check_weights(&self, trainer: &Trainer, step: usize) -> Result<u64> {
+        let params = trainer.params().iter().map(|(n, v)| (n.as_str(), v.as_tensor()));
+        let mine = weights_checksum(params)?;
+        let all = self.gather_u64(mine, &format!("the weight check of step {step}"))?;
+        if all.iter().any(|&c| c != all[0]) {
+            let list: Vec<String> = all.iter().enumerate().map(|(r, c)| format!("rank {r}: {c:016x}")).collect();
+            bail!(
+                "the ranks' weights diverged at step {step} ({}): data-parallel ranks must take identical steps; \
+                 the last checkpoint is intact (continue with --resume); please report this with the run's config",
+                list.join(", ")
+            );
+        }
+        Ok(mine)
+    }
+
+    /// Rank 0 writes it with every rank's sample stream; every rank learns whether that worked.
+    fn save(&self, trainer: &mut Trainer, run: &RunDir) -> Result<PathBuf> {
+        let step = trainer.state().step;
+        let what = format!("the checkpoint of step {step}");
+        let streams = self.gather_u64(trainer.data_rng().state, &what)?;
+        let saved = match self.is_root() {
+            true => trainer.save_ranks(run, streams[1..].to_vec()),
+            false => Ok(run.checkpoints_dir().join(step.to_string())),
+        };
+        self.agree(saved, &what)
+    }
+
+    fn stop(&self, mine: bool, step: usize) -> Result<bool> {
+        self.any(mine, &format!("the stop check of step {step}"))
     }
 }
 

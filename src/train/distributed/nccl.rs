@@ -2,11 +2,11 @@
 //! device's own stream. Rank 0 creates the NCCL unique id and MPI broadcasts it; each rank then
 //! joins the communicator with its GPU (the GPU of its local rank, `rank_device_spec`). Per
 //! step the gradients are flattened into one f32 buffer on the GPU, averaged in place by one
-//! `ncclAllReduce(ncclAvg)` and cut back into tensors; the loss (a host number) is averaged
-//! over MPI. The stream is synchronised inside the watchdog's watch, so a lost GPU peer ends
-//! the run instead of hanging it.
+//! `ncclAllReduce(ncclAvg)` and cut back into tensors; the loss and its distillation parts
+//! (host numbers) are averaged over MPI. The stream is synchronised inside the watchdog's
+//! watch, so a lost GPU peer ends the run instead of hanging it.
 
-use crate::train::distributed::sync::{flatten, gradient_numel, mean_loss, unflatten};
+use crate::train::distributed::sync::{flatten, gradient_numel, mean_losses, unflatten};
 use crate::train::distributed::Dist;
 use crate::train::trainer::GradSync;
 use anyhow::{anyhow, Result};
@@ -68,7 +68,7 @@ impl InplaceOp1 for AllReduceAvg<'_> {
 }
 
 impl GradSync for NcclAllReduce {
-    fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
+    fn all_reduce(&mut self, grads: &mut [Tensor], losses: &mut [f64]) -> Result<()> {
         self.step += 1;
         let flat = flatten(grads, self.numel)?;
         flat.inplace_op1(&AllReduceAvg(&self.comm))?;
@@ -77,7 +77,7 @@ impl GradSync for NcclAllReduce {
             self.device.synchronize()?;
         }
         unflatten(&flat, grads)?;
-        mean_loss(&self.dist, loss, self.step)
+        mean_losses(&self.dist, losses, self.step)
     }
 
     fn bytes_per_step(&self) -> usize {

@@ -1,7 +1,7 @@
 //! The gradient all-reduce of a data-parallel step through the host (MPI): the gradients of
 //! the unique parameters are flattened into one f32 buffer (in `Trainer::params` order, the
 //! same on every rank), summed over the ranks in one collective, divided by N and cut back
-//! into tensors; the loss is averaged the same way. On GPUs `nccl.rs` does this on the device;
+//! into tensors; the loss (with its distillation parts) is averaged the same way. On GPUs `nccl.rs` does this on the device;
 //! this path also serves a GPU build without NCCL (through host memory, slower).
 
 use crate::train::distributed::Dist;
@@ -42,11 +42,13 @@ pub fn flatten(grads: &[Tensor], numel: usize) -> Result<Tensor> {
     Ok(flat)
 }
 
-/// Replace `loss` by its mean over the ranks (one collective; every rank gets the same value).
-pub fn mean_loss(dist: &Dist, loss: &mut f64, step: usize) -> Result<()> {
-    let mut total = [0.0];
-    dist.sum_f64(&[*loss], &mut total, &format!("the loss all-reduce of step {step}"))?;
-    *loss = total[0] / dist.size() as f64;
+/// Replace each of `losses` (the loss and its parts) by its mean over the ranks (one
+/// collective for all of them; every rank gets the same values).
+pub fn mean_losses(dist: &Dist, losses: &mut [f64], step: usize) -> Result<()> {
+    let mut total = vec![0.0; losses.len()];
+    dist.sum_f64(losses, &mut total, &format!("the loss all-reduce of step {step}"))?;
+    let n = dist.size() as f64;
+    losses.iter_mut().zip(total).for_each(|(l, t)| *l = t / n);
     Ok(())
 }
 
@@ -62,7 +64,7 @@ pub fn unflatten(flat: &Tensor, grads: &mut [Tensor]) -> Result<()> {
 }
 
 impl GradSync for HostAllReduce {
-    fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
+    fn all_reduce(&mut self, grads: &mut [Tensor], losses: &mut [f64]) -> Result<()> {
         self.step += 1;
         let n = self.dist.size();
         let send = flatten(grads, self.numel)?.to_vec1::<f32>()?;
@@ -73,7 +75,7 @@ impl GradSync for HostAllReduce {
         recv.iter_mut().for_each(|v| *v *= inv);
         let device = grads.first().map(|g| g.device().clone()).unwrap_or(candle_core::Device::Cpu);
         unflatten(&Tensor::from_vec(recv, self.numel, &device)?, grads)?;
-        mean_loss(&self.dist, loss, self.step)
+        mean_losses(&self.dist, losses, self.step)
     }
 
     fn bytes_per_step(&self) -> usize {
@@ -105,15 +107,16 @@ mod tests {
         let dist = Dist::new(Rc::new(Replicated { n: 4 }), Watchdog::new(Duration::from_secs(60), Box::new(|_| {})));
         let mut sync = HostAllReduce::new(dist, &params, 0);
         assert_eq!(sync.bytes_per_step(), 4 * 10);
-        let (mut grads, mut loss) = (g0.clone(), 2.5);
-        sync.all_reduce(&mut grads, &mut loss)?;
-        assert_eq!(loss, 2.5);
+        // The loss and its distillation parts (CE, KL), averaged in one collective.
+        let (mut grads, mut losses) = (g0.clone(), [2.5, 3.0, 0.25]);
+        sync.all_reduce(&mut grads, &mut losses)?;
+        assert_eq!(losses, [2.5, 3.0, 0.25]);
         for (g, want) in grads.iter().zip(&g0) {
             assert_eq!(g.dims(), want.dims());
             assert_eq!(g.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?);
         }
         let mut short = vec![g0[0].clone()];
-        assert!(sync.all_reduce(&mut short, &mut loss).is_err());
+        assert!(sync.all_reduce(&mut short, &mut losses).is_err());
         Ok(())
     }
 }
