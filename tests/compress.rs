@@ -386,10 +386,10 @@ fn bad_compression_input_is_refused_and_nothing_is_written() {
     assert!(e.contains("do not divide"), "{e}");
     assert!(!out.exists());
     run_ok(&mut compress(&["--group-size", "4", "--rank", "2"], &lors)); // coarsening is fine
-                                                                         // An --out that holds something is left as it was.
+    // An --out that holds a run is left as it was (without --force).
     let before = std::fs::read(out.join("config.toml")).unwrap();
     let e = run_err(&mut compress(&["--rank", "2"], &src));
-    assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+    assert!(e.contains("already holds a run") && e.contains("--force"), "{e}");
     assert_eq!(std::fs::read(out.join("config.toml")).unwrap(), before);
     // A teacher with another tokenizer (another vocabulary).
     let other = tmp.path().join("other");
