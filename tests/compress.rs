@@ -385,7 +385,8 @@ fn bad_compression_input_is_refused_and_nothing_is_written() {
     let e = run_err(&mut compress(&["--group-size", "3"], &lors));
     assert!(e.contains("do not divide"), "{e}");
     assert!(!out.exists());
-    run_ok(&mut compress(&["--group-size", "4", "--rank", "2"], &lors)); // coarsening is fine
+    // Coarsening is fine.
+    run_ok(&mut compress(&["--group-size", "4", "--rank", "2"], &lors));
     // An --out that holds a run is left as it was (without --force).
     let before = std::fs::read(out.join("config.toml")).unwrap();
     let e = run_err(&mut compress(&["--rank", "2"], &src));
