@@ -76,3 +76,136 @@ fn byte_level_tokenizers_are_recognised() {
     assert!(lors_lm::data::is_byte_level(&tok(&bytes)));
     assert!(!lors_lm::data::is_byte_level(&tok(&bpe)));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Training FLOPs and decode bytes per token
+// ---------------------------------------------------------------------------------------------
+
+/// `lors-lm params --json` of configs/tiny.toml with `sets`.
+fn params_json(sets: &[String]) -> serde_json::Value {
+    let mut c = bin();
+    c.args(["params", "--json", "--config"]).arg(common::repo("configs/tiny.toml"));
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    json(&run_ok(&mut c))
+}
+
+/// (d, L, heads, kv heads, ffn, T, B, V) and the sets that give them.
+struct Dims {
+    d: usize,
+    l: usize,
+    kv: usize,
+    f: usize,
+    t: usize,
+    b: usize,
+    v: usize,
+    sets: Vec<String>,
+}
+
+fn dims(d: usize, l: usize, heads: usize, kv_heads: usize, f: usize, t: usize, b: usize) -> Dims {
+    let sets = [
+        format!("model.d_model={d}"),
+        format!("model.n_layers={l}"),
+        format!("model.n_heads={heads}"),
+        format!("model.n_kv_heads={kv_heads}"),
+        format!("model.ffn_hidden={f}"),
+        format!("model.max_seq_len={t}"),
+        format!("train.seq_len={t}"),
+        format!("train.batch_size={b}"),
+        "model.vocab_size=257".to_string(),
+    ];
+    Dims { d, l, kv: kv_heads * (d / heads), f, t, b, v: 257, sets: sets.to_vec() }
+}
+
+#[test]
+fn training_flops_per_token_are_the_closed_form_for_every_mode() {
+    // Two configurations: the d_model 64 × 8 layers at T 256 (no GQA), and a small
+    // GQA one (4 heads, 2 kv heads).
+    for dm in [dims(64, 8, 4, 4, 172, 256, 16), dims(32, 3, 4, 2, 64, 16, 4)] {
+        let Dims { d, l, kv, f, t, b, v, .. } = dm;
+        // Weights of one block as applied: q, o (d×d), k, v (kv×d), gate, up, down (d×f), gains.
+        let block = 2 * d * d + 2 * kv * d + 3 * d * f;
+        let dense = 6.0 * (l * (block + 2 * d) + d) as f64;
+        let attention = 12.0 * (l * d * t) as f64;
+        let head = 6.0 * (v * d) as f64;
+        for (mode, extra, merge) in [
+            ("vanilla", vec![], 0.0),
+            ("shared", vec![], 0.0),
+            // LORS rank 3 everywhere: 6·r·(Σ out·in) per layer, over the B·T tokens of a micro-batch.
+            ("lors", vec!["lors.rank=3".to_string()], 6.0 * (3 * l * block) as f64 / (b * t) as f64),
+            (
+                "lors",
+                vec![
+                    "lors.rank=2".to_string(),
+                    "lors.groups=2".to_string(),
+                    "lors.targets=[\"q\", \"up\"]".to_string(),
+                ],
+                6.0 * (2 * l * (d * d + d * f)) as f64 / (b * t) as f64,
+            ),
+        ] {
+            let mut sets = dm.sets.clone();
+            sets.push(format!("lors.mode=\"{mode}\""));
+            sets.extend(extra.iter().cloned());
+            let p = params_json(&sets);
+            let fl = &p["train_flops_per_token"];
+            let close =
+                |got: &serde_json::Value, want: f64| (got.as_f64().unwrap() - want).abs() <= 1e-9 * want.max(1.0);
+            assert!(close(&fl["dense"], dense), "{mode} {extra:?}: dense {} vs {dense}", fl["dense"]);
+            assert!(close(&fl["attention"], attention), "{mode}: attention {}", fl["attention"]);
+            assert!(close(&fl["head"], head), "{mode}: head {}", fl["head"]);
+            assert!(close(&fl["lors_merge"], merge), "{mode} {extra:?}: merge {} vs {merge}", fl["lors_merge"]);
+            assert!(close(&fl["total"], dense + attention + head + merge), "{mode}: total");
+            // The MFU log's PaLM figure is dense + attention.
+            assert!(close(&fl["mfu_formula"], dense + attention), "{mode}: mfu formula");
+        }
+    }
+}
+
+#[test]
+fn decode_bytes_are_what_merged_and_factored_steps_read() {
+    use lors_lm::config::Config;
+    use lors_lm::model::{Model, ParamCounts, ParamStore, Weights};
+    let base = Config::tiny();
+    let variants: &[&[&str]] = &[
+        &["lors.mode=\"vanilla\""],
+        &["lors.mode=\"shared\""],
+        &["lors.mode=\"lors\"", "lors.rank=3"],
+        &["lors.mode=\"lors\"", "lors.rank=2", "model.n_layers=4", "lors.groups=2"],
+        &["lors.mode=\"lors\"", "lors.attn_rank_schedule=[1, 2, 3]", "lors.ffn_rank_schedule=[4, 2, 1]"],
+        &["lors.mode=\"lors\"", "lors.private_layers=[0]", "lors.targets=[\"o\", \"down\", \"gate\"]"],
+        &["lors.mode=\"shared\"", "lors.targets=[\"o\", \"down\"]", "model.tie_embeddings=false"],
+        &["lors.mode=\"lowrank\"", "lors.rank=2"],
+    ];
+    for sets in variants {
+        let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        sets.push("model.vocab_size=61".into());
+        let cfg = base.with_sets(&sets, "test").unwrap();
+        let mut store = ParamStore::new_init(1, candle_core::DType::F32, &candle_core::Device::Cpu);
+        let model = Model::new(&cfg.model, &cfg.lors, &mut store).unwrap();
+        for w in [Weights::Merged, Weights::Factored] {
+            let closed = ParamCounts::decode_bytes(&cfg.model, &cfg.lors, w);
+            assert_eq!(closed, model.weight_bytes(w), "{sets:?} {}", w.name());
+        }
+        // And as parameters: a merged step reads a vanilla model's weights; factored holds
+        // exactly the unique parameters (tied heads).
+        let c = ParamCounts::new(&cfg.model, &cfg.lors);
+        if cfg.model.tie_embeddings {
+            assert_eq!(
+                ParamCounts::decode_bytes(&cfg.model, &cfg.lors, Weights::Merged).read,
+                4 * c.vanilla_total as u64
+            );
+            assert_eq!(
+                ParamCounts::decode_bytes(&cfg.model, &cfg.lors, Weights::Factored).distinct,
+                4 * c.total() as u64
+            );
+        }
+        // `params --json` reports the same figures.
+        let p = params_json(&sets);
+        for w in [Weights::Merged, Weights::Factored] {
+            let b = ParamCounts::decode_bytes(&cfg.model, &cfg.lors, w);
+            let j = &p["decode_bytes_per_token"][w.name()];
+            assert_eq!((j["read"].as_u64(), j["distinct"].as_u64()), (Some(b.read), Some(b.distinct)), "{sets:?}");
+        }
+    }
+}
