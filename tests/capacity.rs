@@ -209,3 +209,165 @@ fn decode_bytes_are_what_merged_and_factored_steps_read() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Warmup-stable-decay branches in a sweep
+// ---------------------------------------------------------------------------------------------
+
+/// A wsd plan on byte-level data: `long` (16 steps; decay 4, from step 12), its decay branch
+/// `b8` (8 steps: decay 2, so it continues `long`'s checkpoint at step 6), and the same two
+/// configurations trained from scratch without branching.
+const WSD_PLAN: &str = r#"
+title = "wsd branches"
+seeds = [1]
+baseline = "long"
+[base.model]
+vocab_size = 0
+d_model = 32
+n_layers = 2
+n_heads = 4
+ffn_hidden = 64
+max_seq_len = 32
+[base.lors]
+mode = "lors"
+rank = 4
+[base.train]
+batch_size = 4
+seq_len = 16
+max_steps = 16
+warmup_steps = 2
+schedule = "wsd"
+decay_frac = 0.25
+eval_interval = 4
+eval_batches = 1
+ckpt_interval = 0
+keep_checkpoints = 1
+[[run]]
+name = "long"
+[[run]]
+name = "b8"
+set = ["train.max_steps=8"]
+branch_of = "long"
+[[run]]
+name = "fresh8"
+set = ["train.max_steps=8"]
+[[run]]
+name = "fresh16"
+"#;
+
+fn sweep_plan(plan: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    bin()
+        .args(["sweep", "--plan"])
+        .arg(plan)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .arg("--docs")
+        .arg(out.join("report"))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn result(out: &Path, name: &str) -> serde_json::Value {
+    let p = out.join(name).join("seed1/result.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+fn weights(out: &Path, name: &str, step: usize) -> Vec<u8> {
+    std::fs::read(out.join(name).join(format!("seed1/checkpoints/{step}/model.safetensors"))).unwrap()
+}
+
+#[test]
+fn a_decay_branch_equals_the_run_of_its_length_from_scratch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare_text(tmp.path(), &corpus(Some(20)), 257);
+    let plan = tmp.path().join("plan.toml");
+    std::fs::write(&plan, WSD_PLAN).unwrap();
+    let out = tmp.path().join("runs");
+    let o = sweep_plan(&plan, &data, &out, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("branch b8 seed 1: continues long from step 6"), "{err}");
+
+    // The branch continued long's step-6 checkpoint (weights, AdamW moments, data order) with
+    // its own decay: it ends where the 8-step run from scratch ends, bit for bit.
+    assert_eq!(weights(&out, "b8", 8), weights(&out, "fresh8", 8), "branch vs fresh 8-step run");
+    let (b, f) = (result(&out, "b8"), result(&out, "fresh8"));
+    assert_eq!(b["val_loss"], f["val_loss"]);
+    assert_eq!((b["steps"].as_u64(), b["tokens"].as_u64()), (Some(8), Some(8 * 64)), "{b}");
+    assert_eq!(b["branched_from"], "long@6");
+    assert_eq!(b["train_flops"], f["train_flops"]);
+    // Training long in two segments changed nothing either.
+    assert_eq!(weights(&out, "long", 16), weights(&out, "fresh16", 16), "segmented vs straight 16-step run");
+    // The branch's metrics hold long's first 6 steps, then its own: the whole run it stands for.
+    let metrics = std::fs::read_to_string(out.join("b8/seed1/metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("ms").and(Some(l.to_string())))
+        .map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    let lrs: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("lr")?.as_f64())
+        .collect();
+    assert_eq!(lrs[5], 3e-3, "stable until step 6");
+    assert!(lrs[6] < lrs[5] && (lrs[7] - 3e-4).abs() < 1e-12, "{lrs:?}: decays to min_lr at step 8");
+
+    // The report shows bits per byte, tokens per block parameter and the branch.
+    let md = std::fs::read_to_string(out.join("report/results.md")).unwrap();
+    assert!(md.contains("| val bpb |") && md.contains("branch of long @ 6"), "{md}");
+    // A rerun keeps everything.
+    let o = sweep_plan(&plan, &data, &out, &[]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stderr).matches("already finished: kept").count(), 4);
+
+    // Side by side (--jobs 2, one thread each), from scratch: the same rows finish, each
+    // chain logged.
+    let out2 = tmp.path().join("runs2");
+    let o = sweep_plan(&plan, &data, &out2, &["--jobs", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for name in ["long", "b8", "fresh8", "fresh16"] {
+        assert!(result(&out2, name)["val_loss"].as_f64().unwrap() > 0.0);
+    }
+    assert!(out2.join("logs/long-seed1.log").is_file());
+    // --only the branch: its source goes only as far as the branch needs.
+    let out3 = tmp.path().join("runs3");
+    let o = sweep_plan(&plan, &data, &out3, &["--only", "b8", "--no-report"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(weights(&out3, "b8", 8), weights(&out, "b8", 8));
+    assert!(!out3.join("long/seed1/result.json").exists());
+    assert_eq!(std::fs::read_to_string(out3.join("long/seed1/checkpoints/latest")).unwrap().trim(), "6");
+}
+
+#[test]
+fn branches_that_would_not_equal_a_fresh_run_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare_text(tmp.path(), &corpus(None), 257);
+    let cases = [
+        (WSD_PLAN.replace("schedule = \"wsd\"", "schedule = \"cosine\""), "wsd"),
+        (
+            WSD_PLAN.replace(
+                "set = [\"train.max_steps=8\"]\nbranch_of",
+                "set = [\"train.max_steps=8\", \"train.lr=1e-3\"]\nbranch_of",
+            ),
+            "train.lr",
+        ),
+        (
+            WSD_PLAN.replace("set = [\"train.max_steps=8\"]\nbranch_of", "set = [\"train.max_steps=20\"]\nbranch_of"),
+            "fewer steps",
+        ),
+        (WSD_PLAN.replace("name = \"fresh8\"", "name = \"fresh8\"\nbranch_of = \"b8\""), "itself a branch"),
+        (WSD_PLAN.replace("branch_of = \"long\"", "branch_of = \"nope\""), "\"nope\""),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        assert_ne!(text, WSD_PLAN, "case {i} changed nothing");
+        let plan = tmp.path().join(format!("plan{i}.toml"));
+        std::fs::write(&plan, text).unwrap();
+        let o = sweep_plan(&plan, &data, &tmp.path().join("runs"), &["--dry-run"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "case {i}: want {want:?} in {err}");
+    }
+}
