@@ -25,11 +25,24 @@ pub struct Plan {
     /// Prefix of the chart file names (several plans can report into one results.md).
     #[serde(default)]
     pub charts_prefix: String,
+    /// What `match` compares: "total" unique parameters (the default) or "block" (the
+    /// blocks' projections alone, for plans whose budgets are in block parameters).
+    #[serde(default)]
+    pub match_by: MatchBy,
     pub base: toml::Table,
     #[serde(default)]
     pub smoke: Option<Smoke>,
     #[serde(rename = "run")]
     pub runs: Vec<PlanRun>,
+}
+
+/// What a run's `match` compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MatchBy {
+    #[default]
+    Total,
+    Block,
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,6 +51,10 @@ pub struct Smoke {
     pub seeds: Vec<u64>,
     #[serde(default)]
     pub set: Vec<String>,
+    /// Multiply every run's train.max_steps and train.warmup_steps by this (after all sets;
+    /// at least 2 steps): the plan's runs and branches, a few steps each.
+    #[serde(default)]
+    pub steps_scale: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +149,12 @@ pub fn resolve(plan: &Plan, smoke: bool, data_dir: &Path, vocab: usize, plan_pat
         sets.extend(r.set.iter().cloned());
         let origin = format!("{} (run {})", plan_path.display(), r.name);
         let mut cfg = Config::from_toml_str(&base, &sets, &origin)?;
+        if let Some(scale) = plan.smoke.as_ref().and_then(|s| s.steps_scale).filter(|_| smoke) {
+            let t = &mut cfg.train;
+            t.max_steps = ((t.max_steps as f64 * scale).round() as usize).max(2);
+            t.warmup_steps = ((t.warmup_steps as f64 * scale).round() as usize).min(t.max_steps - t.decay_steps());
+            cfg.validate().with_context(|| format!("{origin}, steps scaled by smoke.steps_scale = {scale}"))?;
+        }
         cfg.model.vocab_size = vocab;
         cfg.data.dir = data_dir.to_string_lossy().into_owned();
         let counts = ParamCounts::new(&cfg.model, &cfg.lors);
@@ -144,16 +167,21 @@ pub fn resolve(plan: &Plan, smoke: bool, data_dir: &Path, vocab: usize, plan_pat
             check_branch(&out[i], from).with_context(|| format!("{}: run {}", plan_path.display(), out[i].name))?;
         out[i].branch = Some((src.clone(), at));
     }
+    let size = |c: &ParamCounts| match plan.match_by {
+        MatchBy::Total => c.total(),
+        MatchBy::Block => c.block_projections(),
+    };
     for r in &plan.runs {
         if let Some(target) = &r.match_params {
-            let a = out.iter().find(|x| x.name == r.name).expect("resolved").counts.total() as f64;
-            let b = out.iter().find(|x| &x.name == target).expect("checked in load_plan").counts.total() as f64;
+            let a = size(&out.iter().find(|x| x.name == r.name).expect("resolved").counts) as f64;
+            let b = size(&out.iter().find(|x| &x.name == target).expect("checked in load_plan").counts) as f64;
             let rel = a / b - 1.0;
             if rel.abs() > 0.05 {
                 bail!(
-                    "{}: run {} must match the unique parameters of {} within ±5 %, but has {} vs {} ({:+.1} %): change its dims",
+                    "{}: run {} must match the unique {}parameters of {} within ±5 %, but has {} vs {} ({:+.1} %): change its dims",
                     plan_path.display(),
                     r.name,
+                    if plan.match_by == MatchBy::Block { "block " } else { "" },
                     target,
                     a,
                     b,
