@@ -371,3 +371,46 @@ fn branches_that_would_not_equal_a_fresh_run_are_refused() {
         assert!(!o.status.success() && err.contains(want), "case {i}: want {want:?} in {err}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The experiment's plans
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_capacity_plans_hold_their_budgets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare_text(tmp.path(), &corpus(None), 257);
+    for (plan, budget) in [("configs/capacity.toml", 98_816.0), ("configs/capacity-2p.toml", 2.0 * 98_816.0)] {
+        for smoke in [false, true] {
+            let mut c = bin();
+            c.args(["sweep", "--dry-run", "--plan"]).arg(common::repo(plan)).arg("--data").arg(&data);
+            if smoke {
+                c.arg("--smoke");
+            }
+            let o = run_ok(&mut c);
+            let err = String::from_utf8_lossy(&o.stderr);
+            if smoke {
+                continue; // resolves (steps scaled, branches still valid)
+            }
+            // config mode sharing... block unique tokens tok/block epochs GFLOP/tok FLOPs [branch]
+            let rows: Vec<&str> =
+                err.lines().filter(|l| l.contains("-t") && l.split_whitespace().count() > 8).collect();
+            assert!(rows.len() >= 6, "{err}");
+            for row in rows {
+                let name = row.split_whitespace().next().unwrap();
+                let t: f64 = name.rsplit("-t").next().unwrap().parse().unwrap();
+                // Every arm trains t × budget tokens; those at the budget see t tokens per block parameter (±5 %).
+                let mut cells: Vec<&str> = row.split_whitespace().collect();
+                if row.contains(" @ step ") {
+                    cells.truncate(cells.len() - 4); // the branch column: SOURCE @ step N
+                }
+                let i = cells.len() - 7; // block params, then unique, tokens, ...
+                let (block, tokens): (f64, f64) = (cells[i].parse().unwrap(), cells[i + 2].parse().unwrap());
+                assert!((tokens / (t * budget) - 1.0).abs() < 0.01, "{row}");
+                if !name.starts_with("c-") && !name.starts_with("f-") {
+                    assert!((block / budget - 1.0).abs() <= 0.05, "{row}: block params off the budget");
+                }
+            }
+        }
+    }
+}
