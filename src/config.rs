@@ -40,6 +40,12 @@ pub struct TrainConfig {
     pub min_lr: f64,
     /// Linear warmup steps.
     pub warmup_steps: usize,
+    /// Learning rate after warmup: "cosine" (down to min_lr at max_steps) or "wsd"
+    /// (warmup-stable-decay: held at lr, then linear down to min_lr over the last
+    /// `decay_frac` of the steps; train/schedule.rs).
+    pub schedule: Schedule,
+    /// With schedule = "wsd": the fraction of max_steps, at the end, over which lr decays.
+    pub decay_frac: f64,
     /// AdamW decoupled weight decay, on tensors of rank >= 2 only.
     pub weight_decay: f64,
     pub beta1: f64,
@@ -83,6 +89,11 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Steps over which a wsd schedule decays: `decay_frac` of `max_steps`, at least 1.
+    pub fn decay_steps(&self) -> usize {
+        ((self.decay_frac * self.max_steps as f64).round() as usize).clamp(1, self.max_steps.max(1))
+    }
+
     /// The dtype the matmuls run in (`dtype`: "bf16" = mixed precision, else f32).
     pub fn matmul_dtype(&self) -> candle_core::DType {
         if self.dtype == "bf16" {
@@ -103,6 +114,8 @@ impl Default for TrainConfig {
             lr: 3e-3,
             min_lr: 3e-4,
             warmup_steps: 50,
+            schedule: Schedule::Cosine,
+            decay_frac: 0.2,
             weight_decay: 0.1,
             beta1: 0.9,
             beta2: 0.95,
@@ -124,6 +137,17 @@ impl Default for TrainConfig {
             init_from: String::new(),
         }
     }
+}
+
+/// The shape of the learning rate after warmup (`train.schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine from lr down to min_lr at max_steps.
+    #[default]
+    Cosine,
+    /// Warmup-stable-decay: lr held, then linear down to min_lr over the last decay_frac.
+    Wsd,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -236,6 +260,17 @@ impl Config {
             t.warmup_steps <= t.max_steps,
             &format!("train.warmup_steps ({}) exceeds train.max_steps ({})", t.warmup_steps, t.max_steps),
         )?;
+        ensure(t.decay_frac > 0.0 && t.decay_frac <= 1.0, "train.decay_frac must be in (0, 1]")?;
+        if t.schedule == Schedule::Wsd {
+            let decay = t.decay_steps();
+            ensure(
+                t.warmup_steps <= t.max_steps - decay,
+                &format!(
+                    "train.warmup_steps ({}) runs into the decay (the last {decay} of train.max_steps = {}): lower one of them or train.decay_frac",
+                    t.warmup_steps, t.max_steps
+                ),
+            )?;
+        }
         ensure(t.weight_decay >= 0.0, "train.weight_decay must be >= 0")?;
         ensure((0.0..1.0).contains(&t.beta1), "train.beta1 must be in [0, 1)")?;
         ensure((0.0..1.0).contains(&t.beta2), "train.beta2 must be in [0, 1)")?;

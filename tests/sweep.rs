@@ -47,7 +47,7 @@ fn decode_png(path: &Path) -> (u32, u32) {
 }
 
 #[test]
-fn smoke_sweep_writes_a_row_per_configuration_and_two_charts() {
+fn smoke_sweep_writes_a_row_per_configuration_and_the_charts() {
     let tmp = tempfile::tempdir().unwrap();
     let (d, out, docs) = (tmp.path().join("data"), tmp.path().join("runs"), tmp.path().join("docs"));
     data(&d);
@@ -60,15 +60,26 @@ fn smoke_sweep_writes_a_row_per_configuration_and_two_charts() {
     let names: Vec<String> =
         plan["run"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names.len(), 9);
+    let header: Vec<&str> =
+        md.lines().find(|l| l.starts_with("| config |")).expect("a table").split('|').map(str::trim).collect();
+    let col =
+        |name: &str| header.iter().position(|h| h.starts_with(name)).unwrap_or_else(|| panic!("no column {name}"));
+    // 17 columns: | config | mode | sharing | block | total | % | tokens | tokens/param | epochs |
+    // FLOPs | loss | ppl | decode bytes | decode tok/s | tok/s | time | seeds |
+    assert_eq!(header.len(), 19, "{header:?}");
     for name in &names {
         let rows: Vec<&str> = md.lines().filter(|l| l.starts_with(&format!("| {name} |"))).collect();
         assert_eq!(rows.len(), 1, "one row for {name} in:\n{md}");
         let cells: Vec<&str> = rows[0].split('|').map(str::trim).collect();
-        // | config | mode | sharing | block | total | % | loss | ppl | tok/s | time | seeds |
-        assert_eq!(cells.len(), 13, "{}", rows[0]);
-        let loss: f64 = cells[7].split('±').next().unwrap().trim().parse().unwrap();
+        assert_eq!(cells.len(), header.len(), "{}", rows[0]);
+        let loss: f64 = cells[col("val loss")].split('±').next().unwrap().trim().parse().unwrap();
         assert!(loss.is_finite() && loss > 0.0, "{}", rows[0]);
-        assert_eq!(cells[11], "2/2", "both seeds ran: {}", rows[0]);
+        assert_eq!(cells[col("seeds")], "2/2", "both seeds ran: {}", rows[0]);
+        // 4 steps × 2 × 16 tokens, over 5000 train tokens.
+        assert_eq!(cells[col("tokens")], "128", "{}", rows[0]);
+        assert_eq!(cells[col("epochs")], "0.03", "{}", rows[0]);
+        let decode: f64 = cells[col("decode tok/s")].parse().unwrap();
+        assert!(decode > 0.0, "{}", rows[0]);
         for seed in [1, 2] {
             let res = out.join(name).join(format!("seed{seed}")).join("result.json");
             let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&res).unwrap()).unwrap();
@@ -81,9 +92,21 @@ fn smoke_sweep_writes_a_row_per_configuration_and_two_charts() {
     assert!(row("vanilla").contains("| 100.0 % |"), "{}", row("vanilla"));
     assert!(row("lors-r16").contains("| 879232 |"), "{}", row("lors-r16"));
     assert!(md.contains("`lors-r16` − `shared`"), "comparisons listed:\n{md}");
-    assert_eq!(decode_png(&docs.join("loss_curves.png")), (1100, 700));
-    assert_eq!(decode_png(&docs.join("params_vs_loss.png")), (1100, 700));
-
+    for chart in ["loss_curves", "params_vs_loss", "flops_vs_loss", "decode_vs_loss"] {
+        assert_eq!(decode_png(&docs.join(format!("{chart}.png"))), (1100, 700), "{chart}");
+    }
+    // The three frontier charts place every finished row, each with both seeds.
+    let csv = std::fs::read_to_string(docs.join("frontiers.csv")).unwrap();
+    for chart in ["params_vs_loss", "flops_vs_loss", "decode_vs_loss"] {
+        let listed: Vec<&str> = csv.lines().filter(|l| l.starts_with(&format!("{chart},"))).collect();
+        assert_eq!(listed.len(), names.len(), "{chart}:\n{csv}");
+        for name in &names {
+            let line = listed.iter().find(|l| l.split(',').nth(1) == Some(name.as_str()));
+            assert_eq!(line.and_then(|l| l.split(',').nth(2)), Some("2"), "{chart} {name}:\n{csv}");
+        }
+        assert!(listed.iter().any(|l| l.ends_with(",true")), "{chart} has a Pareto front");
+        assert!(md.contains(&format!("]({chart}.png)")), "{chart} linked from results.md");
+    }
     // Hand-written text around the generated block survives a rerun; finished runs are kept.
     std::fs::write(docs.join("results.md"), format!("{md}\n## Reading\nhand-written\n")).unwrap();
     let before = std::fs::read_to_string(out.join("vanilla/seed1/result.json")).unwrap();

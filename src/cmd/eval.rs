@@ -3,7 +3,7 @@
 
 use crate::data::{Meta, TokenFile};
 use crate::formats::gguf;
-use crate::infer::perplexity::eval_tokens;
+use crate::infer::perplexity::{eval_tokens, ByteLevel};
 use crate::infer::weights::{prepare, WeightsChoice, Workload};
 use crate::train::run_dir::LoadedRun;
 use crate::train::RunDir;
@@ -37,7 +37,8 @@ pub struct EvalArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Print {"loss", "ppl", "tokens", "windows"} as one JSON line.
+    /// Print {"loss", "ppl", "tokens", "windows"} as one JSON line, with "bpb" (bits per
+    /// byte) and "bytes" when the tokenizer is byte-level (`prepare --vocab-size 257`).
     #[arg(long)]
     pub json: bool,
     /// cpu, cuda or cuda:N.
@@ -132,12 +133,21 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
     let r = eval_tokens(&model, &tokens, seq_len, args.batch_size, &device)
         .with_context(|| format!("cannot evaluate {source}"))?;
+    // Bits per byte where every id is a byte (the special tokens excepted: see infer/perplexity.rs).
+    let bytes =
+        ByteLevel::of(&s.tokenizer).and_then(|b| Some((b.bits_per_byte(&r, &tokens)?, b.bytes(&tokens[1..=r.tokens]))));
     if args.json {
-        println!("{}", serde_json::json!({"loss": r.loss, "ppl": r.ppl(), "tokens": r.tokens, "windows": r.windows}));
+        let mut v = serde_json::json!({"loss": r.loss, "ppl": r.ppl(), "tokens": r.tokens, "windows": r.windows});
+        if let Some((bpb, n)) = bytes {
+            v["bpb"] = bpb.into();
+            v["bytes"] = n.into();
+        }
+        println!("{v}");
     } else {
         println!(
-            "{source}: loss {:.4}, perplexity {:.2} over {} predicted tokens ({} windows of {seq_len}+1), {}",
+            "{source}: loss {:.4}{}, perplexity {:.2} over {} predicted tokens ({} windows of {seq_len}+1), {}",
             r.loss,
+            bytes.map_or(String::new(), |(bpb, _)| format!(" ({bpb:.4} bits per byte)")),
             r.ppl(),
             r.tokens,
             r.windows,

@@ -1,7 +1,8 @@
-//! `lors-lm params`: the parameter table of a config.
+//! `lors-lm params`: the parameter table of a config, with the training FLOPs of a token and
+//! the weight bytes a decoding step reads (merged and factored).
 
 use crate::config::Config;
-use crate::model::ParamCounts;
+use crate::model::{ParamCounts, Weights};
 use crate::train::RunDir;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -60,15 +61,30 @@ fn run_for_run_dir(run: &std::path::Path, json: bool) -> Result<()> {
 }
 
 fn print_counts(c: &ParamCounts, cfg: &Config, origin: &str, json: bool, sizes: Option<(usize, usize)>) {
+    let t = &cfg.train;
+    let flops = ParamCounts::train_flops(&cfg.model, &cfg.lors, t.seq_len, t.batch_size * t.seq_len);
+    let bytes = |w| ParamCounts::decode_bytes(&cfg.model, &cfg.lors, w);
+    let (merged, factored) = (bytes(Weights::Merged), bytes(Weights::Factored));
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "embedding": c.embedding, "shared": c.shared, "private": c.private, "norm": c.norm,
                 "head": c.head, "total_unique": c.total(), "vanilla_total": c.vanilla_total,
+                "block_unique": c.block_projections(),
                 "reduction_pct": c.reduction_pct(),
                 "allreduce_bytes_per_step": 4 * c.total(), "vanilla_allreduce_bytes_per_step": 4 * c.vanilla_total,
                 "checkpoint_bytes": sizes.map(|s| s.0), "merged_export_bytes": sizes.map(|s| s.1),
+                "train_flops_per_token": {
+                    "dense": flops.dense, "attention": flops.attention, "head": flops.head,
+                    "lors_merge": flops.lors_merge, "total": flops.total(),
+                    "mfu_formula": ParamCounts::flops_per_token(&cfg.model, t.seq_len),
+                    "seq_len": t.seq_len, "batch_tokens": t.batch_size * t.seq_len,
+                },
+                "decode_bytes_per_token": {
+                    "merged": {"read": merged.read, "distinct": merged.distinct},
+                    "factored": {"read": factored.read, "distinct": factored.distinct},
+                },
             })
         );
     } else {
@@ -83,6 +99,24 @@ fn print_counts(c: &ParamCounts, cfg: &Config, origin: &str, json: bool, sizes: 
             vanilla as f64 / 1e6,
             vanilla as f64 / mine.max(1) as f64
         );
+        println!(
+            "{:<28} {:>11.3} MFLOP/token (6N {:.3} + attention 12·L·d·T {:.3} + LM head 6·V·d {:.3} + LORS merge {:.4}; T = {}, B·T = {})",
+            "training compute",
+            flops.total() / 1e6,
+            flops.dense / 1e6,
+            flops.attention / 1e6,
+            flops.head / 1e6,
+            flops.lors_merge / 1e6,
+            t.seq_len,
+            t.batch_size * t.seq_len
+        );
+        for (name, b) in [("decode reads, merged", merged), ("decode reads, factored", factored)] {
+            println!(
+                "{name:<28} {:>11.3} MB/token (f32; {:.3} MB distinct)",
+                b.read as f64 / 1e6,
+                b.distinct as f64 / 1e6
+            );
+        }
         if let Some((lors, merged)) = sizes {
             println!("{:<28} {:>11.2} MB", "checkpoint (unique, f32)", lors as f64 / 1e6);
             println!("{:<28} {:>11.2} MB", "merged export (f32)", merged as f64 / 1e6);

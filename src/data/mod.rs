@@ -45,7 +45,7 @@ mod tokens;
 
 pub use hub::fetch_hub_file;
 pub use prepare::{prepare, PrepareOptions, DEFAULT_VAL_FRACTION, MIN_SPLIT_TOKENS};
-pub use tokenizer::{find_bos_eos, load_tokenizer, DEFAULT_VOCAB_SIZE, EOT, MIN_VOCAB_SIZE};
+pub use tokenizer::{find_bos_eos, is_byte_level, load_tokenizer, DEFAULT_VOCAB_SIZE, EOT, MIN_VOCAB_SIZE};
 pub use tokens::{write_prepared_dir, write_tokens, InputFile, Meta, TokenFile, FORMAT_VERSION};
 
 /// Prints a progress line of `prepare` (also used by the Hub download) on stderr.

@@ -243,6 +243,20 @@ impl TokenizerSpec {
     }
 }
 
+/// Whether `tok` is byte-level: its non-special tokens are exactly the 256 single bytes (the
+/// GPT-2 byte alphabet, as `prepare --vocab-size 257` trains: 256 byte symbols +
+/// `<|endoftext|>`), so every id but a special token's stands for one byte of text.
+pub fn is_byte_level(tok: &Tokenizer) -> bool {
+    let special: HashSet<u32> =
+        tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
+    let bytes: HashSet<String> = ByteLevel::alphabet().into_iter().map(String::from).collect();
+    let plain: Vec<String> =
+        tok.get_vocab(true).into_iter().filter(|(_, id)| !special.contains(id)).map(|(s, _)| s).collect();
+    matches!(tok.get_decoder(), Some(DecoderWrapper::ByteLevel(_)))
+        && plain.len() == 256
+        && plain.iter().all(|s| bytes.contains(s))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::prepare::encode_chunks;

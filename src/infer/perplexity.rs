@@ -6,10 +6,17 @@
 //! window[1..]); the loss is the mean cross-entropy over all predicted tokens and the
 //! perplexity is exp(loss). `seq_len` is the run's `train.seq_len` unless `--seq-len` is given.
 //! `tests/reference/llama_ref.py eval` implements the same definition independently.
+//!
+//! Bits per byte (byte-level tokenizers only, [`ByteLevel`]): the same predicted tokens' total
+//! loss in bits, divided by the bytes of text they stand for. Every id of a byte-level
+//! tokenizer is one byte except its special tokens (`<|endoftext|>`), which stand for no text:
+//! their loss is counted (predicting where a document ends is part of coding the text) but
+//! they add no byte. Without special tokens among the targets, bpb = loss / ln 2.
 
 use crate::model::Model;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use std::collections::HashSet;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalResult {
@@ -61,4 +68,31 @@ pub fn eval_tokens(
     }
     let n_tokens = windows * t;
     Ok(EvalResult { loss: total / n_tokens as f64, tokens: n_tokens, windows })
+}
+
+/// The byte count of a byte-level tokenizer's ids (see the module docs): every id is one byte
+/// but the special tokens'.
+#[derive(Debug, Clone)]
+pub struct ByteLevel {
+    special: HashSet<u32>,
+}
+
+impl ByteLevel {
+    /// Some for a byte-level tokenizer (`data::is_byte_level`), None for any other.
+    pub fn of(tok: &tokenizers::Tokenizer) -> Option<Self> {
+        let special = tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
+        crate::data::is_byte_level(tok).then_some(Self { special })
+    }
+
+    /// Bytes of text that `ids` stand for.
+    pub fn bytes(&self, ids: &[u32]) -> usize {
+        ids.iter().filter(|id| !self.special.contains(id)).count()
+    }
+
+    /// Bits per byte of `r`, evaluated on `tokens` (its targets are `tokens[1..=r.tokens]`);
+    /// None when they hold no byte.
+    pub fn bits_per_byte(&self, r: &EvalResult, tokens: &[u32]) -> Option<f64> {
+        let bytes = self.bytes(tokens.get(1..=r.tokens)?);
+        (bytes > 0).then(|| r.loss * r.tokens as f64 / std::f64::consts::LN_2 / bytes as f64)
+    }
 }

@@ -1,10 +1,41 @@
 //! Parameter accounting: unique parameters of a config (what is stored and trained) against
-//! the vanilla model at the same dimensions. Computed from the config alone, in closed form;
-//! tests check it against the parameters the model actually creates.
+//! the vanilla model at the same dimensions, the compute of a training token ([`TrainFlops`])
+//! and the weight bytes a decoding step reads ([`ParamCounts::decode_bytes`]). Computed from
+//! the config alone, in closed form; tests check it against the parameters the model actually
+//! creates and the bytes its merged and factored forms read.
 
 use crate::model::config::ModelConfig;
 use crate::model::lors::{LorsConfig, Proj};
+use crate::model::stack::{WeightBytes, Weights};
+use serde::Serialize;
+use std::collections::HashSet;
 use std::fmt::Write;
+
+/// Training FLOPs of one token, forward + backward (a multiply-add is 2 FLOPs), by part.
+///
+/// Compute follows the layers *applied*, not the unique parameters: a shared or LORS layer
+/// multiplies by its merged `W + s·B A`, as large as a vanilla layer's weight, so at the same
+/// depth and width every mode costs what vanilla costs, plus the merge of the LORS terms.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TrainFlops {
+    /// 6·N (PaLM): N = the projections and norm gains of every applied layer + the final norm.
+    pub dense: f64,
+    /// 12·L·d·T (PaLM): q kᵀ and p·v over the context T, forward and backward. (The fused CPU
+    /// kernel computes the whole masked T×T square and recomputes q kᵀ in the backward pass:
+    /// 14·L·d·T in fact; the PaLM convention is kept so that figures compare across codes.)
+    pub attention: f64,
+    /// 6·V·d: the LM head (the tied embedding), whose logits every token needs.
+    pub head: f64,
+    /// The LORS merge, once per micro-batch of B·T tokens (`model/lors.rs`): B A forward,
+    /// dB = s·g Aᵀ and dA = s·Bᵀ g backward, 6·r·in·out per projection and layer, over B·T.
+    pub lors_merge: f64,
+}
+
+impl TrainFlops {
+    pub fn total(&self) -> f64 {
+        self.dense + self.attention + self.head + self.lors_merge
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ParamCounts {
@@ -64,11 +95,73 @@ impl ParamCounts {
 
     /// Training FLOPs per token by the PaLM formula, 6·N + 12·L·d·T, with N the
     /// non-embedding parameters as the forward pass uses them (every layer's merged weight
-    /// counts once per layer, whatever is shared; norm gains included) and T the context.
+    /// counts once per layer, whatever is shared; norm gains included) and T the context: what
+    /// the MFU log uses ([`TrainFlops`]'s dense + attention; the LM head and the LORS merge
+    /// are left out of MFU).
     pub fn flops_per_token(m: &ModelConfig, seq_len: usize) -> f64 {
         let per_layer: usize = Proj::ALL.iter().map(|p| p.shape(m).0 * p.shape(m).1).sum::<usize>() + 2 * m.d_model;
         let n = (m.n_layers * per_layer + m.d_model) as f64;
         6.0 * n + 12.0 * (m.n_layers * m.d_model * seq_len) as f64
+    }
+
+    /// Every FLOP of a training token ([`TrainFlops`]) at context `seq_len`, with micro-batches
+    /// of `batch_tokens` tokens (batch_size · seq_len) over which the LORS merge is spread.
+    pub fn train_flops(m: &ModelConfig, l: &LorsConfig, seq_len: usize, batch_tokens: usize) -> TrainFlops {
+        let (v, d, n) = (m.vocab_size as f64, m.d_model as f64, m.n_layers as f64);
+        let palm = Self::flops_per_token(m, seq_len);
+        let attention = 12.0 * n * d * seq_len as f64;
+        let merged: usize = (0..m.n_layers)
+            .flat_map(|layer| Proj::ALL.map(move |p| (p, layer)))
+            .filter(|&(p, layer)| l.has_base(p, layer))
+            .map(|(p, layer)| l.rank_for(p, layer) * p.shape(m).0 * p.shape(m).1)
+            .sum();
+        TrainFlops {
+            dense: palm - attention,
+            attention,
+            head: 6.0 * v * d,
+            lors_merge: 6.0 * merged as f64 / batch_tokens.max(1) as f64,
+        }
+    }
+
+    /// Weight bytes (f32) one decoding step reads with the weights kept as `w`, and how many
+    /// distinct bytes those are: `Model::weight_bytes` in closed form. Per projection and
+    /// layer, merged reads out·in; factored reads its base (none for a `lowrank` target) and
+    /// r·(out+in) of factors, a shared base being one distinct copy for all its layers. Add
+    /// the LM head (V·d, the tied embedding), the norm gains, and an untied head's V·d.
+    pub fn decode_bytes(m: &ModelConfig, l: &LorsConfig, w: Weights) -> WeightBytes {
+        // A base is one tensor per (projection, group) when shared, per (projection, layer) else.
+        let base_id = |p: Proj, layer: usize| match l.group_of(layer, m.n_layers) {
+            Some(g) if l.is_shared(p, layer) => (p, g, true),
+            _ => (p, layer, false),
+        };
+        let mut seen = HashSet::new();
+        let (mut read, mut distinct) = (0u64, 0u64);
+        for layer in 0..m.n_layers {
+            for p in Proj::ALL {
+                let (out, inp) = p.shape(m);
+                let (full, r) = ((out * inp) as u64, l.rank_for(p, layer));
+                let low = (r * (out + inp)) as u64;
+                let has_base = l.has_base(p, layer);
+                let new_base = has_base && seen.insert(base_id(p, layer));
+                match w {
+                    Weights::Merged => {
+                        // o and down are computed alone: without a residual they keep their
+                        // (possibly shared) base; q k v and gate up are stacked per layer.
+                        let keeps_base = matches!(p, Proj::O | Proj::Down) && r == 0;
+                        read += full;
+                        distinct += if !keeps_base || new_base { full } else { 0 };
+                    }
+                    Weights::Factored => {
+                        let base = if has_base { full } else { 0 };
+                        read += base + low;
+                        distinct += low + if new_base { base } else { 0 };
+                    }
+                }
+            }
+        }
+        let (v, d, n) = (m.vocab_size as u64, m.d_model as u64, m.n_layers as u64);
+        let other = v * d + (2 * n + 1) * d + if m.tie_embeddings { 0 } else { v * d };
+        WeightBytes { read: 4 * (read + other), distinct: 4 * (distinct + other) }
     }
 
     /// A human-readable table.

@@ -1,8 +1,9 @@
 //! A sweep plan (TOML): the base config, seeds, and the configurations to compare, each
 //! resolved into a full run config.
 
-use crate::config::{Config, Mode, PrivateInit, Proj};
+use crate::config::{Config, Mode, PrivateInit, Proj, Schedule};
 use crate::model::ParamCounts;
+use crate::train::schedule::{decay_start, same_until};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::fs;
@@ -24,11 +25,24 @@ pub struct Plan {
     /// Prefix of the chart file names (several plans can report into one results.md).
     #[serde(default)]
     pub charts_prefix: String,
+    /// What `match` compares: "total" unique parameters (the default) or "block" (the
+    /// blocks' projections alone, for plans whose budgets are in block parameters).
+    #[serde(default)]
+    pub match_by: MatchBy,
     pub base: toml::Table,
     #[serde(default)]
     pub smoke: Option<Smoke>,
     #[serde(rename = "run")]
     pub runs: Vec<PlanRun>,
+}
+
+/// What a run's `match` compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MatchBy {
+    #[default]
+    Total,
+    Block,
 }
 
 #[derive(Debug, Deserialize)]
@@ -37,6 +51,10 @@ pub struct Smoke {
     pub seeds: Vec<u64>,
     #[serde(default)]
     pub set: Vec<String>,
+    /// Multiply every run's train.max_steps and train.warmup_steps by this (after all sets;
+    /// at least 2 steps): the plan's runs and branches, a few steps each.
+    #[serde(default)]
+    pub steps_scale: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +66,11 @@ pub struct PlanRun {
     /// Another run whose unique parameter count this one must match within ±5 %.
     #[serde(default, rename = "match")]
     pub match_params: Option<String>,
+    /// A decay branch of another run of the plan (`sweep/branch.rs`): the same config with
+    /// fewer `train.max_steps`, both `train.schedule = "wsd"`; it continues that run's
+    /// checkpoint at the step where its own decay starts and trains only its decay.
+    #[serde(default)]
+    pub branch_of: Option<String>,
 }
 
 /// One configuration of the plan, resolved.
@@ -55,6 +78,8 @@ pub struct Resolved {
     pub name: String,
     pub cfg: Config,
     pub counts: ParamCounts,
+    /// A decay branch: (source run, the source's step it continues).
+    pub branch: Option<(String, usize)>,
 }
 
 pub fn load_plan(path: &Path) -> Result<Plan> {
@@ -84,9 +109,24 @@ pub fn load_plan(path: &Path) -> Result<Plan> {
         bail!("--plan {}: charts_prefix {:?} may only use letters, digits, - _", path.display(), plan.charts_prefix);
     }
     let named = plan.compare.iter().flatten().chain(&plan.deltas);
-    for name in named.chain(plan.runs.iter().filter_map(|r| r.match_params.as_ref())) {
+    let branched = plan.runs.iter().filter_map(|r| r.branch_of.as_ref());
+    for name in named.chain(plan.runs.iter().filter_map(|r| r.match_params.as_ref())).chain(branched) {
         if !known(name) {
-            bail!("--plan {}: {:?} (in compare, deltas or match) is not a run of the plan", path.display(), name);
+            bail!(
+                "--plan {}: {:?} (in compare, deltas, match or branch_of) is not a run of the plan",
+                path.display(),
+                name
+            );
+        }
+    }
+    for r in &plan.runs {
+        let Some(src) = &r.branch_of else { continue };
+        if plan.runs.iter().any(|s| &s.name == src && s.branch_of.is_some()) {
+            bail!(
+                "--plan {}: run {} branches from {src}, itself a branch: branch from the long run",
+                path.display(),
+                r.name
+            );
         }
     }
     Ok(plan)
@@ -109,21 +149,39 @@ pub fn resolve(plan: &Plan, smoke: bool, data_dir: &Path, vocab: usize, plan_pat
         sets.extend(r.set.iter().cloned());
         let origin = format!("{} (run {})", plan_path.display(), r.name);
         let mut cfg = Config::from_toml_str(&base, &sets, &origin)?;
+        if let Some(scale) = plan.smoke.as_ref().and_then(|s| s.steps_scale).filter(|_| smoke) {
+            let t = &mut cfg.train;
+            t.max_steps = ((t.max_steps as f64 * scale).round() as usize).max(2);
+            t.warmup_steps = ((t.warmup_steps as f64 * scale).round() as usize).min(t.max_steps - t.decay_steps());
+            cfg.validate().with_context(|| format!("{origin}, steps scaled by smoke.steps_scale = {scale}"))?;
+        }
         cfg.model.vocab_size = vocab;
         cfg.data.dir = data_dir.to_string_lossy().into_owned();
         let counts = ParamCounts::new(&cfg.model, &cfg.lors);
-        out.push(Resolved { name: r.name.clone(), cfg, counts });
+        out.push(Resolved { name: r.name.clone(), cfg, counts, branch: None });
     }
+    for i in 0..out.len() {
+        let Some(src) = &plan.runs[i].branch_of else { continue };
+        let from = out.iter().find(|x| &x.name == src).expect("checked in load_plan");
+        let at =
+            check_branch(&out[i], from).with_context(|| format!("{}: run {}", plan_path.display(), out[i].name))?;
+        out[i].branch = Some((src.clone(), at));
+    }
+    let size = |c: &ParamCounts| match plan.match_by {
+        MatchBy::Total => c.total(),
+        MatchBy::Block => c.block_projections(),
+    };
     for r in &plan.runs {
         if let Some(target) = &r.match_params {
-            let a = out.iter().find(|x| x.name == r.name).expect("resolved").counts.total() as f64;
-            let b = out.iter().find(|x| &x.name == target).expect("checked in load_plan").counts.total() as f64;
+            let a = size(&out.iter().find(|x| x.name == r.name).expect("resolved").counts) as f64;
+            let b = size(&out.iter().find(|x| &x.name == target).expect("checked in load_plan").counts) as f64;
             let rel = a / b - 1.0;
             if rel.abs() > 0.05 {
                 bail!(
-                    "{}: run {} must match the unique parameters of {} within ±5 %, but has {} vs {} ({:+.1} %): change its dims",
+                    "{}: run {} must match the unique {}parameters of {} within ±5 %, but has {} vs {} ({:+.1} %): change its dims",
                     plan_path.display(),
                     r.name,
+                    if plan.match_by == MatchBy::Block { "block " } else { "" },
                     target,
                     a,
                     b,
@@ -133,6 +191,38 @@ pub fn resolve(plan: &Plan, smoke: bool, data_dir: &Path, vocab: usize, plan_pat
         }
     }
     Ok(out)
+}
+
+/// The step of `from` that the decay branch `b` continues: where b's decay starts. Refused
+/// unless both are wsd runs of the same config but for b's fewer steps, and their learning
+/// rates agree at every step up to it.
+fn check_branch(b: &Resolved, from: &Resolved) -> Result<usize> {
+    let (tb, tf) = (&b.cfg.train, &from.cfg.train);
+    if tb.schedule != Schedule::Wsd || tf.schedule != Schedule::Wsd {
+        bail!("branch_of {}: both runs need train.schedule = \"wsd\"", from.name);
+    }
+    let mut same = from.cfg.clone();
+    same.train.max_steps = tb.max_steps;
+    if same != b.cfg {
+        let diff = b.cfg.differences(&from.cfg)?.into_iter().filter(|d| !d.starts_with("train.max_steps"));
+        bail!(
+            "branch_of {}: a branch differs from its source in train.max_steps alone, not in {}",
+            from.name,
+            diff.collect::<Vec<_>>().join(", ")
+        );
+    }
+    let at = decay_start(tb);
+    if tb.max_steps >= tf.max_steps || at == 0 || at > decay_start(tf) || !same_until(tf, tb, at) {
+        bail!(
+            "branch_of {}: its decay must start ({at}) after step 0 and within the stable phase of {} (steps up to {}), with fewer steps ({} vs {})",
+            from.name,
+            from.name,
+            decay_start(tf),
+            tb.max_steps,
+            tf.max_steps
+        );
+    }
+    Ok(at)
 }
 
 pub fn plan_stem(plan: &Path) -> String {

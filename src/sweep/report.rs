@@ -1,7 +1,13 @@
-//! The sweep's report: a markdown table (mean ± spread over seeds, % of the baseline, deltas
-//! and comparisons) in a generated block of results.md, and two charts.
+//! The sweep's report: a markdown table (mean ± spread over seeds, % of the baseline, tokens
+//! per block parameter, epochs, training FLOPs, bits per byte on byte-level data, decode bytes
+//! and speed, deltas and comparisons) in a generated block of results.md; the validation
+//! curves, and three frontier charts (val loss against unique parameters, training FLOPs and
+//! batch-1 decode tokens/s), whose points and Pareto fronts are also listed in
+//! `<prefix>frontiers.csv` and, the fronts, in the markdown.
 
+use crate::config::Mode;
 use crate::data::Meta;
+use crate::model::{ParamCounts, Weights};
 use crate::monitor::plot::{self, Series};
 use crate::sweep::plan::{sharing_desc, show_d, Plan, Resolved};
 use crate::sweep::run::{median_step_ms, read_metrics, val_curve, RunResult};
@@ -23,7 +29,14 @@ pub struct ReportInput<'a> {
     pub train_tokens: usize,
     /// The command that regenerates the report.
     pub command: String,
+    /// The data's tokenizer is byte-level: the table shows bits per byte.
+    pub byte_level: bool,
 }
+
+/// The chart files a report writes (each name after the plan's `charts_prefix`).
+pub const CHARTS: [&str; 4] = ["loss_curves.png", "params_vs_loss.png", "flops_vs_loss.png", "decode_vs_loss.png"];
+/// The points of the three frontier charts, with whether each mean is on its Pareto front.
+pub const FRONTIERS_CSV: &str = "frontiers.csv";
 
 /// Per-configuration summary over its seeds.
 struct Row<'a> {
@@ -35,6 +48,21 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
+    /// Mean over seeds of `f` (None without finished seeds, or where any lacks it).
+    fn mean_of(&self, f: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
+        let v: Option<Vec<f64>> = self.results.iter().map(f).collect();
+        v.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64)
+    }
+    /// Half the range over seeds of `f`.
+    fn spread_of(&self, f: impl Fn(&RunResult) -> Option<f64>) -> f64 {
+        let v: Vec<f64> = self.results.iter().filter_map(f).collect();
+        let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        if v.is_empty() {
+            0.0
+        } else {
+            (hi - lo) / 2.0
+        }
+    }
     fn mean(&self) -> Option<f64> {
         (!self.results.is_empty())
             .then(|| self.results.iter().map(|x| x.val_loss).sum::<f64>() / self.results.len() as f64)
@@ -58,9 +86,21 @@ pub struct Report {
     end: String,
     prefix: String,
     curves: Vec<Series>,
+    frontiers: Vec<Frontier>,
+}
+
+/// One frontier chart: every finished configuration's seeds and mean against one axis.
+struct Frontier {
+    /// File name after the prefix, and what the CSV calls it.
+    file: &'static str,
+    title: &'static str,
+    x_desc: &'static str,
     points: Vec<Series>,
     means: Vec<(String, usize, (f64, f64))>,
+    /// Pareto front over the means, in x order.
     front: Vec<(f64, f64)>,
+    /// Lower x is better (parameters, FLOPs), else higher (decode speed).
+    lower_better: bool,
 }
 
 /// Build the report from the finished runs in `input.out`.
@@ -73,11 +113,16 @@ pub fn report(input: &ReportInput) -> Result<Report> {
     table(&mut md, input, &rows);
     comparisons(&mut md, input.plan, &rows);
     let pre = &input.plan.charts_prefix;
+    let (curves, frontiers) = chart_series(&rows);
     let _ = writeln!(md, "\n![validation loss vs tokens]({pre}loss_curves.png)\n");
-    let _ = writeln!(md, "![final validation loss vs unique parameters]({pre}params_vs_loss.png)\n");
+    for f in &frontiers {
+        let _ = writeln!(md, "![{}]({pre}{})\n", f.title, f.file);
+        let on: Vec<&str> = f.means.iter().filter(|m| f.front.contains(&m.2)).map(|m| m.0.as_str()).collect();
+        let _ = writeln!(md, "Pareto front ({}): {}\n", f.x_desc, on.join(" → "));
+    }
+    let _ = writeln!(md, "Every finished row's points: [{pre}{FRONTIERS_CSV}]({pre}{FRONTIERS_CSV}).\n");
     let _ = write!(md, "{end}");
-    let (curves, points, means, front) = chart_series(&rows);
-    Ok(Report { markdown: md, begin, end, prefix: pre.clone(), curves, points, means, front })
+    Ok(Report { markdown: md, begin, end, prefix: pre.clone(), curves, frontiers })
 }
 
 /// Each configuration's finished seeds: results, validation curves, median step times.
@@ -128,16 +173,29 @@ fn header(md: &mut String, input: &ReportInput, rows: &[Row]) {
     let t = &resolved[0].cfg.train;
     let tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
     let tokens_per_run = tokens_per_step * t.max_steps;
+    let schedule = match t.schedule {
+        crate::config::Schedule::Cosine => format!("lr {:.0e} cosine to {:.0e}", t.lr, t.min_lr),
+        crate::config::Schedule::Wsd => format!(
+            "lr {:.0e} warmup-stable-decay (held, then linear to {:.0e} over the last {:.0} % of each run's steps)",
+            t.lr,
+            t.min_lr,
+            100.0 * t.decay_frac
+        ),
+    };
+    let same_steps = resolved.iter().all(|r| r.cfg.train.max_steps == t.max_steps);
     let _ = writeln!(
         md,
-        "- data: {train_tokens} train tokens (vocabulary {}); every run: {} steps × {} tokens = {tokens_per_run} tokens ({:.2} epochs), \
-         lr {:.0e} cosine to {:.0e}, warmup {}, weight decay {}, seeds {:?}",
+        "- data: {train_tokens} train tokens (vocabulary {}{}); {}, {schedule}, warmup {}, weight decay {}, seeds {:?}",
         meta.vocab_size,
-        t.max_steps,
-        t.batch_size * t.seq_len * t.grad_accum,
-        tokens_per_run as f64 / train_tokens.max(1) as f64,
-        t.lr,
-        t.min_lr,
+        if input.byte_level { ", byte-level" } else { "" },
+        match same_steps {
+            true => format!(
+                "every run: {} steps × {tokens_per_step} tokens = {tokens_per_run} tokens ({:.2} epochs)",
+                t.max_steps,
+                tokens_per_run as f64 / train_tokens.max(1) as f64
+            ),
+            false => format!("{tokens_per_step} tokens per step, steps per row (tokens column)"),
+        },
         t.warmup_steps,
         t.weight_decay,
         seeds
@@ -156,11 +214,42 @@ fn header(md: &mut String, input: &ReportInput, rows: &[Row]) {
          total unique adds the embedding (tied head) and norms; % is of `{}`'s total",
         plan.baseline
     );
+    if input.byte_level {
+        let _ = writeln!(
+            md,
+            "- val bpb: bits per byte, the same loss in bits per byte of text (every id is a byte but <|endoftext|>, \
+             whose loss counts and which adds no byte: infer/perplexity.rs); mean ± spread over seeds"
+        );
+    }
+    let _ = writeln!(
+        md,
+        "- tokens / block param: training tokens per unique block parameter; epochs: passes over the train split; \
+         train FLOPs: forward + backward of the run, `ParamCounts::train_flops` × tokens (PaLM's 6N over the layers \
+         applied + 12·L·d·T attention + 6·V·d LM head + the LORS merge: `lors-lm params` breaks it down)"
+    );
+    let _ = writeln!(
+        md,
+        "- decode: weight MB one batch-1 step reads / distinct MB among them (f32; f = factored, the unique \
+         parameters, for shared and LORS models; m = merged for vanilla), and tokens/s of batch-1 decoding in that \
+         form, measured at the end of each run (128 tokens after 16, median of 3; mean over seeds; as many threads \
+         as the training had, so rows trained side by side (--jobs) are timed on a shared machine)"
+    );
+    let branches: Vec<String> = resolved
+        .iter()
+        .filter_map(|r| r.branch.as_ref().map(|(from, at)| format!("`{}` from `{from}` at step {at}", r.name)))
+        .collect();
+    if !branches.is_empty() {
+        let _ = writeln!(
+            md,
+            "- decay branches (wsd: same run as the source up to where the branch's decay starts, then its own decay; \
+             its tokens, FLOPs and train time count the shared part too): {}",
+            branches.join(", ")
+        );
+    }
     let _ = writeln!(
         md,
         "- tokens/s: training tokens per second of the median step (forward, backward, clip, AdamW), mean over \
-         seeds; train time = median step × steps (evaluations and checkpoints excluded). Runs are sequential, \
-         each with every core\n"
+         seeds; train time = median step × steps (evaluations and checkpoints excluded)\n"
     );
     if !plan.deltas.is_empty() {
         let _ = writeln!(
@@ -174,16 +263,19 @@ fn header(md: &mut String, input: &ReportInput, rows: &[Row]) {
 /// One row per configuration.
 fn table(md: &mut String, input: &ReportInput, rows: &[Row]) {
     let (plan, resolved, seeds) = (input.plan, input.resolved, input.seeds);
-    let t = &resolved[0].cfg.train;
-    let tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
     let baseline_total = resolved.iter().find(|r| r.name == plan.baseline).map_or(1.0, |r| r.counts.total() as f64);
+    let (bpb_head, bpb_align) = if input.byte_level { (" val bpb |", "---:|") } else { (" val ppl |", "---:|") };
     let _ = writeln!(
         md,
-        "| config | mode | rank / schedule / groups / recipe | unique block params | total unique | % of {} | val loss (mean ± spread) | val ppl | tokens/s | train time (s) | seeds |{}",
+        "| config | mode | rank / schedule / groups / recipe | unique block params | total unique | % of {} | tokens | tokens / block param | epochs | train FLOPs | val loss (mean ± spread) |{bpb_head} decode MB read / distinct | decode tok/s | tokens/s | train time (s) | seeds |{}",
         plan.baseline,
         plan.deltas.iter().map(|d| format!(" Δ vs {d} |")).collect::<String>()
     );
-    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|{}", "---:|".repeat(plan.deltas.len()));
+    let _ = writeln!(
+        md,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|{bpb_align}---:|---:|---:|---:|---:|{}",
+        "---:|".repeat(plan.deltas.len())
+    );
     let delta_to = |row: &Row, other: &str| -> String {
         let o = rows.iter().find(|r| r.r.name == other).expect("checked in load_plan");
         match (row.mean(), o.mean()) {
@@ -195,27 +287,52 @@ fn table(md: &mut String, input: &ReportInput, rows: &[Row]) {
     };
     for row in rows {
         let c = &row.r.counts;
-        let (loss, ppl, tps, time) = match row.mean() {
+        let cfg = &row.r.cfg;
+        let t = &cfg.train;
+        let tokens_per_step = t.batch_size * t.seq_len * t.grad_accum;
+        let tokens = tokens_per_step * t.max_steps;
+        let flops = ParamCounts::train_flops(&cfg.model, &cfg.lors, t.seq_len, t.batch_size * t.seq_len).total();
+        let w = if cfg.lors.mode == Mode::Vanilla { Weights::Merged } else { Weights::Factored };
+        let bytes = ParamCounts::decode_bytes(&cfg.model, &cfg.lors, w);
+        let (loss, second, tps, time) = match row.mean() {
             Some(m) => {
                 let ms = row.median_ms.iter().sum::<f64>() / row.median_ms.len() as f64;
+                let second = match input.byte_level {
+                    true => row
+                        .mean_of(|r| r.val_bpb)
+                        .map_or("—".into(), |b| format!("{b:.4} ± {:.4}", row.spread_of(|r| r.val_bpb))),
+                    false => format!("{:.1}", m.exp()),
+                };
                 (
                     format!("{m:.4} ± {:.4}", row.spread()),
-                    format!("{:.1}", m.exp()),
+                    second,
                     format!("{:.0}", tokens_per_step as f64 / (ms / 1e3)),
                     format!("{:.1}", ms * t.max_steps as f64 / 1e3),
                 )
             }
             None => ("not run".into(), "—".into(), "—".into(), "—".into()),
         };
+        let decode =
+            row.mean_of(|r| r.decode.as_ref().map(|d| d.tokens_per_sec)).map_or("—".into(), |x| format!("{x:.0}"));
+        let mut sharing = sharing_desc(cfg, show_d(resolved));
+        if let Some((from, at)) = &row.r.branch {
+            sharing += &format!(", branch of {from} @ {at}");
+        }
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.1} % | {loss} | {ppl} | {tps} | {time} | {}/{} |{}",
+            "| {} | {} | {} | {} | {} | {:.1} % | {tokens} | {:.1} | {:.2} | {:.3e} | {loss} | {second} | {:.3} / {:.3} ({}) | {decode} | {tps} | {time} | {}/{} |{}",
             row.r.name,
-            row.r.cfg.lors.mode,
-            sharing_desc(&row.r.cfg, show_d(resolved)),
+            cfg.lors.mode,
+            sharing,
             c.block_projections(),
             c.total(),
             100.0 * c.total() as f64 / baseline_total,
+            tokens as f64 / c.block_projections().max(1) as f64,
+            tokens as f64 / input.train_tokens.max(1) as f64,
+            flops * tokens as f64,
+            bytes.read as f64 / 1e6,
+            bytes.distinct as f64 / 1e6,
+            &w.name()[..1],
             row.results.len(),
             seeds.len(),
             plan.deltas.iter().map(|d| format!(" {} |", delta_to(row, d))).collect::<String>()
@@ -248,13 +365,10 @@ fn comparisons(md: &mut String, plan: &Plan, rows: &[Row]) {
 }
 
 /// Chart data: each configuration's mean validation curve (over seeds, at the same eval
-/// points), its seeds' final losses against unique parameters, the means and their Pareto
-/// front (fewer parameters and lower loss).
-#[allow(clippy::type_complexity)]
-fn chart_series(rows: &[Row]) -> (Vec<Series>, Vec<Series>, Vec<(String, usize, (f64, f64))>, Vec<(f64, f64)>) {
+/// points), and the three frontiers: its seeds' final losses and their mean against unique
+/// parameters, training FLOPs (log10) and batch-1 decode tokens/s, with the Pareto fronts.
+fn chart_series(rows: &[Row]) -> (Vec<Series>, Vec<Frontier>) {
     let mut curves = vec![];
-    let mut points = vec![];
-    let mut means = vec![];
     for (i, row) in rows.iter().enumerate() {
         if row.results.is_empty() {
             continue;
@@ -269,24 +383,70 @@ fn chart_series(rows: &[Row]) -> (Vec<Series>, Vec<Series>, Vec<(String, usize, 
         }
         let pts = by_tokens.iter().map(|(&tok, &(s, n))| (tok as f64 / 1e6, s / n as f64)).collect();
         curves.push(Series { name: row.r.name.clone(), color: i, points: pts });
-        let x = row.r.counts.total() as f64 / 1e6;
-        points.push(Series {
-            name: row.r.name.clone(),
-            color: i,
-            points: row.results.iter().map(|res| (x, res.val_loss)).collect(),
-        });
-        means.push((row.r.name.clone(), i, (x, row.mean().expect("non-empty"))));
     }
-    // Pareto front over config means: fewer params and lower loss.
-    let mut sorted: Vec<(f64, f64)> = means.iter().map(|m| m.2).collect();
-    sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    type X = fn(&Row, &RunResult) -> Option<f64>;
+    let axes: [(&'static str, &'static str, &'static str, bool, X); 3] = [
+        (
+            "params_vs_loss.png",
+            "Final val loss vs unique parameters (dots: seeds, squares: means, dashes: Pareto front)",
+            "unique parameters (millions)",
+            true,
+            |row, _| Some(row.r.counts.total() as f64 / 1e6),
+        ),
+        (
+            "flops_vs_loss.png",
+            "Final val loss vs training FLOPs (dots: seeds, squares: means, dashes: Pareto front)",
+            "training FLOPs (log10)",
+            true,
+            |_, res| (res.train_flops > 0.0).then(|| res.train_flops.log10()),
+        ),
+        (
+            "decode_vs_loss.png",
+            "Final val loss vs batch-1 decode speed, factored where it applies (Pareto front: dashes)",
+            "decode tokens/s (batch 1)",
+            false,
+            |_, res| res.decode.as_ref().map(|d| d.tokens_per_sec),
+        ),
+    ];
+    let frontiers = axes
+        .into_iter()
+        .map(|(file, title, x_desc, lower_better, x)| {
+            let (mut points, mut means) = (vec![], vec![]);
+            for (i, row) in rows.iter().enumerate() {
+                let pts: Vec<(f64, f64)> =
+                    row.results.iter().filter_map(|res| Some((x(row, res)?, res.val_loss))).collect();
+                if pts.is_empty() {
+                    continue;
+                }
+                let n = pts.len() as f64;
+                let mean = (pts.iter().map(|p| p.0).sum::<f64>() / n, pts.iter().map(|p| p.1).sum::<f64>() / n);
+                means.push((row.r.name.clone(), i, mean));
+                points.push(Series { name: row.r.name.clone(), color: i, points: pts });
+            }
+            let front = pareto(means.iter().map(|m| m.2), lower_better);
+            Frontier { file, title, x_desc, points, means, front, lower_better }
+        })
+        .collect();
+    (curves, frontiers)
+}
+
+/// The Pareto front of `points` (x, loss): those no other point beats in both, lower loss and
+/// lower x (`lower_better`) or higher x; in x order.
+fn pareto(points: impl Iterator<Item = (f64, f64)>, lower_better: bool) -> Vec<(f64, f64)> {
+    let mut sorted: Vec<(f64, f64)> = points.collect();
+    // Best x first, ties by loss.
+    sorted.sort_by(|a, b| {
+        let by_x = if lower_better { a.0.total_cmp(&b.0) } else { b.0.total_cmp(&a.0) };
+        by_x.then(a.1.total_cmp(&b.1))
+    });
     let mut front: Vec<(f64, f64)> = vec![];
     for p in sorted {
         if front.last().is_none_or(|l| p.1 < l.1) {
             front.push(p);
         }
     }
-    (curves, points, means, front)
+    front.sort_by(|a, b| a.0.total_cmp(&b.0));
+    front
 }
 
 /// Markers around the block a plan generates in results.md.
@@ -322,15 +482,24 @@ pub fn write_results(docs: &Path, rep: &Report) -> Result<()> {
         "val loss (fixed val batches)",
         &rep.curves,
     )?;
-    plot::scatter(
-        &docs.join(format!("{}params_vs_loss.png", rep.prefix)),
-        "Final val loss vs unique parameters (dots: seeds, squares: means, dashes: Pareto front)",
-        "unique parameters (millions)",
-        "val loss (whole val split)",
-        &rep.points,
-        &rep.means,
-        &rep.front,
-    )
+    let mut csv = String::from("chart,config,seed_points,x_mean,val_loss_mean,on_front\n");
+    for f in &rep.frontiers {
+        for (name, _, (x, y)) in &f.means {
+            let n = f.points.iter().find(|s| &s.name == name).map_or(0, |s| s.points.len());
+            let on = f.front.contains(&(*x, *y));
+            let _ = writeln!(csv, "{},{name},{n},{x},{y},{on}", f.file.trim_end_matches(".png"));
+        }
+        let x_desc = format!("{}{}", f.x_desc, if f.lower_better { "" } else { " (higher is better)" });
+        let path = docs.join(format!("{}{}", rep.prefix, f.file));
+        if f.means.is_empty() {
+            // Nothing to place (e.g. runs from before decode timing): no chart rather than an error.
+            let _ = fs::remove_file(&path);
+            continue;
+        }
+        plot::scatter(&path, f.title, &x_desc, "val loss (whole val split)", &f.points, &f.means, &f.front)?;
+    }
+    let csv_path = docs.join(format!("{}{FRONTIERS_CSV}", rep.prefix));
+    fs::write(&csv_path, csv).with_context(|| format!("cannot write {}", csv_path.display()))
 }
 
 /// The CPU, cores and threads, for the report's provenance line.
