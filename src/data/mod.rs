@@ -40,13 +40,15 @@
 //! | `hub.rs`       | [`fetch_hub_file`]: files of a Hugging Face Hub repo (`HF_HUB_OFFLINE`)    |
 mod hub;
 mod prepare;
+pub mod shards;
 mod tokenizer;
 mod tokens;
 
 pub use hub::fetch_hub_file;
 pub use prepare::{prepare, PrepareOptions, DEFAULT_VAL_FRACTION, MIN_SPLIT_TOKENS};
 pub use tokenizer::{find_bos_eos, load_tokenizer, DEFAULT_VOCAB_SIZE, EOT, MIN_VOCAB_SIZE};
-pub use tokens::{write_prepared_dir, write_tokens, InputFile, Meta, TokenFile, FORMAT_VERSION};
+pub use shards::{Shard, ShardInfo};
+pub use tokens::{write_prepared_dir, write_tokens, InputFile, Meta, SplitShards, TokenFile, FORMAT_VERSION};
 
 /// Prints a progress line of `prepare` (also used by the Hub download) on stderr.
 fn progress(msg: &str) {
