@@ -90,10 +90,14 @@ fn route(piece: &Piece, split: Split, offset: u64, mode: TextMode) -> Vec<Unit> 
     if offset >= cut {
         return vec![Unit { val: true, start: 0, end: len, ends_doc: piece.last }];
     }
-    // The cut falls inside: after the next newline within 64 KiB, else at a character boundary.
+    // The cut falls inside: after the next newline if one is near, else at a character boundary.
     let text = &piece.text;
     let mut c = (cut - offset) as usize;
-    if let Some(nl) = text[c..len.min(c + (64 << 10))].iter().position(|&b| b == b'\n') {
+    // In the document's last piece, look no further than half of what is left for validation.
+    let window = if piece.last { (64 << 10).min((len - c) / 2) } else { 64 << 10 };
+    if text[c - 1] == b'\n' {
+        // Already at a line start.
+    } else if let Some(nl) = text[c..len.min(c + window)].iter().position(|&b| b == b'\n') {
         c += nl + 1;
     } else if mode != TextMode::Bytes {
         while c < len && (text[c] & 0xC0) == 0x80 {

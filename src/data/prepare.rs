@@ -160,7 +160,14 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
     };
     let Prepared { encoder, vocab_size, eos, .. } = tokenizer;
     let written = write_shards(&inputs, &read, &scan, &encoder, eos, vocab_size, &mut state, opts, out)?;
-    let meta = finish(opts, &inputs, &scan, &state, &written)?;
+    let meta = match finish(opts, &inputs, &scan, &state, &written) {
+        Ok(meta) => meta,
+        Err(e) => {
+            // Nothing to resume: leave no half-made directory behind.
+            remove_outputs(out)?;
+            return Err(e);
+        }
+    };
     meta.save(out)?;
     let _ = fs::remove_file(out.join(STATE_FILE));
     Ok(meta)
@@ -424,6 +431,15 @@ fn start_fresh(out: &Path, tok: &Prepared, settings: Settings, scan: &Scan) -> R
     if meta_path.exists() {
         fs::remove_file(&meta_path).with_context(|| format!("could not remove old {}", meta_path.display()))?;
     }
+    remove_outputs(out)?;
+    write_atomic(&out.join("tokenizer.json"), |w| w.write_all(tok.json.as_bytes()))?;
+    let state = State::new(settings, tok, scan);
+    state.save(out)?;
+    Ok(state)
+}
+
+/// Removes the files `prepare` writes from `out` (only those, see [`OUTPUT_FILES`]).
+fn remove_outputs(out: &Path) -> Result<()> {
     for entry in fs::read_dir(out).with_context(|| format!("could not list --out {}", out.display()))? {
         let entry = entry.with_context(|| format!("could not list --out {}", out.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -431,10 +447,7 @@ fn start_fresh(out: &Path, tok: &Prepared, settings: Settings, scan: &Scan) -> R
             fs::remove_file(entry.path()).with_context(|| format!("could not remove old {}", entry.path().display()))?;
         }
     }
-    write_atomic(&out.join("tokenizer.json"), |w| w.write_all(tok.json.as_bytes()))?;
-    let state = State::new(settings, tok, scan);
-    state.save(out)?;
-    Ok(state)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

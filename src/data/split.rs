@@ -124,6 +124,12 @@ impl SplitPlanner {
             SplitRule::Fraction(f) if d == 1 => {
                 let len = single_doc_bytes.unwrap_or(0);
                 let cut = len - ((len as f64 * f).round() as u64).min(len);
+                if cut == 0 || cut == len {
+                    bail!(
+                        "the corpus is too small: one document of {len} bytes, whose last {f} would leave a split \
+                         empty; add text or change --val-fraction"
+                    );
+                }
                 Ok((
                     Split::Tail { cut },
                     format!("one document: its last {:.1} % of bytes is the validation split", 100.0 * f),
