@@ -87,8 +87,7 @@ pub fn byte_tokenizer() -> Result<Tokenizer> {
             .with_decoder(Some(ByteLevelDecoder::default().add_prefix_space(false).into()))
             .build()
             .map_err(|e| anyhow::anyhow!("could not build the byte tokenizer: {e}"))?;
-    tok.add_special_tokens([AddedToken::from(EOT, true)])
-        .map_err(|e| anyhow::anyhow!("could not add {EOT}: {e}"))?;
+    tok.add_special_tokens([AddedToken::from(EOT, true)]).map_err(|e| anyhow::anyhow!("could not add {EOT}: {e}"))?;
     Ok(Tokenizer::from(tok))
 }
 

@@ -96,7 +96,8 @@ pub(super) struct DatasetSpec {
     pub subset: Option<(String, String)>,
 }
 
-const DATASET_FORM: &str = "hf:datasets/OWNER/NAME[@REVISION][:CONFIG/SPLIT], e.g. hf:datasets/roneneldan/TinyStories:default/train";
+const DATASET_FORM: &str =
+    "hf:datasets/OWNER/NAME[@REVISION][:CONFIG/SPLIT], e.g. hf:datasets/roneneldan/TinyStories:default/train";
 
 impl DatasetSpec {
     pub(super) fn parse(spec: &str) -> Result<DatasetSpec> {
@@ -135,7 +136,9 @@ impl DatasetSpec {
 /// Whether a repo file is a data file `prepare` reads.
 fn is_data_file(path: &str) -> bool {
     let p = path.to_ascii_lowercase();
-    [".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".ndjson.gz", ".ndjson.zst"].iter().any(|e| p.ends_with(e))
+    [".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".ndjson.gz", ".ndjson.zst"]
+        .iter()
+        .any(|e| p.ends_with(e))
 }
 
 /// The data files of a dataset repo that `spec` selects, sorted. Without `:CONFIG/SPLIT`: all
@@ -155,7 +158,9 @@ pub(super) fn select_files(spec: &DatasetSpec, all: &[String]) -> Result<Vec<Str
     let in_config = match (in_config.is_empty(), config.as_str()) {
         (false, _) => in_config,
         (true, "default") => files.clone(),
-        (true, _) => bail!("{repo} has no data files under {config}/ (config {config:?}); its data files: {}", list(&files)),
+        (true, _) => {
+            bail!("{repo} has no data files under {config}/ (config {config:?}); its data files: {}", list(&files))
+        }
     };
     let selected: Vec<String> = in_config
         .iter()
@@ -168,7 +173,10 @@ pub(super) fn select_files(spec: &DatasetSpec, all: &[String]) -> Result<Vec<Str
         .cloned()
         .collect();
     if selected.is_empty() {
-        bail!("{repo}: no data file of config {config:?} belongs to split {split:?}; its data files: {}", list(&in_config));
+        bail!(
+            "{repo}: no data file of config {config:?} belongs to split {split:?}; its data files: {}",
+            list(&in_config)
+        );
     }
     Ok(selected)
 }
@@ -216,12 +224,8 @@ pub fn fetch_hub_dataset(spec_text: &str) -> Result<(Vec<PathBuf>, String)> {
             ),
         }
     } else {
-        let listed = repo
-            .list_tree()
-            .maybe_revision(spec.revision.clone())
-            .recursive(true)
-            .send()
-            .with_context(|| {
+        let listed =
+            repo.list_tree().maybe_revision(spec.revision.clone()).recursive(true).send().with_context(|| {
                 format!(
                     "could not list hf:datasets/{repo_id}@{rev_text}; check the name, your network and HF_TOKEN, \
                      or set HF_HUB_OFFLINE=1 to use the cache only"
@@ -269,7 +273,8 @@ fn walk_relative(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<St
             walk_relative(root, &path, out)?;
         } else if path.is_file() {
             if let Ok(rel) = path.strip_prefix(root) {
-                let parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+                let parts: Vec<String> =
+                    rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
                 out.push(parts.join("/"));
             }
         }
@@ -290,7 +295,9 @@ mod tests {
         assert_eq!(s.pinned("abc"), "hf:datasets/owner/name@abc:default/train");
         let s = DatasetSpec::parse("hf:datasets/owner/name").unwrap();
         assert_eq!((s.revision, s.subset), (None, None));
-        for bad in ["hf:owner/name", "hf:datasets/owner", "hf:datasets/o/n@", "hf:datasets/o/n:train", "hf:datasets/o/n/x"] {
+        for bad in
+            ["hf:owner/name", "hf:datasets/owner", "hf:datasets/o/n@", "hf:datasets/o/n:train", "hf:datasets/o/n/x"]
+        {
             assert!(DatasetSpec::parse(bad).is_err(), "{bad}");
         }
     }

@@ -196,15 +196,18 @@ pub(super) fn write_shards(
                 }
                 live.text_bytes += piece.text.len() as u64;
                 doc_offset = if piece.last { 0 } else { doc_offset + piece.text.len() as u64 };
-                let (next_doc, next_piece) =
-                    if piece.last { (piece.doc + 1, 0) } else { (piece.doc, piece.index + 1) };
+                let (next_doc, next_piece) = if piece.last { (piece.doc + 1, 0) } else { (piece.doc, piece.index + 1) };
                 if train.tokens() >= opts.shard_tokens || val.tokens() >= opts.shard_tokens {
                     close(&mut train, &mut val, state, out)?;
                     (state.next_doc, state.next_piece, state.doc_offset) = (next_doc, next_piece, doc_offset);
                     state.counts = live.clone();
                     state.save(out)?;
                 }
-                bar.update(live.text_bytes, live.train_documents + live.val_documents, live.train_tokens + live.val_tokens);
+                bar.update(
+                    live.text_bytes,
+                    live.train_documents + live.val_documents,
+                    live.train_tokens + live.val_tokens,
+                );
             }
         }
         Ok(())

@@ -317,7 +317,13 @@ impl Prepared {
 }
 
 /// The tokenizer of a fresh run: loaded, the byte vocabulary, or trained on a sample.
-fn make_tokenizer(plan: Plan, opts: &PrepareOptions, inputs: &Inputs, read: &ReadOptions, scan: &Scan) -> Result<Prepared> {
+fn make_tokenizer(
+    plan: Plan,
+    opts: &PrepareOptions,
+    inputs: &Inputs,
+    read: &ReadOptions,
+    scan: &Scan,
+) -> Result<Prepared> {
     match plan {
         Plan::Bytes => Prepared::new(byte_tokenizer()?, BYTES_SOURCE.to_string(), None, true),
         Plan::Given(TokenizerPlan::Ready(tok, source)) => Prepared::new(*tok, source, None, false),
@@ -380,7 +386,8 @@ fn train_on_sample(
                 continue;
             }
             used += text.len() as u64;
-            let text = String::from_utf8(text).map_err(|_| anyhow::anyhow!("internal error: a document is not UTF-8"))?;
+            let text =
+                String::from_utf8(text).map_err(|_| anyhow::anyhow!("internal error: a document is not UTF-8"))?;
             if tx.send(text).is_err() || used >= limit {
                 break;
             }
@@ -444,7 +451,8 @@ fn remove_outputs(out: &Path) -> Result<()> {
         let entry = entry.with_context(|| format!("could not list --out {}", out.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if is_output_name(&name) && entry.file_type().is_ok_and(|t| t.is_file()) {
-            fs::remove_file(entry.path()).with_context(|| format!("could not remove old {}", entry.path().display()))?;
+            fs::remove_file(entry.path())
+                .with_context(|| format!("could not remove old {}", entry.path().display()))?;
         }
     }
     Ok(())

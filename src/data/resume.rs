@@ -46,7 +46,9 @@ impl Settings {
         let tokenizer = match (&opts.tokenizer, opts.bytes) {
             (_, true) => "bytes".to_string(),
             (Some(t), false) => t.clone(),
-            (None, false) => format!("train vocab_size={} sample_bytes={}", opts.vocab_size, opts.tokenizer_sample_bytes),
+            (None, false) => {
+                format!("train vocab_size={} sample_bytes={}", opts.vocab_size, opts.tokenizer_sample_bytes)
+            }
         };
         let split = match opts.val_docs {
             Some(n) => format!("val_docs={n}"),
@@ -124,11 +126,14 @@ impl State {
             return Ok(None);
         }
         let text = fs::read_to_string(&path).with_context(|| format!("could not read {}", path.display()))?;
-        let state: State = serde_json::from_str(&text).with_context(|| {
-            format!("{} is not a prepare state file; start over with --force", path.display())
-        })?;
+        let state: State = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a prepare state file; start over with --force", path.display()))?;
         if state.version != STATE_VERSION {
-            bail!("{} has version {}, this lors-lm reads {STATE_VERSION}; start over with --force", path.display(), state.version);
+            bail!(
+                "{} has version {}, this lors-lm reads {STATE_VERSION}; start over with --force",
+                path.display(),
+                state.version
+            );
         }
         Ok(Some(state))
     }

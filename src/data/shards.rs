@@ -300,7 +300,8 @@ fn map(path: &Path) -> Result<(Option<memmap2::Mmap>, u64)> {
     }
     // SAFETY: the file is opened read-only; shards are written once (temp file + rename) and
     // never modified in place, which is the usual contract for mapped data.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("could not memory-map {}", path.display()))?;
+    let mmap =
+        unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("could not memory-map {}", path.display()))?;
     Ok((Some(mmap), len))
 }
 
@@ -314,7 +315,10 @@ impl Shard {
             return Err(bad(format!("{len} bytes, shorter than the {HEADER_BYTES}-byte header")));
         }
         if bytes[0..8] != SHARD_MAGIC {
-            return Err(bad(format!("wrong magic {:?} (expected \"LORSTOKS\")", String::from_utf8_lossy(&bytes[0..8]))));
+            return Err(bad(format!(
+                "wrong magic {:?} (expected \"LORSTOKS\")",
+                String::from_utf8_lossy(&bytes[0..8])
+            )));
         }
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
@@ -323,7 +327,8 @@ impl Shard {
             return Err(bad(format!("format version {version}, this lors-lm reads version {SHARD_VERSION}")));
         }
         let width = u32_at(12);
-        let file_dtype = Dtype::from_width(width).ok_or_else(|| bad(format!("{width} bytes per token (expected 2 or 4)")))?;
+        let file_dtype =
+            Dtype::from_width(width).ok_or_else(|| bad(format!("{width} bytes per token (expected 2 or 4)")))?;
         if file_dtype != dtype {
             return Err(bad(format!("{} tokens, but meta.json says {}", file_dtype.name(), dtype.name())));
         }
@@ -351,7 +356,9 @@ impl Shard {
         for i in 0..shard.documents {
             let end = shard.doc_end(i);
             if end < prev || end > tokens {
-                return Err(bad(format!("document {i} ends at token {end}, outside 0..={tokens} or before the previous end")));
+                return Err(bad(format!(
+                    "document {i} ends at token {end}, outside 0..={tokens} or before the previous end"
+                )));
             }
             prev = end;
         }
@@ -371,7 +378,8 @@ impl Shard {
                 expected_bytes.map_or("too many".to_string(), |b| b.to_string())
             );
         }
-        let tokens = usize::try_from(expected).with_context(|| format!("{} is too large for this platform", path.display()))?;
+        let tokens =
+            usize::try_from(expected).with_context(|| format!("{} is too large for this platform", path.display()))?;
         Ok(Shard { path: path.to_path_buf(), mmap, dtype, tokens, documents: 0, data_start: 0, indexed: false })
     }
 

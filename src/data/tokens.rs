@@ -119,7 +119,8 @@ impl Meta {
         let meta: Meta = serde_json::from_str(&text).with_context(|| {
             format!("{} is not valid prepared-data metadata; re-run `lors-lm prepare --force`", path.display())
         })?;
-        meta.check().with_context(|| format!("{} is inconsistent; re-run `lors-lm prepare --force`", path.display()))?;
+        meta.check()
+            .with_context(|| format!("{} is inconsistent; re-run `lors-lm prepare --force`", path.display()))?;
         Ok(meta)
     }
 

@@ -156,7 +156,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let ft = entry.file_type().with_context(|| format!("could not stat {}", path.display()))?;
         if ft.is_dir() {
             walk(&path, out)?;
-        } else if (ft.is_file() || (ft.is_symlink() && path.is_file())) && InputPath::classify(&path).wanted_in_directory()
+        } else if (ft.is_file() || (ft.is_symlink() && path.is_file()))
+            && InputPath::classify(&path).wanted_in_directory()
         {
             out.push(path);
         }
@@ -265,8 +266,13 @@ impl Documents {
             match reader.next_piece()? {
                 None => self.reader = None,
                 Some(raw) => {
-                    let piece =
-                        Piece { doc: self.next_doc, index: self.next_index, last: raw.last, key: raw.key, text: raw.text };
+                    let piece = Piece {
+                        doc: self.next_doc,
+                        index: self.next_index,
+                        last: raw.last,
+                        key: raw.key,
+                        text: raw.text,
+                    };
                     if raw.last {
                         (self.next_doc, self.next_index) = (self.next_doc + 1, 0);
                     } else {

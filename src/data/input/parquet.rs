@@ -47,7 +47,8 @@ impl ParquetReader {
             .with_context(|| format!("{} is not a readable Parquet file", path.display()))?;
         let schema = file.metadata().file_metadata().schema_descr_ptr();
         let field = &opts.text_field;
-        let found = schema.columns().iter().position(|c| c.path().string() == *field || c.path().parts() == [field.clone()]);
+        let found =
+            schema.columns().iter().position(|c| c.path().string() == *field || c.path().parts() == [field.clone()]);
         let Some(column) = found else {
             let names: Vec<String> = schema.columns().iter().take(20).map(|c| c.path().string()).collect();
             bail!(
@@ -94,7 +95,9 @@ impl ParquetReader {
                 let group = self.file.get_row_group(self.group).map_err(|e| self.error(e))?;
                 let reader = match group.get_column_reader(self.column).map_err(|e| self.error(e))? {
                     ColumnReader::ByteArrayColumnReader(r) => r,
-                    _ => bail!("{}: row group {}: the text column is not a byte array", self.path.display(), self.group),
+                    _ => {
+                        bail!("{}: row group {}: the text column is not a byte array", self.path.display(), self.group)
+                    }
                 };
                 self.reader = Some(reader);
                 self.row = 0;

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use super::{check_text, open_stream, read_error_hint, InputPath, RawPiece, ReadOptions, Reader, TextMode, PIECE_BYTES};
+use super::{
+    check_text, open_stream, read_error_hint, InputPath, RawPiece, ReadOptions, Reader, TextMode, PIECE_BYTES,
+};
 use crate::data::split::KeyHasher;
 
 /// Where a piece may end: after `X\n` before `Y`, or before ` Y`, with X and Y printable
@@ -76,9 +78,10 @@ impl Cutter {
     fn fill(&mut self) -> Result<()> {
         let mut chunk = vec![0u8; 1 << 16];
         while !self.eof && self.buf.len() < PIECE_BYTES {
-            let n = self.stream.read(&mut chunk).with_context(|| {
-                format!("could not read {}{}", self.path.display(), read_error_hint(&self.input))
-            })?;
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .with_context(|| format!("could not read {}{}", self.path.display(), read_error_hint(&self.input)))?;
             if n == 0 {
                 self.eof = true;
             }
@@ -121,7 +124,8 @@ impl Cutter {
         })?;
         if let Some(valid) = replaced {
             // Where in the original piece: the text before it was valid, so the same offset.
-            first_bad = Some((offset + valid as u64, line + text[..valid].iter().filter(|&&b| b == b'\n').count() as u64));
+            first_bad =
+                Some((offset + valid as u64, line + text[..valid].iter().filter(|&&b| b == b'\n').count() as u64));
         }
         if let (Some((o, l)), true, false) = (first_bad, self.warn, self.warned) {
             self.warned = true;
@@ -154,7 +158,9 @@ impl TextReader {
         if cutter.done() {
             let mut key = KeyHasher::new(opts.seed);
             key.update(&first);
-            return Ok(TextReader { state: State::Whole(Some(RawPiece { key: key.finish(), last: true, text: first })) });
+            return Ok(TextReader {
+                state: State::Whole(Some(RawPiece { key: key.finish(), last: true, text: first })),
+            });
         }
         // The key needs the whole text: a first reading for it, then a second for the pieces.
         let mut key = KeyHasher::new(opts.seed);
