@@ -262,7 +262,8 @@ fn every_format_gives_the_same_token_stream() {
     assert_eq!(meta.files.len(), 2);
     // Mixed inputs, one field name each: the same stream again.
     let out = t.join("out-mixed");
-    let half = [p(&t.join("half.ndjson")), p(&t.join("half.parquet"))];
+    let (half_json, half_pq) = (t.join("half.ndjson"), t.join("half.parquet"));
+    let half = [p(&half_json), p(&half_pq)];
     let refused = prepare(&[&["-i"][..], &half, &["-o", p(&out)], &common].concat());
     assert_refused(&refused, &["half.parquet", "has no column \"text\"", "content", "--text-field"]);
     assert!(!out.exists());
@@ -351,7 +352,8 @@ fn bytes_mode_round_trips_any_bytes() {
     let meta = Meta::load(&out).unwrap();
     assert_eq!((meta.vocab_size, meta.byte_level, meta.eos_id), (257, true, Some(0)));
     assert!(meta.tokenizer_source.starts_with("bytes"), "{}", meta.tokenizer_source);
-    assert!(meta.shards.train.len() + meta.shards.val.len() >= 9, "{:?}", meta.shards);
+    // The 9 MiB file is read in 4 MiB pieces; a shard closes at the first piece end past 1M tokens.
+    assert!(meta.shards.train.len() + meta.shards.val.len() >= 4, "{:?}", meta.shards);
     let mut got: Vec<Vec<u8>> =
         ["train", "val"].iter().flat_map(|s| documents(&out, s)).map(|d| doc_bytes(&d)).collect();
     got.sort();
@@ -376,7 +378,7 @@ fn sigkill_then_resume_gives_identical_shards_and_other_settings_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let corpus = t.join("corpus.jsonl");
-    fs::write(&corpus, jsonl(&docs(6000, "doc "))).unwrap();
+    fs::write(&corpus, jsonl(&docs(20000, "doc "))).unwrap();
     let tok_dir = t.join("tok");
     let small = t.join("small.jsonl");
     fs::write(&small, jsonl(&docs(300, "doc "))).unwrap();
@@ -399,8 +401,11 @@ fn sigkill_then_resume_gives_identical_shards_and_other_settings_are_refused() {
     // Kill it at moments spread over the run, resuming each time.
     let killed = t.join("killed");
     let mut rng = lors_lm::rng::Rng::new(7);
-    let (mut kills, mut done) = (0, false);
+    let (mut kills, mut done, mut refusals_checked) = (0, false, false);
     for attempt in 0..30 {
+        if kills == 6 {
+            break;
+        }
         let mut child = args(&killed, attempt > 0).spawn().unwrap();
         // Wait for a shard beyond those already there, then a random moment more.
         let have = if killed.exists() { fs::read_dir(&killed).unwrap().count() } else { 0 };
@@ -411,7 +416,7 @@ fn sigkill_then_resume_gives_identical_shards_and_other_settings_are_refused() {
         {
             std::thread::sleep(Duration::from_millis(2));
         }
-        std::thread::sleep(Duration::from_millis(rng.below(60)));
+        std::thread::sleep(Duration::from_millis(rng.below(30)));
         if child.try_wait().unwrap().is_some() {
             done = true;
             break;
@@ -447,17 +452,19 @@ fn sigkill_then_resume_gives_identical_shards_and_other_settings_are_refused() {
                 let mut json: serde_json::Value = serde_json::from_slice(&fs::read(&tok).unwrap()).unwrap();
                 json["model"]["merges"].as_array_mut().unwrap().truncate(10);
                 fs::write(&tok, serde_json::to_vec(&json).unwrap()).unwrap();
-                let refused = prepare(&["-i", p(&corpus), "-o", p(&killed), "--tokenizer", p(&tok), "--resume"]);
+                let same = ["-o", p(&killed), "--tokenizer", p(&tok), "--shard-tokens", "20000", "--resume"];
+                let refused = prepare(&[&["-i", p(&corpus)][..], &same].concat());
                 assert_refused(&refused, &["--resume", "tokenizer"]);
                 fs::copy(&moved, &tok).unwrap();
                 assert!(snapshot(&killed) == before);
                 // A changed input.
                 let saved = fs::read(&corpus).unwrap();
                 fs::write(&corpus, [&saved[..], b"{\"text\": \"one more\"}\n"].concat()).unwrap();
-                let refused = prepare(&["-i", p(&corpus), "-o", p(&killed), "--tokenizer", p(&tok), "--resume"]);
+                let refused = prepare(&[&["-i", p(&corpus)][..], &same].concat());
                 assert_refused(&refused, &["--resume", "changed", "corpus.jsonl"]);
                 fs::write(&corpus, saved).unwrap();
                 assert!(snapshot(&killed) == before);
+                refusals_checked = true;
             }
         }
     }
@@ -465,6 +472,7 @@ fn sigkill_then_resume_gives_identical_shards_and_other_settings_are_refused() {
         assert!(args(&killed, true).status().unwrap().success());
     }
     assert!(kills >= 3, "only {kills} kills landed mid-run");
+    assert!(refusals_checked, "the third kill left no unfinished run to try resumes on");
     assert!(snapshot(&killed) == reference, "the resumed run's files differ from the uninterrupted run's");
 }
 
@@ -561,7 +569,7 @@ fn an_old_directory_still_trains() {
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.toml");
     let mut cmd = bin();
     cmd.args(["train", "--quiet", "--config", cfg, "--data", p(&data), "--out", p(&tmp.path().join("run"))]);
-    cmd.args(["--set", "train.max_steps=3"]);
+    cmd.args(["--set", "train.max_steps=6"]);
     let out = run(cmd);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
