@@ -99,7 +99,11 @@ fn exports_match_the_independent_reference_for_every_mode() {
         assert!(diff / scale <= 1e-4, "{name}: logits differ by {diff} (scale {scale})");
 
         let seq_len = loaded.cfg.train.seq_len.to_string();
-        let val = data.join("val.bin");
+        // The validation split as one headerless u16 file, as the reference reads tokens.
+        let val = tmp.path().join("val-tokens.bin");
+        let meta = lors_lm::data::Meta::load(&data).unwrap();
+        let split = lors_lm::data::TokenFile::open(&data, "val", &meta).unwrap();
+        lors_lm::data::write_tokens(&val, &split.window(0, split.len()).unwrap(), "u16").unwrap();
         let ref_eval = reference(
             python,
             &["eval", hf_s, "--tokens", val.to_str().unwrap(), "--dtype", "u16", "--seq-len", &seq_len],

@@ -95,6 +95,8 @@ proptest! {
         } else {
             std::fs::write(dir.path().join("meta.json"), &meta).unwrap();
         }
+        // The prepared directory's first train shard, and an old directory's train.bin.
+        std::fs::write(dir.path().join("train-00000.bin"), &tokens).unwrap();
         std::fs::write(dir.path().join("train.bin"), &tokens).unwrap();
         if let Ok(m) = Meta::load(dir.path()) {
             if let Ok(f) = TokenFile::open(dir.path(), "train", &m) {
@@ -308,7 +310,7 @@ fn hostile_files_are_refused_or_loaded_never_a_panic_or_a_hang() {
     let mut t = Tally::default();
     for i in 0..n {
         let mut rng = Rng::new(0xD_0000 + i as u64);
-        let file = *rng.pick(&["meta.json", "meta.json", "train.bin", "val.bin", "tokenizer.json"]);
+        let file = *rng.pick(&["meta.json", "meta.json", "train-00000.bin", "val-00000.bin", "tokenizer.json"]);
         let original = std::fs::read(data_copy.join(file)).unwrap();
         let (bytes, what) = match file {
             "meta.json" | "tokenizer.json" => mutate::json(&mut rng, &original),

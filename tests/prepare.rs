@@ -28,22 +28,11 @@ const DOCS: &[(&str, &str)] = &[
     ("empty.txt", ""),
 ];
 
-/// The text prepare must tokenize: files in path order, joined by a `\n` where a file does
-/// not end in one, empty files skipped.
-fn expected_text(copies: usize) -> String {
+/// The documents prepare must read: the non-empty files, in path order.
+fn expected_docs(copies: usize) -> Vec<String> {
     let mut docs: Vec<(PathBuf, String)> = DOCS.iter().map(|(p, t)| (PathBuf::from(p), t.repeat(copies))).collect();
     docs.sort();
-    let mut text = String::new();
-    for (_, doc) in docs {
-        if doc.is_empty() {
-            continue;
-        }
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&doc);
-    }
-    text
+    docs.into_iter().map(|(_, d)| d).filter(|d| !d.is_empty()).collect()
 }
 
 fn write_corpus(dir: &Path, copies: usize) {
@@ -119,39 +108,75 @@ fn all_tokens(dir: &Path) -> (Meta, Vec<u32>, Vec<u32>) {
     (meta, t, v)
 }
 
+/// Every document of a split, by its index (end-of-text token included).
+fn documents(dir: &Path, split: &str) -> Vec<Vec<u32>> {
+    let meta = Meta::load(dir).unwrap();
+    let f = TokenFile::open(dir, split, &meta).unwrap();
+    (0..f.documents().unwrap()).map(|i| f.document(i).unwrap()).collect()
+}
+
+/// The names of the files in a directory, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn round_trip_is_exact_and_meta_is_right() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");
     let out = tmp.path().join("out");
     write_corpus(&corpus, 3);
-    assert_ok(&prepare(&["--input", p(&corpus), "--out", p(&out), "--vocab-size", "320", "--val-fraction", "0.25"]));
+    let args = ["--input", p(&corpus), "--out", p(&out), "--vocab-size", "320", "--val-docs", "1"];
+    assert_ok(&prepare(&[&args[..], &["--shard-tokens", "100"]].concat()));
 
     let (meta, train, val) = all_tokens(&out);
     let tok = load_tokenizer(&out.join("tokenizer.json")).unwrap();
-    let ids: Vec<u32> = train.iter().chain(&val).copied().collect();
-    // Decoding train + val gives the corpus back, byte for byte.
-    let expected = expected_text(3);
-    assert_eq!(tok.decode(&ids, false).unwrap(), expected);
-    // The token stream is what the tokenizer gives for the whole text in one call.
-    let whole = tok.encode(expected.as_str(), false).unwrap();
-    assert_eq!(whole.get_ids(), ids.as_slice());
+    // Every document is in exactly one split, followed by <|endoftext|> (id 0), and decodes
+    // back byte for byte; its ids are what the tokenizer gives for the document alone.
+    let (train_docs, val_docs) = (documents(&out, "train"), documents(&out, "val"));
+    assert_eq!((train_docs.len(), val_docs.len()), (2, 1));
+    let mut decoded = Vec::new();
+    for doc in train_docs.iter().chain(&val_docs) {
+        assert_eq!(doc.last(), Some(&0));
+        assert!(!doc[..doc.len() - 1].contains(&0));
+        let text = tok.decode(&doc[..doc.len() - 1], false).unwrap();
+        assert_eq!(tok.encode(text.as_str(), false).unwrap().get_ids(), &doc[..doc.len() - 1]);
+        decoded.push(text);
+    }
+    let mut expected = expected_docs(3);
+    expected.sort();
+    decoded.sort();
+    assert_eq!(decoded, expected);
+    assert_eq!(train_docs.concat(), train);
+    assert_eq!(val_docs.concat(), val);
 
     // meta.json
     assert_eq!(meta.dtype, "u16");
+    assert_eq!(meta.format_version, 2);
     assert_eq!(meta.vocab_size, tok.get_vocab_size(true));
     assert!(meta.vocab_size > 257 && meta.vocab_size <= 320, "{}", meta.vocab_size);
-    assert_eq!(meta.train_tokens as usize, train.len());
-    assert_eq!(meta.val_tokens as usize, val.len());
-    assert_eq!(fs::metadata(out.join("train.bin")).unwrap().len(), 2 * meta.train_tokens);
-    assert_eq!(fs::metadata(out.join("val.bin")).unwrap().len(), 2 * meta.val_tokens);
-    let total = ids.len() as f64;
-    assert_eq!(meta.val_tokens, (total * 0.25).round() as u64);
+    assert_eq!((meta.train_tokens as usize, meta.val_tokens as usize), (train.len(), val.len()));
+    assert_eq!((meta.train_documents, meta.val_documents), (2, 1));
+    assert_eq!(meta.val_docs, Some(1));
+    assert_eq!(meta.shard_tokens, Some(100));
+    assert!(meta.shards.train.len() >= 2, "{:?}", meta.shards.train);
+    for s in meta.shards.train.iter().chain(&meta.shards.val) {
+        let bytes = fs::read(out.join(&s.file)).unwrap();
+        assert_eq!(&bytes[..8], b"LORSTOKS");
+        assert_eq!(bytes.len() as u64, 32 + 2 * s.tokens + 8 * s.documents);
+        assert_eq!(s.sha256, format!("{:x}", Sha256::digest(&bytes)));
+    }
     assert_eq!(meta.bos_id, Some(0));
     assert_eq!(meta.eos_id, Some(0));
     assert_eq!(tok.token_to_id("<|endoftext|>"), Some(0));
     assert!(meta.tokenizer_source.starts_with("trained"));
-    assert_eq!(meta.text_bytes as usize, expected.len());
+    assert_eq!(meta.text_bytes as usize, expected.iter().map(|d| d.len()).sum::<usize>());
+    // The tokenizer was trained on the training documents (all of them: fewer bytes than the cap).
+    let val_text = tok.decode(&val_docs[0][..val_docs[0].len() - 1], false).unwrap();
+    assert_eq!(meta.tokenizer_sample_bytes, Some(meta.text_bytes - val_text.len() as u64));
     let names: Vec<String> = meta
         .files
         .iter()
@@ -165,11 +190,29 @@ fn round_trip_is_exact_and_meta_is_right() {
     }
     let max_id = TokenFile::open(&out, "train", &meta).unwrap().max_id();
     assert!((max_id as usize) < meta.vocab_size);
-    // No temp files left behind.
-    let mut left: Vec<String> =
-        fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    left.sort();
-    assert_eq!(left, ["meta.json", "tokenizer.json", "train.bin", "val.bin"]);
+    // No temp files or resume state left behind.
+    let left = listing(&out);
+    assert!(left.iter().all(|n| n == "meta.json" || n == "tokenizer.json" || n.ends_with(".bin")), "{left:?}");
+    assert!(left.contains(&"train-00001.bin".to_string()) && left.contains(&"val-00000.bin".to_string()));
+}
+
+/// A single text file is one document: its last --val-fraction of bytes is the validation split.
+#[test]
+fn a_single_document_is_split_by_its_tail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = "Call me Ishmael. Some years ago, never mind how long precisely.\n".repeat(40);
+    let corpus = tmp.path().join("one.txt");
+    fs::write(&corpus, &text).unwrap();
+    let out = tmp.path().join("out");
+    assert_ok(&prepare(&["-i", p(&corpus), "-o", p(&out), "--vocab-size", "300", "--val-fraction", "0.25"]));
+    let tok = load_tokenizer(&out.join("tokenizer.json")).unwrap();
+    let (train, val) = (documents(&out, "train"), documents(&out, "val"));
+    assert_eq!((train.len(), val.len()), (1, 1));
+    let head = tok.decode(&train[0][..train[0].len() - 1], false).unwrap();
+    let tail = tok.decode(&val[0][..val[0].len() - 1], false).unwrap();
+    assert_eq!(format!("{head}{tail}"), text);
+    // Cut after the line end at or after 75 % of the bytes.
+    assert_eq!(head.len(), 30 * text.len() / 40);
 }
 
 #[test]
@@ -181,7 +224,7 @@ fn prepare_is_deterministic_and_reuses_a_tokenizer_file() {
     for out in [&one, &two] {
         assert_ok(&prepare(&["-i", p(&corpus), "-o", p(out), "--vocab-size", "300"]));
     }
-    for f in ["tokenizer.json", "train.bin", "val.bin"] {
+    for f in ["tokenizer.json", "train-00000.bin", "val-00000.bin", "meta.json"] {
         assert_eq!(fs::read(one.join(f)).unwrap(), fs::read(two.join(f)).unwrap(), "{f} differs between two runs");
     }
     // An explicit tokenizer.json gives the same tokens, and the files can be listed one by one.
@@ -223,7 +266,7 @@ fn refuses_bad_input_with_clear_messages() {
     let empty = tmp.path().join("empty-dir");
     fs::create_dir_all(empty.join("sub")).unwrap();
     fs::write(empty.join("sub/readme.md"), "not text").unwrap();
-    assert_refused(&prepare(&["--input", p(&empty), "--out", p(&out)]), &["no *.txt files", "empty-dir"]);
+    assert_refused(&prepare(&["--input", p(&empty), "--out", p(&out)]), &["no *.txt", "empty-dir"]);
 
     // Only empty files.
     let blank = tmp.path().join("blank.txt");
@@ -241,10 +284,13 @@ fn refuses_bad_input_with_clear_messages() {
     );
     let lossy_out = tmp.path().join("lossy");
     assert_ok(&prepare(&["--input", p(&bad), "--out", p(&lossy_out), "--vocab-size", "260", "--lossy"]));
-    let (_, t, v) = all_tokens(&lossy_out);
     let tok = load_tokenizer(&lossy_out.join("tokenizer.json")).unwrap();
-    let ids: Vec<u32> = t.into_iter().chain(v).collect();
-    assert_eq!(tok.decode(&ids, false).unwrap(), String::from_utf8_lossy(&bytes));
+    let parts: Vec<String> = ["train", "val"]
+        .iter()
+        .flat_map(|split| documents(&lossy_out, split))
+        .map(|d| tok.decode(&d[..d.len() - 1], false).unwrap())
+        .collect();
+    assert_eq!(parts.concat(), String::from_utf8_lossy(&bytes));
 
     // Vocabulary smaller than the byte alphabet + <|endoftext|>.
     assert_refused(
@@ -259,7 +305,7 @@ fn refuses_bad_input_with_clear_messages() {
     let tiny = tmp.path().join("tiny.txt");
     fs::write(&tiny, "hi").unwrap();
     assert_refused(&prepare(&["--input", p(&tiny), "--out", p(&out), "--vocab-size", "260"]), &["too small"]);
-    assert!(!out.join("meta.json").exists());
+    assert!(!out.exists() || listing(&out).is_empty(), "{:?}", listing(&out));
 
     // Tokenizer file missing, or not a tokenizer.
     assert_refused(
@@ -309,10 +355,10 @@ fn library_helpers_for_synthetic_data() {
     assert_eq!(tf.window(95, 5).unwrap(), &train[95..]);
     assert_eq!(tf.max_id(), 99);
     assert!(load_tokenizer(&loaded.tokenizer_path(&dir).unwrap()).is_ok());
-    // A truncated token file is caught, naming it.
-    fs::write(dir.join("val.bin"), [0u8; 4]).unwrap();
+    // A truncated shard is caught, naming it.
+    fs::write(dir.join("val-00000.bin"), [0u8; 4]).unwrap();
     let err = TokenFile::open(&dir, "val", &loaded).unwrap_err();
-    assert!(format!("{err:#}").contains("val.bin"), "{err:#}");
+    assert!(format!("{err:#}").contains("val-00000.bin"), "{err:#}");
 }
 
 /// Builds a Hugging Face cache holding `tokenizer` as models--owner--name at a fixed commit,
@@ -403,24 +449,23 @@ fn moby_dick_round_trip() {
     let t0 = Instant::now();
     assert_ok(&prepare(&["-i", p(&corpus), "-o", p(&out), "--vocab-size", "4096"]));
     eprintln!("prepared {} in {:.2}s", corpus.display(), t0.elapsed().as_secs_f64());
-    let (meta, t, v) = all_tokens(&out);
+    let meta = Meta::load(&out).unwrap();
     let tok = load_tokenizer(&out.join("tokenizer.json")).unwrap();
-    let ids: Vec<u32> = t.into_iter().chain(v).collect();
-    let mut files: Vec<PathBuf> = fs::read_dir(&corpus)
+    // Each file is a document: decoded, the documents are the files.
+    let mut decoded: Vec<String> = ["train", "val"]
+        .iter()
+        .flat_map(|split| documents(&out, split))
+        .map(|d| tok.decode(&d[..d.len() - 1], false).unwrap())
+        .collect();
+    let mut files: Vec<String> = fs::read_dir(&corpus)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .map(|p| fs::read_to_string(p).unwrap())
+        .filter(|t| !t.is_empty())
         .collect();
     files.sort();
-    let mut text = String::new();
-    for f in files {
-        let doc = fs::read_to_string(f).unwrap();
-        if !text.is_empty() && !text.ends_with('\n') && !doc.is_empty() {
-            text.push('\n');
-        }
-        text.push_str(&doc);
-    }
-    assert_eq!(tok.decode(&ids, false).unwrap(), text);
-    assert_eq!(tok.encode(text.as_str(), false).unwrap().get_ids(), ids);
+    decoded.sort();
+    assert_eq!(decoded, files);
     eprintln!("{} train + {} val tokens, vocab {}", meta.train_tokens, meta.val_tokens, meta.vocab_size);
 }

@@ -45,7 +45,7 @@ fn bad_input_is_refused_clearly_by_every_command() {
     // Token data whose length does not match meta.json, and one with ids beyond the vocabulary.
     let short = t("short-data");
     copy_dir(Path::new(data), Path::new(short));
-    std::fs::write(format!("{short}/train.bin"), [1u8, 0, 2, 0, 3]).unwrap();
+    std::fs::write(format!("{short}/train-00000.bin"), [1u8, 0, 2, 0, 3]).unwrap();
 
     let rows: Vec<(Vec<&str>, &[&str])> = vec![
         // prepare
@@ -74,7 +74,7 @@ fn bad_input_is_refused_clearly_by_every_command() {
         (vec!["train", "--config", tiny, "--data", data, "--out", t("r8"), "--set", "model.vocab_size=7"], &["vocab"]),
         // train: data, run directory, device
         (vec!["train", "--config", tiny, "--data", t("nodata"), "--out", t("r9")], &["meta.json"]),
-        (vec!["train", "--config", tiny, "--data", short, "--out", t("r10")], &["train.bin"]),
+        (vec!["train", "--config", tiny, "--data", short, "--out", t("r10")], &["train-00000.bin"]),
         (vec!["train", "--config", tiny, "--data", data, "--out", t("other-run")], &["--resume", "--force"]),
         (vec!["train", "--resume", "--out", t("nothing")], &["resume"]),
         (vec!["train", "--resume", "--out", &broken], &["model.safetensors", "corrupt"]),

@@ -1,121 +1,209 @@
-//! The pipeline behind `lors-lm prepare`, one named step each: check the options, get the
-//! tokenizer, read the corpus, encode it, split it, write the directory (`meta.json` last).
-//! The rules for each step are in the module docs of [`crate::data`].
+//! The pipeline behind `lors-lm prepare`, one named step each: check the options and the
+//! output directory, resolve the inputs, scan the corpus (pass 1: every input checked, the
+//! documents counted and the split chosen, nothing written), get the tokenizer (loaded, built
+//! for `--bytes`, or trained on a sample), then read, encode and write the shards (pass 2,
+//! [`super::pipeline`]) and `meta.json` last. The rules for each step are in the module docs
+//! of [`crate::data`].
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
+use super::encode::{byte_tokenizer, Encoder};
+use super::input::{self, Documents, Inputs, ReadOptions, TextMode};
+use super::pipeline::{write_shards, Written};
 use super::progress;
+use super::resume::{Settings, State, STATE_FILE};
+use super::shards::{file_sha256, is_shard_name};
+use super::split::{Split, SplitPlanner, SplitRule, DEFAULT_SPLIT_SEED};
 use super::tokenizer::{
-    chunking_is_exact, find_bos_eos, split_into_chunks, tokenizer_vocab_size, train_bpe, TokenizerPlan, TokenizerSpec,
-    DEFAULT_VOCAB_SIZE, EOT,
+    find_bos_eos, load_tokenizer, tokenizer_vocab_size, train_bpe_on, TokenizerPlan, TokenizerSpec, DEFAULT_VOCAB_SIZE,
+    EOT,
 };
-use super::tokens::{write_splits, InputFile, Meta};
-use crate::files::write_atomic;
+use super::tokens::{InputFile, Meta};
+use crate::files::{same_path, write_atomic};
 
 /// Each split must hold at least this many tokens (one input and one target).
 pub const MIN_SPLIT_TOKENS: usize = 2;
-/// The files `prepare` writes into `--out` (and `--force` replaces); nothing else there is
-/// touched.
-const OUTPUT_FILES: [&str; 4] = ["meta.json", "tokenizer.json", "train.bin", "val.bin"];
 /// The validation fraction used when none is given.
 pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
-/// Target size of the text pieces encoded in parallel (see [`split_into_chunks`]).
-const CHUNK_BYTES: usize = 128 * 1024;
+/// Tokens per shard when `--shard-tokens` is not given.
+pub const DEFAULT_SHARD_TOKENS: u64 = 100_000_000;
+/// Bytes of text a BPE tokenizer is trained on when `--tokenizer-sample-bytes` is not given.
+pub const DEFAULT_TOKENIZER_SAMPLE_BYTES: u64 = 256 << 20;
+/// The fixed names of the files `prepare` writes into `--out` (and `--force` replaces), besides
+/// the shards ([`super::shards::is_shard_name`]); `train.bin`/`val.bin` are the splits of
+/// directories written before shards, replaced too. Nothing else there is touched.
+const OUTPUT_FILES: [&str; 5] = ["meta.json", "tokenizer.json", STATE_FILE, "train.bin", "val.bin"];
+
+/// Whether `name` is a file `prepare` writes into `--out` (or its temp file).
+fn is_output_name(name: &str) -> bool {
+    let name = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")).unwrap_or(name);
+    OUTPUT_FILES.contains(&name) || is_shard_name(name)
+}
 
 /// What to prepare: the flags of `lors-lm prepare` as plain values (errors name the flags).
 #[derive(Debug, Clone)]
 pub struct PrepareOptions {
-    /// Text files or directories to read, in this order; directories are searched recursively
-    /// for `*.txt` files, sorted by path.
+    /// Files, directories or `hf:datasets/…` repos to read, in this order (see `--help`).
     pub input: Vec<PathBuf>,
-    /// Output directory: receives tokenizer.json, train.bin, val.bin and meta.json.
+    /// Output directory: receives tokenizer.json, the shards and meta.json.
     pub out: PathBuf,
     /// Vocabulary size of the byte-level BPE tokenizer to train (when `tokenizer` is `None`).
     pub vocab_size: usize,
-    /// An existing tokenizer instead: a tokenizer.json path, or `hf:OWNER/NAME[@REVISION]`.
+    /// An existing tokenizer instead: a tokenizer.json path, a GGUF, or `hf:OWNER/NAME[@REVISION]`.
     pub tokenizer: Option<String>,
-    /// Fraction of the token stream, taken from its end, kept for validation; in (0, 1).
+    /// A byte-level vocabulary instead of a tokenizer: 256 byte tokens + `<|endoftext|>`.
+    pub bytes: bool,
+    /// The JSON lines field / Parquet column holding the text.
+    pub text_field: String,
+    /// Fraction of the documents kept for validation (by their hash); in (0, 1).
     pub val_fraction: f64,
+    /// Exactly this many documents (the smallest hashes) for validation instead.
+    pub val_docs: Option<u64>,
+    /// Seed of the document hash that chooses the validation documents.
+    pub split_seed: u64,
+    /// A shard is closed once it holds this many tokens.
+    pub shard_tokens: u64,
+    /// At most this many bytes of training text are used to train a BPE tokenizer.
+    pub tokenizer_sample_bytes: u64,
     /// Replace invalid UTF-8 sequences with U+FFFD instead of refusing the file.
     pub lossy: bool,
     /// Overwrite an output directory that already holds prepared data.
     pub force: bool,
+    /// Continue a killed prepare from its last complete shards.
+    pub resume: bool,
+    /// Draw a progress bar on stderr (when it is a terminal).
+    pub progress_bar: bool,
 }
 
 impl PrepareOptions {
-    /// Options with the defaults of `lors-lm prepare`: train a tokenizer of
-    /// [`DEFAULT_VOCAB_SIZE`] tokens, keep [`DEFAULT_VAL_FRACTION`] for validation.
+    /// Options with the defaults of `lors-lm prepare`.
     pub fn new(input: Vec<PathBuf>, out: PathBuf) -> PrepareOptions {
         PrepareOptions {
             input,
             out,
             vocab_size: DEFAULT_VOCAB_SIZE,
             tokenizer: None,
+            bytes: false,
+            text_field: "text".to_string(),
             val_fraction: DEFAULT_VAL_FRACTION,
+            val_docs: None,
+            split_seed: DEFAULT_SPLIT_SEED,
+            shard_tokens: DEFAULT_SHARD_TOKENS,
+            tokenizer_sample_bytes: DEFAULT_TOKENIZER_SAMPLE_BYTES,
             lossy: false,
             force: false,
+            resume: false,
+            progress_bar: false,
         }
+    }
+
+    fn rule(&self) -> SplitRule {
+        match self.val_docs {
+            Some(n) => SplitRule::Docs(n),
+            None => SplitRule::Fraction(self.val_fraction),
+        }
+    }
+
+    fn read_options(&self) -> ReadOptions {
+        let mode = if self.bytes { TextMode::Bytes } else { TextMode::Utf8 { lossy: self.lossy } };
+        ReadOptions { text_field: self.text_field.clone(), mode, seed: self.split_seed, warn: false }
     }
 }
 
-/// Prepares `opts.out` from the text in `opts.input` and returns the `meta.json` written.
-/// Progress lines go to stderr. Nothing is written to `opts.out` before every check has passed.
+/// Where the tokenizer comes from.
+enum Plan {
+    Given(TokenizerPlan),
+    Bytes,
+}
+
+/// Prepares `opts.out` from `opts.input` and returns the `meta.json` written. Progress goes to
+/// stderr. Nothing is written before every input has been read once and found good.
 pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
     let t0 = Instant::now();
     let spec = check_options(opts)?;
+    let out = &opts.out;
+    if opts.resume && out.join("meta.json").is_file() {
+        let _ = fs::remove_file(out.join(STATE_FILE));
+        progress(&format!("--resume: {} is already complete (meta.json); nothing to do", out.display()));
+        return Meta::load(out);
+    }
+    let earlier = if opts.resume { State::load(out)? } else { None };
+    if opts.resume && earlier.is_none() {
+        progress(&format!("--resume: no unfinished prepare in {}; starting from the beginning", out.display()));
+    }
+    let inputs = input::resolve(&opts.input)?;
     // A given tokenizer is loaded first, so that a bad one fails fast.
-    let plan = spec.load()?;
-    let corpus = read_inputs(&opts.input, opts.lossy, t0)?;
-    let (mut tok, source) = match plan {
-        TokenizerPlan::Ready(tok, source) => (*tok, source),
-        TokenizerPlan::Train { vocab_size } => train_tokenizer(&corpus, vocab_size)?,
+    let plan = match spec {
+        None => Plan::Bytes,
+        Some(spec) => Plan::Given(spec.load()?),
     };
-    let encoded = encode_corpus(&mut tok, &corpus)?;
-    let (train, val) = split_tokens(&encoded.ids, opts.val_fraction)?;
-    let data = write_data(&opts.out, &tok, train, val, encoded.vocab_size)?;
-    let meta = Meta {
-        bos_id: encoded.bos_id,
-        eos_id: encoded.eos_id,
-        tokenizer_source: source,
-        files: corpus.files,
-        text_bytes: corpus.text.len() as u64,
-        val_fraction: Some(opts.val_fraction),
-        tokenizer_file: Some("tokenizer.json".to_string()),
-        ..data
+    let read = opts.read_options();
+    let scan = scan(&inputs, &read, opts.rule(), t0)?;
+    let settings = Settings::new(opts, &inputs, &scan.files);
+    if let Some(state) = &earlier {
+        state.check(&settings, out)?;
+    }
+    let tokenizer = match &earlier {
+        Some(state) => resumed_tokenizer(out, state, plan)?,
+        None => make_tokenizer(plan, opts, &inputs, &read, &scan)?,
     };
-    meta.save(&opts.out)?;
-    progress(&format!(
-        "wrote {}: {} train + {} val tokens ({}), vocab {}, in {:.2}s total",
-        opts.out.display(),
-        meta.train_tokens,
-        meta.val_tokens,
-        meta.dtype,
-        encoded.vocab_size,
-        t0.elapsed().as_secs_f64()
-    ));
+    let mut state = match earlier {
+        Some(state) => state,
+        None => start_fresh(out, &tokenizer, settings, &scan)?,
+    };
+    let Prepared { encoder, vocab_size, eos, .. } = tokenizer;
+    let written = write_shards(&inputs, &read, &scan, &encoder, eos, vocab_size, &mut state, opts, out)?;
+    let meta = match finish(opts, &inputs, &scan, &state, &written) {
+        Ok(meta) => meta,
+        Err(e) => {
+            // Nothing to resume: leave no half-made directory behind.
+            remove_outputs(out)?;
+            return Err(e);
+        }
+    };
+    meta.save(out)?;
+    let _ = fs::remove_file(out.join(STATE_FILE));
     Ok(meta)
 }
 
-/// Checks the options that need no reading, and refuses to clobber prepared data before
-/// doing any work.
-fn check_options(opts: &PrepareOptions) -> Result<TokenizerSpec> {
+/// Checks the options that need no reading and the state of `--out`, refusing to clobber
+/// prepared data; returns the tokenizer spec (None for `--bytes`).
+fn check_options(opts: &PrepareOptions) -> Result<Option<TokenizerSpec>> {
     if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
         bail!("--val-fraction {} must be between 0 and 1 (exclusive), e.g. 0.1", opts.val_fraction);
     }
-    let spec = TokenizerSpec::parse(opts.tokenizer.as_deref(), opts.vocab_size)?;
+    if opts.val_docs == Some(0) {
+        bail!("--val-docs 0: the validation split needs at least one document");
+    }
+    if opts.shard_tokens == 0 {
+        bail!("--shard-tokens must be positive, e.g. 100000000");
+    }
+    if opts.text_field.is_empty() {
+        bail!("--text-field must not be empty");
+    }
+    if opts.force && opts.resume {
+        bail!("--force starts over and --resume continues: pass one of them");
+    }
+    let spec = match opts.bytes {
+        true if opts.tokenizer.is_some() => bail!("--bytes and --tokenizer: pass one of them"),
+        true => None,
+        false => Some(TokenizerSpec::parse(opts.tokenizer.as_deref(), opts.vocab_size)?),
+    };
     let out = &opts.out;
     if out.exists() && !out.is_dir() {
         bail!("--out {} exists and is not a directory", out.display());
     }
-    for name in OUTPUT_FILES {
-        let written = out.join(name);
-        if let Some(input) = opts.input.iter().find(|i| crate::files::same_path(i, &written)) {
+    for input in &opts.input {
+        let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = input.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if is_output_name(&name) && same_path(parent, out) {
             bail!(
                 "--input {} is the {name} that prepare writes into --out {}: choose another --out",
                 input.display(),
@@ -123,9 +211,15 @@ fn check_options(opts: &PrepareOptions) -> Result<TokenizerSpec> {
             );
         }
     }
-    if out.join("meta.json").exists() && !opts.force {
+    if out.join("meta.json").exists() && !opts.force && !opts.resume {
         bail!(
             "--out {} already holds prepared data (meta.json); pass --force to overwrite it, or choose another --out",
+            out.display()
+        );
+    }
+    if out.join(STATE_FILE).exists() && !opts.force && !opts.resume {
+        bail!(
+            "--out {} holds an unfinished prepare ({STATE_FILE}): pass --resume to continue it, or --force to start over",
             out.display()
         );
     }
@@ -133,244 +227,282 @@ fn check_options(opts: &PrepareOptions) -> Result<TokenizerSpec> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reading the corpus
+// Pass 1: the scan
 // ---------------------------------------------------------------------------------------------
 
-/// Collects and reads the input files into one text; refuses an all-empty corpus.
-fn read_inputs(inputs: &[PathBuf], lossy: bool, t0: Instant) -> Result<Corpus> {
-    let paths = collect_files(inputs)?;
-    let corpus = read_corpus(&paths, lossy)?;
-    let total_file_bytes: u64 = corpus.files.iter().map(|f| f.bytes).sum();
-    progress(&format!(
-        "read {} file(s), {} ({} of text) in {:.2}s",
-        corpus.files.len(),
-        human_bytes(total_file_bytes),
-        human_bytes(corpus.text.len() as u64),
-        t0.elapsed().as_secs_f64()
-    ));
-    if corpus.text.is_empty() {
-        bail!("no text found: the {} input file(s) are all empty (--input)", corpus.files.len());
-    }
-    Ok(corpus)
+/// What the scan found.
+pub(super) struct Scan {
+    pub files: Vec<InputFile>,
+    pub documents: u64,
+    pub text_bytes: u64,
+    pub split: Split,
+    pub split_line: String,
 }
 
-/// Expands `--input` arguments into the list of files to read, in order.
-fn collect_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for input in inputs {
-        let meta = fs::metadata(input)
-            .with_context(|| format!("input path {} does not exist or cannot be read (--input)", input.display()))?;
-        if meta.is_dir() {
-            let mut found = Vec::new();
-            walk_txt(input, &mut found)?;
-            if found.is_empty() {
-                bail!(
-                    "no *.txt files under directory {} (--input); put the corpus there as .txt files, \
-                     e.g. with scripts/fetch_corpus.sh",
-                    input.display()
-                );
-            }
-            found.sort();
-            files.extend(found);
-        } else {
-            files.push(input.clone());
+/// Reads every input once: file checksums, every document checked (so that bad input is
+/// refused before anything is written), counted and keyed; the split chosen.
+fn scan(inputs: &Inputs, read: &ReadOptions, rule: SplitRule, t0: Instant) -> Result<Scan> {
+    let mut files = Vec::with_capacity(inputs.files.len());
+    for f in &inputs.files {
+        let bytes = fs::metadata(&f.path).with_context(|| format!("could not stat {}", f.path.display()))?.len();
+        let sha256 = file_sha256(&f.path)?;
+        files.push(InputFile { path: f.path.to_string_lossy().into_owned(), bytes, sha256 });
+    }
+    let mut planner = SplitPlanner::new(rule);
+    let (mut documents, mut text_bytes) = (0u64, 0u64);
+    let read = ReadOptions { warn: true, ..read.clone() };
+    for piece in Documents::new(&inputs.files, &read) {
+        let piece = piece?;
+        text_bytes += piece.text.len() as u64;
+        if piece.last {
+            planner.observe(piece.key);
+            documents += 1;
         }
     }
-    Ok(files)
+    let file_bytes: u64 = files.iter().map(|f| f.bytes).sum();
+    progress(&format!(
+        "read {} file(s), {}: {documents} documents, {} of text, in {:.2}s",
+        files.len(),
+        human_bytes(file_bytes),
+        human_bytes(text_bytes),
+        t0.elapsed().as_secs_f64()
+    ));
+    if documents == 0 {
+        bail!(
+            "no text found: the {} input file(s) are all empty (no documents: empty files, blank lines or empty \
+             text fields) (--input)",
+            files.len()
+        );
+    }
+    let (split, split_line) = planner.finish((documents == 1).then_some(text_bytes))?;
+    progress(&format!("split: {split_line}"));
+    Ok(Scan { files, documents, text_bytes, split, split_line })
 }
 
-/// Recursively collects `*.txt` files (case-insensitive extension). Symlinks to files are
-/// followed; symlinked directories are not (no cycles).
-fn walk_txt(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let entries = fs::read_dir(dir).with_context(|| format!("could not list directory {}", dir.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("could not list directory {}", dir.display()))?;
-        let path = entry.path();
-        let ft = entry.file_type().with_context(|| format!("could not stat {}", path.display()))?;
-        if ft.is_dir() {
-            walk_txt(&path, out)?;
-        } else if (ft.is_file() || (ft.is_symlink() && path.is_file()))
-            && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt"))
-        {
-            out.push(path);
+// ---------------------------------------------------------------------------------------------
+// The tokenizer
+// ---------------------------------------------------------------------------------------------
+
+/// The tokenizer ready for pass 2.
+pub(super) struct Prepared {
+    pub encoder: Encoder,
+    /// tokenizer.json as written into --out.
+    pub json: String,
+    pub source: String,
+    pub vocab_size: usize,
+    pub bos: Option<u32>,
+    pub eos: u32,
+    /// Bytes a trained tokenizer was trained on.
+    pub sample_bytes: Option<u64>,
+}
+
+impl Prepared {
+    /// Truncation and padding of a loaded tokenizer.json, which would alter the token stream,
+    /// are switched off (and so are off in the copy written).
+    fn new(mut tok: Tokenizer, source: String, sample_bytes: Option<u64>, bytes: bool) -> Result<Prepared> {
+        tok.with_truncation(None).map_err(|e| anyhow::anyhow!("could not disable truncation: {e}"))?;
+        tok.with_padding(None);
+        let vocab_size = tokenizer_vocab_size(&tok);
+        let (bos, eos) = find_bos_eos(&tok);
+        let Some(eos) = eos else {
+            bail!(
+                "the tokenizer ({source}) has no end-of-text token (none of {EOT}, <|end_of_text|>, </s>, <eos>); \
+                 prepare puts one after every document"
+            )
+        };
+        let json = tok.to_string(false).map_err(|e| anyhow::anyhow!("could not serialize the tokenizer: {e}"))?;
+        let encoder = if bytes { Encoder::Bytes } else { Encoder::tokenizer(tok) };
+        Ok(Prepared { encoder, json, source, vocab_size, bos, eos, sample_bytes })
+    }
+}
+
+/// The tokenizer of a fresh run: loaded, the byte vocabulary, or trained on a sample.
+fn make_tokenizer(
+    plan: Plan,
+    opts: &PrepareOptions,
+    inputs: &Inputs,
+    read: &ReadOptions,
+    scan: &Scan,
+) -> Result<Prepared> {
+    match plan {
+        Plan::Bytes => Prepared::new(byte_tokenizer()?, BYTES_SOURCE.to_string(), None, true),
+        Plan::Given(TokenizerPlan::Ready(tok, source)) => Prepared::new(*tok, source, None, false),
+        Plan::Given(TokenizerPlan::Train { vocab_size }) => {
+            let t = Instant::now();
+            progress(&format!(
+                "training byte-level BPE tokenizer (vocab size {vocab_size}) on up to {} of training text",
+                human_bytes(opts.tokenizer_sample_bytes)
+            ));
+            let (tok, used) = train_on_sample(inputs, read, scan, vocab_size, opts.tokenizer_sample_bytes)?;
+            let got = tok.get_vocab_size(true);
+            progress(&format!(
+                "trained tokenizer: {got} tokens on {} in {:.2}s",
+                human_bytes(used),
+                t.elapsed().as_secs_f64()
+            ));
+            let source = format!(
+                "trained: byte-level BPE, vocab_size {got} (requested {vocab_size}), min_frequency 2, {EOT} = 0, \
+                 on the first {used} bytes of training documents"
+            );
+            Prepared::new(tok, source, Some(used), false)
+        }
+    }
+}
+
+/// What `meta.json` says of the `--bytes` vocabulary.
+const BYTES_SOURCE: &str = "bytes: 256 byte tokens (id = byte + 1) and <|endoftext|> = 0";
+
+/// Trains the BPE tokenizer on the training documents in corpus order, up to `limit` bytes
+/// (whole pieces), streamed from a reader thread (only the trainer's word counts stay in memory).
+fn train_on_sample(
+    inputs: &Inputs,
+    read: &ReadOptions,
+    scan: &Scan,
+    vocab_size: usize,
+    limit: u64,
+) -> Result<(Tokenizer, u64)> {
+    let (tx, rx) = mpsc::sync_channel::<String>(16);
+    let (files, read, split) = (inputs.files.clone(), read.clone(), scan.split);
+    let reader = std::thread::spawn(move || -> Result<u64> {
+        let mut used = 0u64;
+        let mut offset = 0u64;
+        for piece in Documents::new(&files, &read) {
+            let piece = piece?;
+            let mut text = piece.text;
+            match split {
+                Split::Tail { cut } => {
+                    let keep = cut.saturating_sub(offset).min(text.len() as u64) as usize;
+                    offset += text.len() as u64;
+                    text.truncate(keep);
+                    // A cut inside a character is left to the character's end (it is a sample).
+                    while !text.is_empty() && std::str::from_utf8(&text).is_err() {
+                        text.pop();
+                    }
+                }
+                Split::Keys { .. } if split.is_val(piece.key) => continue,
+                Split::Keys { .. } => {}
+            }
+            if text.is_empty() {
+                continue;
+            }
+            used += text.len() as u64;
+            let text =
+                String::from_utf8(text).map_err(|_| anyhow::anyhow!("internal error: a document is not UTF-8"))?;
+            if tx.send(text).is_err() || used >= limit {
+                break;
+            }
+        }
+        Ok(used)
+    });
+    let trained = train_bpe_on(rx.into_iter(), vocab_size);
+    let used = reader.join().map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
+    Ok((trained?, used))
+}
+
+/// The tokenizer of a resumed run: `--out`'s tokenizer.json, which must be the one the earlier
+/// run wrote, and which a given tokenizer must equal.
+fn resumed_tokenizer(out: &Path, state: &State, plan: Plan) -> Result<Prepared> {
+    let path = out.join("tokenizer.json");
+    let json = fs::read_to_string(&path).with_context(|| format!("--resume: could not read {}", path.display()))?;
+    let sha = |s: &str| format!("{:x}", Sha256::digest(s.as_bytes()));
+    if sha(&json) != state.tokenizer_sha256 {
+        bail!(
+            "--resume: {} is not the tokenizer the earlier run wrote (its SHA-256 differs); start over with --force",
+            path.display()
+        );
+    }
+    let p = match plan {
+        Plan::Bytes => Prepared::new(byte_tokenizer()?, BYTES_SOURCE.to_string(), None, true)?,
+        Plan::Given(TokenizerPlan::Ready(tok, source)) => Prepared::new(*tok, source, None, false)?,
+        Plan::Given(TokenizerPlan::Train { .. }) => {
+            let tok = load_tokenizer(&path)?;
+            Prepared::new(tok, state.tokenizer_source.clone(), state.tokenizer_sample_bytes, false)?
+        }
+    };
+    if sha(&p.json) != state.tokenizer_sha256 {
+        bail!(
+            "--resume: the tokenizer is not the one the earlier run used ({}); resume with the same tokenizer, \
+             or start over with --force",
+            state.tokenizer_source
+        );
+    }
+    Ok(p)
+}
+
+/// Clears `--out` of an earlier prepare's files (only those, see [`OUTPUT_FILES`]), then writes
+/// tokenizer.json and the initial resume state.
+fn start_fresh(out: &Path, tok: &Prepared, settings: Settings, scan: &Scan) -> Result<State> {
+    fs::create_dir_all(out).with_context(|| format!("could not create --out {}", out.display()))?;
+    // meta.json first: a directory with one is always complete.
+    let meta_path = out.join("meta.json");
+    if meta_path.exists() {
+        fs::remove_file(&meta_path).with_context(|| format!("could not remove old {}", meta_path.display()))?;
+    }
+    remove_outputs(out)?;
+    write_atomic(&out.join("tokenizer.json"), |w| w.write_all(tok.json.as_bytes()))?;
+    let state = State::new(settings, tok, scan);
+    state.save(out)?;
+    Ok(state)
+}
+
+/// Removes the files `prepare` writes from `out` (only those, see [`OUTPUT_FILES`]).
+fn remove_outputs(out: &Path) -> Result<()> {
+    for entry in fs::read_dir(out).with_context(|| format!("could not list --out {}", out.display()))? {
+        let entry = entry.with_context(|| format!("could not list --out {}", out.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_output_name(&name) && entry.file_type().is_ok_and(|t| t.is_file()) {
+            fs::remove_file(entry.path())
+                .with_context(|| format!("could not remove old {}", entry.path().display()))?;
         }
     }
     Ok(())
 }
 
-/// The corpus: concatenated text, with file records.
-struct Corpus {
-    text: String,
-    files: Vec<InputFile>,
-    /// Byte offset in `text` where each non-empty file's text ends (after any inserted `\n`).
-    doc_ends: Vec<usize>,
-}
-
-/// Reads, checks and concatenates the files (see the module docs for the joining rule).
-fn read_corpus(paths: &[PathBuf], lossy: bool) -> Result<Corpus> {
-    let mut text = String::new();
-    let mut files = Vec::with_capacity(paths.len());
-    let mut doc_ends = Vec::new();
-    for path in paths {
-        let bytes = fs::read(path).with_context(|| format!("could not read {}", path.display()))?;
-        let sha256 = format!("{:x}", Sha256::digest(&bytes));
-        files.push(InputFile { path: path.to_string_lossy().into_owned(), bytes: bytes.len() as u64, sha256 });
-        let doc = match std::str::from_utf8(&bytes) {
-            Ok(s) => std::borrow::Cow::Borrowed(s),
-            Err(err) => {
-                let offset = err.valid_up_to();
-                let line = bytes[..offset].iter().filter(|&&b| b == b'\n').count() + 1;
-                if !lossy {
-                    bail!(
-                        "{} is not valid UTF-8: invalid byte 0x{:02x} at byte offset {offset} (line {line}); \
-                         convert the file to UTF-8, or pass --lossy to replace invalid bytes with U+FFFD",
-                        path.display(),
-                        bytes[offset]
-                    );
-                }
-                progress(&format!(
-                    "warning: {} is not valid UTF-8 (first invalid byte at offset {offset}, line {line}); \
-                     replacing invalid bytes with U+FFFD (--lossy)",
-                    path.display()
-                ));
-                String::from_utf8_lossy(&bytes)
-            }
-        };
-        if doc.is_empty() {
-            continue;
-        }
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-            if let Some(end) = doc_ends.last_mut() {
-                *end += 1;
-            }
-        }
-        text.push_str(&doc);
-        doc_ends.push(text.len());
-    }
-    Ok(Corpus { text, files, doc_ends })
-}
-
 // ---------------------------------------------------------------------------------------------
-// Tokenizing
+// meta.json
 // ---------------------------------------------------------------------------------------------
 
-/// Trains the default byte-level BPE tokenizer on the corpus; returns it with its source line.
-fn train_tokenizer(corpus: &Corpus, vocab_size: usize) -> Result<(Tokenizer, String)> {
-    let t = Instant::now();
-    progress(&format!("training byte-level BPE tokenizer (vocab size {vocab_size})"));
-    let chunks = split_into_chunks(&corpus.text, CHUNK_BYTES, true, &corpus.doc_ends);
-    let tok = train_bpe(&chunks, vocab_size)?;
-    let got = tok.get_vocab_size(true);
-    progress(&format!("trained tokenizer: {got} tokens in {:.2}s", t.elapsed().as_secs_f64()));
-    let source =
-        format!("trained: byte-level BPE, vocab_size {got} (requested {vocab_size}), min_frequency 2, {EOT} = 0");
-    Ok((tok, source))
-}
-
-/// The corpus as token ids, with what `meta.json` records about the tokenizer.
-struct Encoded {
-    ids: Vec<u32>,
-    /// Ids the model must accept (largest id + 1).
-    vocab_size: usize,
-    bos_id: Option<u32>,
-    eos_id: Option<u32>,
-}
-
-/// Encodes the whole corpus. Truncation and padding settings of a loaded tokenizer.json, which
-/// would alter the token stream, are switched off first (and so are off in the copy written).
-fn encode_corpus(tok: &mut Tokenizer, corpus: &Corpus) -> Result<Encoded> {
-    tok.with_truncation(None).map_err(|e| anyhow::anyhow!("could not disable truncation: {e}"))?;
-    tok.with_padding(None);
-    let vocab_size = tokenizer_vocab_size(tok);
-    let (bos_id, eos_id) = find_bos_eos(tok);
-
-    let t = Instant::now();
-    let exact = chunking_is_exact(tok);
-    let chunks = split_into_chunks(&corpus.text, CHUNK_BYTES, exact, &corpus.doc_ends);
-    let ids = encode_chunks(tok, &chunks, corpus.text.len())?;
-    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab_size) {
-        bail!("the tokenizer produced id {bad}, outside its vocabulary of {vocab_size}");
-    }
-    progress(&format!(
-        "encoded {} tokens ({:.2} bytes/token) in {:.2}s",
-        ids.len(),
-        corpus.text.len() as f64 / ids.len().max(1) as f64,
-        t.elapsed().as_secs_f64()
-    ));
-    Ok(Encoded { ids, vocab_size, bos_id, eos_id })
-}
-
-/// Encodes the pieces in parallel batches, printing progress lines.
-pub(super) fn encode_chunks(tok: &Tokenizer, chunks: &[&str], total_bytes: usize) -> Result<Vec<u32>> {
-    let t0 = Instant::now();
-    let mut last_report = t0;
-    let mut ids: Vec<u32> = Vec::with_capacity(total_bytes / 3);
-    let mut done_bytes = 0usize;
-    let batch = 4 * std::thread::available_parallelism().map_or(2, |n| n.get());
-    for group in chunks.chunks(batch) {
-        let encodings =
-            tok.encode_batch_fast(group.to_vec(), false).map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
-        for enc in &encodings {
-            ids.extend_from_slice(enc.get_ids());
-        }
-        done_bytes += group.iter().map(|c| c.len()).sum::<usize>();
-        if last_report.elapsed().as_secs_f64() >= 2.0 {
-            last_report = Instant::now();
-            progress(&format!(
-                "encoded {} / {} ({:.0}%), {} tokens, {:.1}s",
-                human_bytes(done_bytes as u64),
-                human_bytes(total_bytes as u64),
-                100.0 * done_bytes as f64 / total_bytes.max(1) as f64,
-                ids.len(),
-                t0.elapsed().as_secs_f64()
-            ));
-        }
-    }
-    Ok(ids)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Splitting and writing
-// ---------------------------------------------------------------------------------------------
-
-/// Number of validation tokens for a stream of `total` tokens.
-fn val_count(total: usize, val_fraction: f64) -> usize {
-    ((total as f64) * val_fraction).round() as usize
-}
-
-/// Splits the token stream into (train, val), refusing a split too small to train or evaluate on.
-fn split_tokens(ids: &[u32], val_fraction: f64) -> Result<(&[u32], &[u32])> {
-    let n_val = val_count(ids.len(), val_fraction);
-    let n_train = ids.len() - n_val;
-    if n_val < MIN_SPLIT_TOKENS || n_train < MIN_SPLIT_TOKENS {
+/// The meta.json of a finished run, after checking that both splits are usable.
+fn finish(opts: &PrepareOptions, inputs: &Inputs, scan: &Scan, state: &State, written: &Written) -> Result<Meta> {
+    let c = &state.counts;
+    if (c.train_tokens as usize) < MIN_SPLIT_TOKENS || (c.val_tokens as usize) < MIN_SPLIT_TOKENS {
         bail!(
-            "the corpus is too small: {} tokens split into {n_train} train / {n_val} val tokens \
-             (--val-fraction {}); each split needs at least {MIN_SPLIT_TOKENS}: add text or change --val-fraction",
-            ids.len(),
-            val_fraction
+            "the corpus is too small: {} documents gave {} train / {} val tokens ({}); each split needs at least \
+             {MIN_SPLIT_TOKENS}: add text or change --val-fraction / --val-docs",
+            scan.documents,
+            c.train_tokens,
+            c.val_tokens,
+            scan.split_line
         );
     }
-    Ok(ids.split_at(n_train))
-}
-
-/// Writes everything but `meta.json`: drops an old `meta.json` first (so a directory with one
-/// is always complete), then writes tokenizer.json, train.bin and val.bin. Returns the
-/// [`Meta`] of the token files, for the caller to complete and save last.
-fn write_data(out: &Path, tok: &Tokenizer, train: &[u32], val: &[u32], vocab_size: usize) -> Result<Meta> {
-    fs::create_dir_all(out).with_context(|| format!("could not create --out {}", out.display()))?;
-    let meta_path = out.join("meta.json");
-    if meta_path.exists() {
-        fs::remove_file(&meta_path).with_context(|| format!("could not remove old {}", meta_path.display()))?;
-    }
-    let tok_json = tok.to_string(false).map_err(|e| anyhow::anyhow!("could not serialize the tokenizer: {e}"))?;
-    write_atomic(&out.join("tokenizer.json"), |w| w.write_all(tok_json.as_bytes()))?;
-    write_splits(out, train, val, vocab_size)
+    let mut meta = Meta::empty(written.vocab_size);
+    meta.train_tokens = c.train_tokens;
+    meta.val_tokens = c.val_tokens;
+    meta.train_documents = c.train_documents;
+    meta.val_documents = c.val_documents;
+    meta.text_bytes = c.text_bytes;
+    meta.shards.train = state.train.clone();
+    meta.shards.val = state.val.clone();
+    meta.bos_id = state.bos_id;
+    meta.eos_id = Some(state.eos_id);
+    meta.tokenizer_source = state.tokenizer_source.clone();
+    meta.tokenizer_file = Some("tokenizer.json".to_string());
+    meta.tokenizer_sample_bytes = state.tokenizer_sample_bytes;
+    meta.files = scan.files.clone();
+    meta.inputs = inputs.specs.clone();
+    meta.text_field = Some(opts.text_field.clone());
+    meta.split = Some(scan.split_line.clone());
+    meta.val_fraction = opts.val_docs.is_none().then_some(opts.val_fraction);
+    meta.val_docs = opts.val_docs;
+    meta.split_seed = Some(opts.split_seed);
+    meta.shard_tokens = Some(opts.shard_tokens);
+    meta.byte_level = opts.bytes;
+    Ok(meta)
 }
 
 /// A byte count for progress lines: `512 B`, `1.5 KiB`, `3.2 MiB`, ….
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+pub(super) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut unit = 0;
     while v >= 1024.0 && unit + 1 < UNITS.len() {
@@ -389,9 +521,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn val_count_rounds() {
-        assert_eq!(val_count(100, 0.1), 10);
-        assert_eq!(val_count(15, 0.1), 2);
-        assert_eq!(val_count(14, 0.1), 1);
+    fn output_names() {
+        for name in ["meta.json", "tokenizer.json", "train.bin", "val-00003.bin", ".train-00000.bin.tmp", STATE_FILE] {
+            assert!(is_output_name(name), "{name}");
+        }
+        for name in ["corpus.txt", "notes.json", "train.txt", ".corpus.txt.tmp", "train-1.bin"] {
+            assert!(!is_output_name(name), "{name}");
+        }
+        assert_eq!(human_bytes(1536), "1.5 KiB");
     }
 }

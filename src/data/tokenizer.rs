@@ -71,7 +71,18 @@ fn check_bpe_merges(model: &serde_json::Value) -> std::result::Result<(), String
 }
 
 /// Trains a byte-level BPE tokenizer on `chunks` (see the module docs for its layout).
+#[cfg(test)]
 pub(super) fn train_bpe(chunks: &[&str], vocab_size: usize) -> Result<Tokenizer> {
+    train_bpe_on(chunks.iter(), vocab_size)
+}
+
+/// [`train_bpe`] on texts that arrive one by one (a stream of documents: only the word
+/// counts are kept, not the texts).
+pub(super) fn train_bpe_on<I, S>(texts: I, vocab_size: usize) -> Result<Tokenizer>
+where
+    I: Iterator<Item = S> + Send,
+    S: AsRef<str> + Send,
+{
     let eot = AddedToken::from(EOT, true);
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
@@ -92,7 +103,7 @@ pub(super) fn train_bpe(chunks: &[&str], vocab_size: usize) -> Result<Tokenizer>
     // Registering the special token before training makes a literal `<|endoftext|>` in the
     // text count as the special token rather than as BPE training text.
     tok.add_special_tokens([eot]).map_err(|e| anyhow::anyhow!("could not add {EOT}: {e}"))?;
-    tok.train(&mut trainer, chunks.iter()).map_err(|e| anyhow::anyhow!("BPE training failed: {e}"))?;
+    tok.train(&mut trainer, texts).map_err(|e| anyhow::anyhow!("BPE training failed: {e}"))?;
     let tok = Tokenizer::from(tok);
     if tok.token_to_id(EOT) != Some(0) {
         bail!("internal error: {EOT} did not get id 0 in the trained tokenizer");
@@ -259,8 +270,13 @@ pub fn is_byte_level(tok: &Tokenizer) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::prepare::encode_chunks;
     use super::*;
+
+    /// Encodes pieces separately and concatenates their ids.
+    fn encode_chunks(tok: &Tokenizer, chunks: &[&str]) -> Vec<u32> {
+        let encodings = tok.encode_batch_fast(chunks.to_vec(), false).unwrap();
+        encodings.iter().flat_map(|e| e.get_ids().to_vec()).collect()
+    }
 
     const SAMPLE: &str = "  Call me Ishmael. Some years ago—never mind how long precisely—\n\
         having little or no money in my purse, and nothing particular to interest me on shore,\n\
@@ -282,7 +298,7 @@ mod tests {
             let chunks = split_into_chunks(&text, target, true, &[]);
             assert!(chunks.len() > 1);
             assert_eq!(chunks.concat(), text);
-            let ids = encode_chunks(&tok, &chunks, text.len()).unwrap();
+            let ids = encode_chunks(&tok, &chunks);
             assert_eq!(ids, whole, "chunk target {target}");
         }
         assert_eq!(tok.decode(&whole, false).unwrap(), text);

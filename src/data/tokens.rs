@@ -1,6 +1,7 @@
-//! The files of a prepared directory: `meta.json` ([`Meta`]) and the token files
-//! `train.bin`/`val.bin` ([`TokenFile`], memory-mapped), with the writers `prepare` and the
-//! tests use. Every file is written through a temp file and a rename ([`crate::files::write_atomic`]).
+//! The files of a prepared directory as the trainer sees them: `meta.json` ([`Meta`]) and each
+//! split's tokens as one logical stream ([`TokenFile`], memory-mapped shards), with the
+//! writers the tests use for synthetic data. Every file is written through a temp file and a
+//! rename ([`crate::files::write_atomic`]); the shard format is in [`super::shards`].
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,11 +9,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::shards::{is_shard_name, max_id, shard_name, write_shard, Dtype, Shard, ShardInfo};
 use super::tokenizer::{find_bos_eos, load_tokenizer};
 use crate::files::write_atomic;
 
-/// Version of the prepared-directory layout, stored in `meta.json`.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the prepared-directory layout, stored in `meta.json`: 2 = token shards with a
+/// header and document index listed in `meta.json`; 1 (or absent) = one headerless
+/// `train.bin` and `val.bin`, still read.
+pub const FORMAT_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // meta.json
@@ -21,7 +25,8 @@ pub const FORMAT_VERSION: u32 = 1;
 /// One input file as read by `prepare`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputFile {
-    /// The path as found (the `--input` argument, joined with the path below it for directories).
+    /// The path as found (the `--input` argument, joined with the path below it for
+    /// directories; a file in the Hugging Face cache for `hf:datasets/…`).
     pub path: String,
     /// Size in bytes.
     pub bytes: u64,
@@ -29,37 +34,78 @@ pub struct InputFile {
     pub sha256: String,
 }
 
+/// The shards of each split, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitShards {
+    pub train: Vec<ShardInfo>,
+    pub val: Vec<ShardInfo>,
+}
+
 /// Contents of `meta.json` in a prepared directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {
     /// Number of token ids the model must accept (largest id + 1).
     pub vocab_size: usize,
-    /// Element type of train.bin/val.bin: "u16" or "u32" (little-endian).
+    /// Element type of the token ids: "u16" or "u32" (little-endian).
     pub dtype: String,
-    /// Number of tokens in train.bin.
+    /// Number of tokens in the training split.
     pub train_tokens: u64,
-    /// Number of tokens in val.bin.
+    /// Number of tokens in the validation split.
     pub val_tokens: u64,
     /// Beginning-of-text token id, if the tokenizer has one.
     pub bos_id: Option<u32>,
-    /// End-of-text token id, if the tokenizer has one.
+    /// End-of-text token id, if the tokenizer has one; `prepare` puts it after every document.
     pub eos_id: Option<u32>,
     /// Where the tokenizer came from: a description of the training run, a file, or hf:OWNER/NAME@COMMIT.
     pub tokenizer_source: String,
-    /// The input files, in the order they were concatenated.
+    /// The input files, in the order they were read.
     pub files: Vec<InputFile>,
-    /// Layout version of the prepared directory.
+    /// Layout version of the prepared directory ([`FORMAT_VERSION`]).
     #[serde(default)]
     pub format_version: u32,
-    /// Bytes of UTF-8 text that were tokenized (files plus inserted newlines).
+    /// Bytes of document text that were tokenized.
     #[serde(default)]
     pub text_bytes: u64,
-    /// The `--val-fraction` used.
+    /// The `--val-fraction` used (None with `--val-docs`).
     #[serde(default)]
     pub val_fraction: Option<f64>,
     /// Name of the tokenizer file in the directory, if one was written.
     #[serde(default)]
     pub tokenizer_file: Option<String>,
+    /// The token shards of each split (format 2; empty in format 1, whose splits are
+    /// `train.bin` and `val.bin`).
+    #[serde(default)]
+    pub shards: SplitShards,
+    /// Documents in the training split.
+    #[serde(default)]
+    pub train_documents: u64,
+    /// Documents in the validation split.
+    #[serde(default)]
+    pub val_documents: u64,
+    /// The `--input` arguments as given (`hf:` datasets pinned to the commit read).
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// The JSON lines / Parquet field holding the text (`--text-field`).
+    #[serde(default)]
+    pub text_field: Option<String>,
+    /// How the validation documents were chosen (see `lors-lm prepare --help`).
+    #[serde(default)]
+    pub split: Option<String>,
+    /// The `--val-docs` used.
+    #[serde(default)]
+    pub val_docs: Option<u64>,
+    /// The `--split-seed` of the document hash.
+    #[serde(default)]
+    pub split_seed: Option<u64>,
+    /// The `--shard-tokens` used.
+    #[serde(default)]
+    pub shard_tokens: Option<u64>,
+    /// Bytes of text a trained tokenizer was trained on (`--tokenizer-sample-bytes` caps it).
+    #[serde(default)]
+    pub tokenizer_sample_bytes: Option<u64>,
+    /// `prepare --bytes`: ids 1..=256 are the bytes 0..=255 (id = byte + 1), 0 is `<|endoftext|>`.
+    #[serde(default)]
+    pub byte_level: bool,
 }
 
 impl Meta {
@@ -73,11 +119,46 @@ impl Meta {
         let meta: Meta = serde_json::from_str(&text).with_context(|| {
             format!("{} is not valid prepared-data metadata; re-run `lors-lm prepare --force`", path.display())
         })?;
-        let dtype = Dtype::parse(&meta.dtype).with_context(|| format!("invalid dtype in {}", path.display()))?;
-        if meta.vocab_size == 0 || meta.vocab_size > dtype.max_vocab() {
-            bail!("{}: vocab_size {} does not fit dtype {}", path.display(), meta.vocab_size, meta.dtype);
-        }
+        meta.check()
+            .with_context(|| format!("{} is inconsistent; re-run `lors-lm prepare --force`", path.display()))?;
         Ok(meta)
+    }
+
+    /// The checks [`Meta::load`] makes: dtype and vocabulary, and (format 2) shard names and
+    /// counts that add up.
+    fn check(&self) -> Result<()> {
+        let dtype = Dtype::parse(&self.dtype)?;
+        if self.vocab_size == 0 || self.vocab_size > dtype.max_vocab() {
+            bail!("vocab_size {} does not fit dtype {}", self.vocab_size, self.dtype);
+        }
+        if self.format_version > FORMAT_VERSION {
+            bail!(
+                "format_version {} was written by a newer lors-lm (this one reads up to {FORMAT_VERSION})",
+                self.format_version
+            );
+        }
+        if self.format_version < 2 {
+            return Ok(());
+        }
+        for (split, shards, tokens, documents) in [
+            ("train", &self.shards.train, self.train_tokens, self.train_documents),
+            ("val", &self.shards.val, self.val_tokens, self.val_documents),
+        ] {
+            for s in shards {
+                if !is_shard_name(&s.file) || !s.file.starts_with(&format!("{split}-")) {
+                    bail!("{s:?} is not a {split} shard name like {}", shard_name(split, 0));
+                }
+            }
+            let sum = shards.iter().try_fold(0u64, |a, s| a.checked_add(s.tokens));
+            let docs = shards.iter().try_fold(0u64, |a, s| a.checked_add(s.documents));
+            if sum != Some(tokens) || docs != Some(documents) {
+                bail!(
+                    "the {split} shards hold {sum:?} tokens and {docs:?} documents, but {split}_tokens is {tokens} \
+                     and {split}_documents {documents}"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Writes `DIR/meta.json` atomically (temp file + rename).
@@ -93,155 +174,184 @@ impl Meta {
     pub fn tokenizer_path(&self, dir: &Path) -> Option<PathBuf> {
         self.tokenizer_file.as_ref().map(|name| dir.join(name))
     }
+
+    /// An empty meta for `vocab_size` (dtype chosen), for the writers to fill in.
+    pub(super) fn empty(vocab_size: usize) -> Meta {
+        Meta {
+            vocab_size,
+            dtype: Dtype::for_vocab(vocab_size).name().to_string(),
+            train_tokens: 0,
+            val_tokens: 0,
+            bos_id: None,
+            eos_id: None,
+            tokenizer_source: String::new(),
+            files: Vec::new(),
+            format_version: FORMAT_VERSION,
+            text_bytes: 0,
+            val_fraction: None,
+            tokenizer_file: None,
+            shards: SplitShards::default(),
+            train_documents: 0,
+            val_documents: 0,
+            inputs: Vec::new(),
+            text_field: None,
+            split: None,
+            val_docs: None,
+            split_seed: None,
+            shard_tokens: None,
+            tokenizer_sample_bytes: None,
+            byte_level: false,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Token files
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dtype {
-    U16,
-    U32,
-}
-
-impl Dtype {
-    fn parse(s: &str) -> Result<Dtype> {
-        match s {
-            "u16" => Ok(Dtype::U16),
-            "u32" => Ok(Dtype::U32),
-            other => bail!("unknown token dtype {other:?} (expected \"u16\" or \"u32\")"),
-        }
-    }
-    fn for_vocab(vocab_size: usize) -> Dtype {
-        if vocab_size <= 1 << 16 {
-            Dtype::U16
-        } else {
-            Dtype::U32
-        }
-    }
-    fn name(self) -> &'static str {
-        match self {
-            Dtype::U16 => "u16",
-            Dtype::U32 => "u32",
-        }
-    }
-    fn bytes(self) -> usize {
-        match self {
-            Dtype::U16 => 2,
-            Dtype::U32 => 4,
-        }
-    }
-    fn max_vocab(self) -> usize {
-        match self {
-            Dtype::U16 => 1 << 16,
-            Dtype::U32 => 1 << 32,
-        }
-    }
-}
-
-/// Memory-mapped token file.
+/// One split's tokens: its shards, memory-mapped, read as one stream (a window may span two
+/// shards). An old directory's `train.bin`/`val.bin` is one shard without a document index.
 pub struct TokenFile {
-    path: PathBuf,
-    /// `None` for an empty file (which cannot be mapped on every platform).
-    mmap: Option<memmap2::Mmap>,
+    /// `DIR/train-*.bin` (or `DIR/train.bin`), for messages.
+    label: PathBuf,
+    shards: Vec<Shard>,
+    /// Token offset of each shard in the stream, then the total (`shards.len() + 1` entries).
+    starts: Vec<usize>,
+    /// Global document ends of each shard's first document index entry: `doc_base[s]` is the
+    /// number of documents ending before shard `s` (`shards.len() + 1` entries).
+    doc_base: Vec<usize>,
     dtype: Dtype,
-    len: usize,
 }
 
 impl std::fmt::Debug for TokenFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenFile")
-            .field("path", &self.path)
+            .field("label", &self.label)
+            .field("shards", &self.shards.len())
             .field("dtype", &self.dtype)
-            .field("len", &self.len)
+            .field("len", &self.len())
             .finish()
     }
 }
 
 impl TokenFile {
-    /// Opens DIR/{split}.bin ("train"/"val"), checks its byte length matches meta's token count and dtype, errors naming the file otherwise.
+    /// Opens split `split` ("train"/"val") of DIR: every shard meta.json lists (each checked:
+    /// header, size, counts against meta.json), or an old directory's `DIR/{split}.bin`
+    /// (checked against meta's token count). Errors name the file.
     pub fn open(dir: &Path, split: &str, meta: &Meta) -> Result<TokenFile> {
-        let expected = match split {
-            "train" => meta.train_tokens,
-            "val" => meta.val_tokens,
+        let (expected, infos) = match split {
+            "train" => (meta.train_tokens, &meta.shards.train),
+            "val" => (meta.val_tokens, &meta.shards.val),
             other => bail!("unknown split {other:?} (expected \"train\" or \"val\")"),
         };
         let dtype = Dtype::parse(&meta.dtype)?;
-        let path = dir.join(format!("{split}.bin"));
-        let file = fs::File::open(&path)
-            .with_context(|| format!("could not open {}; re-run `lors-lm prepare --force`", path.display()))?;
-        let byte_len = file.metadata().with_context(|| format!("could not stat {}", path.display()))?.len();
-        let expected_bytes = expected * dtype.bytes() as u64;
-        if byte_len != expected_bytes {
-            bail!(
-                "{} holds {byte_len} bytes, but meta.json says {expected} {} tokens ({expected_bytes} bytes); \
-                 the directory is inconsistent: re-run `lors-lm prepare --force`",
-                path.display(),
-                dtype.name()
-            );
-        }
-        let len =
-            usize::try_from(expected).with_context(|| format!("{} is too large for this platform", path.display()))?;
-        let mmap = if byte_len == 0 {
-            None
+        let (label, shards) = if meta.format_version >= 2 {
+            let mut shards = Vec::with_capacity(infos.len());
+            for info in infos {
+                let path = dir.join(&info.file);
+                let shard = Shard::open(&path, dtype)?;
+                if shard.len() as u64 != info.tokens || shard.documents() != Some(info.documents as usize) {
+                    bail!(
+                        "{} holds {} tokens and {:?} documents, but meta.json says {} and {}; \
+                         re-run `lors-lm prepare --force`",
+                        path.display(),
+                        shard.len(),
+                        shard.documents().unwrap_or(0),
+                        info.tokens,
+                        info.documents
+                    );
+                }
+                shards.push(shard);
+            }
+            (dir.join(format!("{split}-*.bin")), shards)
         } else {
-            // SAFETY: the file is opened read-only; prepared files are written once (temp file +
-            // rename) and not modified in place, which is the usual contract for mapped data.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }
-                .with_context(|| format!("could not memory-map {}", path.display()))?;
-            Some(mmap)
+            let path = dir.join(format!("{split}.bin"));
+            (path.clone(), vec![Shard::open_raw(&path, dtype, expected)?])
         };
-        Ok(TokenFile { path, mmap, dtype, len })
+        let mut starts = vec![0usize];
+        let mut doc_base = vec![0usize];
+        for s in &shards {
+            let total = starts.last().copied().unwrap_or(0).checked_add(s.len());
+            starts.push(total.with_context(|| format!("{} is too large for this platform", label.display()))?);
+            doc_base.push(doc_base.last().copied().unwrap_or(0) + s.documents().unwrap_or(0));
+        }
+        Ok(TokenFile { label, shards, starts, doc_base, dtype })
     }
 
-    /// Number of tokens in the file.
+    /// Number of tokens in the split.
     pub fn len(&self) -> usize {
-        self.len
+        self.starts.last().copied().unwrap_or(0)
     }
 
-    /// True when the file holds no tokens.
+    /// True when the split holds no tokens.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// The mapped file path.
+    /// The split's files, for messages: `DIR/train-*.bin` (or an old `DIR/train.bin`).
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.label
     }
 
-    fn bytes(&self) -> &[u8] {
-        self.mmap.as_deref().unwrap_or(&[])
+    /// The shards, in order.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
     }
 
-    /// tokens [start, start+len) as u32; caller guarantees bounds (return Result anyway on out of range).
+    /// tokens [start, start+len) as u32 (across shards); an out-of-range window is an error.
     pub fn window(&self, start: usize, len: usize) -> Result<Vec<u32>> {
-        let end = start.checked_add(len).filter(|&end| end <= self.len).with_context(|| {
+        let end = start.checked_add(len).filter(|&end| end <= self.len()).with_context(|| {
             format!(
                 "token window [{start}, {start}+{len}) is out of range for {} ({} tokens)",
-                self.path.display(),
-                self.len
+                self.label.display(),
+                self.len()
             )
         })?;
-        let b = self.dtype.bytes();
-        let bytes = &self.bytes()[start * b..end * b];
-        Ok(decode_le(bytes, self.dtype).collect())
+        let mut out = Vec::with_capacity(len);
+        let mut pos = start;
+        // The shard holding `pos`: the last one starting at or before it.
+        let mut s = self.starts.partition_point(|&x| x <= pos).saturating_sub(1);
+        while pos < end {
+            let (lo, hi) = (self.starts[s], self.starts[s + 1]);
+            let stop = end.min(hi);
+            self.shards[s].read_into(pos - lo, stop - lo, &mut out);
+            pos = stop;
+            s += 1;
+        }
+        Ok(out)
     }
 
-    /// Largest token id in the file (scan), for validating against the model vocabulary.
+    /// Largest token id in the split (a parallel scan), for validating against the model vocabulary.
     pub fn max_id(&self) -> u32 {
-        decode_le(self.bytes(), self.dtype).max().unwrap_or(0)
+        self.shards.iter().map(|s| max_id(s.token_bytes(), self.dtype)).max().unwrap_or(0)
+    }
+
+    /// Number of documents in the split (None for an old directory without a document index).
+    pub fn documents(&self) -> Option<usize> {
+        self.shards.iter().map(|s| s.documents()).sum()
+    }
+
+    /// The token range [start, end) of document `i` in the stream (its end-of-text token included).
+    pub fn document_range(&self, i: usize) -> Result<(usize, usize)> {
+        let n = self.documents().with_context(|| format!("{} has no document index", self.label.display()))?;
+        if i >= n {
+            bail!("document {i} is out of range for {} ({n} documents)", self.label.display());
+        }
+        let end = |i: usize| {
+            let s = self.doc_base.partition_point(|&b| b <= i) - 1;
+            self.starts[s] + self.shards[s].doc_end(i - self.doc_base[s]) as usize
+        };
+        Ok((if i == 0 { 0 } else { end(i - 1) }, end(i)))
+    }
+
+    /// The tokens of document `i` (its end-of-text token included).
+    pub fn document(&self, i: usize) -> Result<Vec<u32>> {
+        let (start, end) = self.document_range(i)?;
+        self.window(start, end - start)
     }
 }
 
-fn decode_le(bytes: &[u8], dtype: Dtype) -> Box<dyn Iterator<Item = u32> + '_> {
-    match dtype {
-        Dtype::U16 => Box::new(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)),
-        Dtype::U32 => Box::new(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-    }
-}
-
-/// Write tokens to a bin file in the given dtype (used by tests of other modules to make synthetic data).
+/// Write tokens to an old-style headerless token file (format 1) in the given dtype.
 ///
 /// `dtype` is "u16" or "u32"; an id that does not fit is an error. Written via a temp file and
 /// a rename, so the file is either complete or absent.
@@ -263,8 +373,9 @@ pub fn write_tokens(path: &Path, tokens: &[u32], dtype: &str) -> Result<()> {
     })
 }
 
-/// Writes a synthetic prepared directory (train.bin, val.bin, meta.json; tokenizer.json copied
-/// if given) for tests. Ids must be below `vocab_size`.
+/// Writes a synthetic prepared directory for tests: one shard per non-empty split
+/// (`train-00000.bin`, `val-00000.bin`, each one document), meta.json, and tokenizer.json
+/// copied if given. Ids must be below `vocab_size`.
 pub fn write_prepared_dir(
     dir: &Path,
     train: &[u32],
@@ -279,42 +390,40 @@ pub fn write_prepared_dir(
         bail!("token id {t} is not below vocab_size {vocab_size}");
     }
     fs::create_dir_all(dir).with_context(|| format!("could not create {}", dir.display()))?;
-    let (mut bos_id, mut eos_id, mut tokenizer_file) = (None, None, None);
-    let mut tokenizer_source = "synthetic".to_string();
+    let mut meta = Meta::empty(vocab_size);
+    meta.tokenizer_source = "synthetic".to_string();
     if let Some(src) = tokenizer {
         let tok = load_tokenizer(src)?;
-        (bos_id, eos_id) = find_bos_eos(&tok);
+        (meta.bos_id, meta.eos_id) = find_bos_eos(&tok);
         let dest = dir.join("tokenizer.json");
         fs::copy(src, &dest).with_context(|| format!("could not copy {} to {}", src.display(), dest.display()))?;
-        tokenizer_file = Some("tokenizer.json".to_string());
-        tokenizer_source = format!("synthetic, tokenizer {}", src.display());
+        meta.tokenizer_file = Some("tokenizer.json".to_string());
+        meta.tokenizer_source = format!("synthetic, tokenizer {}", src.display());
     }
-    let meta = Meta { bos_id, eos_id, tokenizer_source, tokenizer_file, ..write_splits(dir, train, val, vocab_size)? };
+    let data = write_splits(dir, train, val, vocab_size)?;
+    (meta.shards, meta.train_tokens, meta.val_tokens) = (data.shards, data.train_tokens, data.val_tokens);
+    (meta.train_documents, meta.val_documents) = (data.train_documents, data.val_documents);
     meta.save(dir)?;
     Ok(meta)
 }
 
-/// Writes `DIR/train.bin` and `DIR/val.bin` in the dtype `vocab_size` needs, and returns the
-/// [`Meta`] that describes them; the caller fills in the tokenizer and input fields (here
-/// empty) and saves it last.
+/// Writes each split as one shard of one document and returns the [`Meta`] that describes
+/// them; the caller fills in the tokenizer and input fields and saves it last.
 pub(super) fn write_splits(dir: &Path, train: &[u32], val: &[u32], vocab_size: usize) -> Result<Meta> {
+    let mut meta = Meta::empty(vocab_size);
     let dtype = Dtype::for_vocab(vocab_size);
-    write_tokens(&dir.join("train.bin"), train, dtype.name())?;
-    write_tokens(&dir.join("val.bin"), val, dtype.name())?;
-    Ok(Meta {
-        vocab_size,
-        dtype: dtype.name().to_string(),
-        train_tokens: train.len() as u64,
-        val_tokens: val.len() as u64,
-        bos_id: None,
-        eos_id: None,
-        tokenizer_source: String::new(),
-        files: Vec::new(),
-        format_version: FORMAT_VERSION,
-        text_bytes: 0,
-        val_fraction: None,
-        tokenizer_file: None,
-    })
+    for (split, tokens) in [("train", train), ("val", val)] {
+        let shards = match tokens.is_empty() {
+            true => vec![],
+            false => vec![write_shard(&dir.join(shard_name(split, 0)), dtype, tokens, &[tokens.len() as u64])?],
+        };
+        let n = shards.len() as u64;
+        match split {
+            "train" => (meta.shards.train, meta.train_tokens, meta.train_documents) = (shards, train.len() as u64, n),
+            _ => (meta.shards.val, meta.val_tokens, meta.val_documents) = (shards, val.len() as u64, n),
+        }
+    }
+    Ok(meta)
 }
 
 #[cfg(test)]
@@ -335,6 +444,8 @@ mod tests {
         assert_eq!(tf.max_id(), *train.iter().max().unwrap());
         assert!(tf.window(998, 3).is_err());
         assert!(tf.window(usize::MAX, 2).is_err());
+        assert_eq!(tf.documents(), Some(1));
+        assert_eq!(tf.document(0).unwrap(), train);
         let vf = TokenFile::open(dir.path(), "val", &meta).unwrap();
         assert_eq!(vf.window(0, 3).unwrap(), val);
         assert!(TokenFile::open(dir.path(), "test", &meta).is_err());
@@ -344,13 +455,68 @@ mod tests {
         let vf = TokenFile::open(dir.path(), "val", &small).unwrap();
         assert!(vf.is_empty());
         assert_eq!(vf.max_id(), 0);
-        // A meta.json that disagrees with the file size is caught, naming the file.
+        // A meta.json that disagrees with the shard is caught, naming the file.
         let mut wrong = small.clone();
+        wrong.shards.train[0].tokens = 4;
         wrong.train_tokens = 4;
         let err = TokenFile::open(dir.path(), "train", &wrong).unwrap_err();
-        assert!(format!("{err:#}").contains("train.bin"), "{err:#}");
+        assert!(format!("{err:#}").contains("train-00000.bin"), "{err:#}");
         assert!(write_tokens(&dir.path().join("x.bin"), &[70000], "u16").is_err());
         assert!(write_prepared_dir(dir.path(), &[16], &[], 16, None).is_err());
+    }
+
+    #[test]
+    fn windows_and_documents_span_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens: Vec<u32> = (0..50).collect();
+        // Shard 0: documents ending at 5 and 20; tokens 20..30 continue into shard 1, whose
+        // first document ends at its token 5 (stream token 35); then one more ending at 50.
+        let a = write_shard(&dir.path().join("train-00000.bin"), Dtype::U16, &tokens[..30], &[5, 20]).unwrap();
+        let b = write_shard(&dir.path().join("train-00001.bin"), Dtype::U16, &tokens[30..], &[5, 20]).unwrap();
+        let mut meta = Meta::empty(100);
+        (meta.train_tokens, meta.train_documents) = (50, 4);
+        meta.shards.train = vec![a, b];
+        meta.save(dir.path()).unwrap();
+        let meta = Meta::load(dir.path()).unwrap();
+        let tf = TokenFile::open(dir.path(), "train", &meta).unwrap();
+        assert_eq!(tf.shards().len(), 2);
+        assert_eq!(tf.window(25, 10).unwrap(), &tokens[25..35]);
+        assert_eq!(tf.window(0, 50).unwrap(), tokens);
+        assert_eq!(tf.window(30, 0).unwrap(), Vec::<u32>::new());
+        assert_eq!(tf.documents(), Some(4));
+        let ranges: Vec<_> = (0..4).map(|i| tf.document_range(i).unwrap()).collect();
+        assert_eq!(ranges, [(0, 5), (5, 20), (20, 35), (35, 50)]);
+        assert!(tf.document(4).is_err());
+        assert_eq!(tf.max_id(), 49);
+        // Counts that do not add up are refused when loading.
+        let mut bad = meta.clone();
+        bad.train_documents = 3;
+        bad.save(dir.path()).unwrap();
+        assert!(format!("{:#}", Meta::load(dir.path()).unwrap_err()).contains("train_documents 3"));
+        let mut bad = meta.clone();
+        bad.shards.train[0].file = "../train-00000.bin".into();
+        bad.save(dir.path()).unwrap();
+        assert!(Meta::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn old_directories_are_read_as_one_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let train: Vec<u32> = (0..100).collect();
+        write_tokens(&dir.path().join("train.bin"), &train, "u16").unwrap();
+        write_tokens(&dir.path().join("val.bin"), &[7, 8, 9], "u16").unwrap();
+        let json = r#"{"vocab_size": 300, "dtype": "u16", "train_tokens": 100, "val_tokens": 3,
+            "bos_id": 0, "eos_id": 0, "tokenizer_source": "trained", "files": [], "format_version": 1}"#;
+        fs::write(dir.path().join("meta.json"), json).unwrap();
+        let meta = Meta::load(dir.path()).unwrap();
+        let tf = TokenFile::open(dir.path(), "train", &meta).unwrap();
+        assert_eq!(tf.window(90, 10).unwrap(), &train[90..]);
+        assert_eq!(tf.documents(), None);
+        assert!(tf.document(0).is_err());
+        assert_eq!(TokenFile::open(dir.path(), "val", &meta).unwrap().window(0, 3).unwrap(), [7, 8, 9]);
+        fs::write(dir.path().join("val.bin"), [0u8; 4]).unwrap();
+        let err = format!("{:#}", TokenFile::open(dir.path(), "val", &meta).unwrap_err());
+        assert!(err.contains("val.bin") && err.contains("holds 4 bytes"), "{err}");
     }
 
     #[test]
