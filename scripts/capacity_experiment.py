@@ -7,9 +7,12 @@ The arms, budgets and schedule live here; `plan` writes them out as sweep plans,
 
     scripts/capacity_experiment.py plan     # write configs/capacity.toml, configs/capacity-2p.toml
     scripts/capacity_experiment.py data     # Moby Dick + Brown as bytes -> data/mobybrown-bytes
+    scripts/capacity_experiment.py stdlib   # the Python stdlib's sources as bytes (longer budgets)
     scripts/capacity_experiment.py time     # time every arm (bench, 2 threads / 2 jobs x 1 thread),
                                             # estimate the grid's hours
+    scripts/capacity_experiment.py table    # the plan's table for docs/results.md (after `time`)
     scripts/capacity_experiment.py run      # the grid (resumable: run it again after any stop)
+    scripts/capacity_experiment.py run --stage 2   # stage 2, the stdlib plan (another ~8 hours)
     scripts/capacity_experiment.py smoke    # the same pipeline end to end, a few steps per run
 
 Budget P = the block parameters of a 2-layer vanilla stack at d_model 64 (SwiGLU 172, byte
@@ -108,6 +111,13 @@ ARMS_2P = [
 ]
 BUDGETS_2P = [30, 100]
 
+# Stage 2 (not in the 8-hour grid): a longer budget without repeating text, on the Python
+# stdlib's sources (~31.5 MB: 300 tokens per parameter is about one epoch), for the arms
+# that matter at P: both vanilla models and the best sharing arms of each kind.
+STDLIB = "data/python-stdlib-bytes"
+ARMS_STDLIB = [a for a in ARMS_P if a["name"] in ("a-van2", "b-van8-d32", "d-lors8-r5", "e-shared8-g2", "e-lors8-g2-d56")]
+BUDGETS_STDLIB = [100, 300]
+
 
 def lors_extra_params(a):
     """Unique block parameters of an arm (closed form, as ParamCounts)."""
@@ -133,7 +143,7 @@ def steps_for(tokens_per_param, budget):
     return round(tokens_per_param * budget / TOKENS_PER_STEP)
 
 
-def plan_text(title, prefix, arms, budgets, budget, seeds=(1, 2)):
+def plan_text(title, prefix, arms, budgets, budget, seeds=(1, 2), data_dir=DATA):
     top = budgets[-1]
     base_name = f"{arms[0]['name']}-t{top}"
     refs = arms[:2]  # the vanilla models at the budget, (a) and (b)
@@ -172,7 +182,7 @@ def plan_text(title, prefix, arms, budgets, budget, seeds=(1, 2)):
         "ckpt_interval = 500\nkeep_checkpoints = 1",
         "",
         "[base.data]",
-        f'dir = "{DATA}"',
+        f'dir = "{data_dir}"',
         "",
         "# --smoke: every run and branch of the plan, 1 % of its steps (at least 2), short windows.",
         "[smoke]",
@@ -200,13 +210,15 @@ def plan_text(title, prefix, arms, budgets, budget, seeds=(1, 2)):
 
 
 def write_plans():
-    for path, title, prefix, arms, budgets, budget in [
+    for path, title, prefix, arms, budgets, budget, data_dir in [
         ("configs/capacity.toml", "The capacity-limited regime: deep shared and LORS stacks vs vanilla at P = 98,816 block parameters, byte-level Moby Dick + Brown",
-         "capacity_", ARMS_P, BUDGETS, P),
+         "capacity_", ARMS_P, BUDGETS, P, DATA),
         ("configs/capacity-2p.toml", "The capacity-limited regime, second budget: 2P = 197,632 block parameters",
-         "capacity2p_", ARMS_2P, BUDGETS_2P, 2 * P),
+         "capacity2p_", ARMS_2P, BUDGETS_2P, 2 * P, DATA),
+        ("configs/capacity-stdlib.toml", "The capacity-limited regime, stage 2: up to 300 tokens per block parameter on the Python stdlib's sources (about one epoch)",
+         "capacitystd_", ARMS_STDLIB, BUDGETS_STDLIB, P, STDLIB),
     ]:
-        (ROOT / path).write_text(plan_text(title, prefix, arms, budgets, budget))
+        (ROOT / path).write_text(plan_text(title, prefix, arms, budgets, budget, data_dir=data_dir))
         print(f"wrote {path}: {len(arms)} arms x {len(budgets)} budgets")
 
 
@@ -233,6 +245,34 @@ def data(args):
                                "--out", "data/moby-bytes"], cwd=ROOT)
 
 
+def stdlib_data(args):
+    """The Python standard library's sources as a byte-level corpus (for budgets beyond ~4
+    epochs of Moby Dick + Brown): every *.py under this Python's stdlib, its tests included
+    (site-packages left out), copied as .txt (what `prepare` reads), the version recorded.
+    Python 3.11.7 here: 2,300 files, about 31.5 MB."""
+    import sysconfig, shutil, platform
+    src = Path(sysconfig.get_paths()["stdlib"])
+    out = ROOT / "data/python-stdlib"
+    if not (out / ".complete").exists():
+        if out.exists():
+            shutil.rmtree(out)
+        n = 0
+        for f in sorted(src.rglob("*.py")):
+            rel = f.relative_to(src)
+            if rel.parts[0] in ("site-packages", "dist-packages"):
+                continue
+            dst = out / (str(rel) + ".txt")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+            n += 1
+        (out / "VERSION").write_text(f"Python {platform.python_version()} stdlib from {src}: {n} files\n")
+        (out / ".complete").write_text("")
+    print((out / "VERSION").read_text().strip())
+    if not (ROOT / "data/python-stdlib-bytes/meta.json").exists():
+        subprocess.check_call([lors_lm(args), "prepare", "--vocab-size", "257", "--lossy", "--input", "data/python-stdlib",
+                               "--out", "data/python-stdlib-bytes"], cwd=ROOT)
+
+
 def bench(exe, a, steps, threads):
     """Training tokens/s of arm `a` (random tokens, the plan's batch and sequence)."""
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
@@ -252,32 +292,98 @@ def result(p):
     return json.loads(out.strip().splitlines()[-1])
 
 
+REF = arm("ref-van8-d64", "vanilla", 64, 8, 4, 172, note="the issue's reference: d_model 64, 8 layers")
+ISSUE_REF_TOK_S = 26_000  # the issue's figure for REF on this 2-core machine, idle
+
+
 def time_arms(args):
-    """Per arm: one job with 2 threads, then two 1-thread jobs side by side (the same arm
-    twice: what --jobs 2 does), in the same round; the grid's hours from the faster."""
+    """Each arm against the reference (vanilla d_model 64 x 8 layers, 2 threads) in the same
+    round, and its two-jobs-of-one-thread throughput against its one-job-of-two-threads, for
+    `--rounds` rounds: medians of the per-round ratios, so that a machine busy with other work
+    slows both sides of each ratio. Hours = tokens / (reference tok/s x ratio), at the reference
+    speed measured here (median) and at the issue's 26k tok/s; what --jobs 2 gains is left out
+    (conservative: on a shared machine the side-by-side ratio is the noisiest figure)."""
     exe = lors_lm(args)
-    rows = []
+    ref_all, rows = [], []
     for plan_arms, budgets, budget in [(ARMS_P, BUDGETS, P), (ARMS_2P, BUDGETS_2P, 2 * P)]:
         for a in plan_arms:
-            p, cfg = bench(exe, a, args.steps, 2)
-            two = result(p)["train_tokens_per_sec"]
-            ps = [bench(exe, a, args.steps, 1) for _ in range(2)]
-            side = sum(result(p)["train_tokens_per_sec"] for p, _ in ps)
-            for _, c in ps + [(None, cfg)]:
-                os.unlink(c)
+            ratios, gains = [], []
+            for _ in range(args.rounds):
+                p, c0 = bench(exe, REF, args.steps, 2)
+                ref = result(p)["train_tokens_per_sec"]
+                p, c1 = bench(exe, a, args.steps, 2)
+                one = result(p)
+                ps = [bench(exe, a, args.steps, 1) for _ in range(2)]
+                side = sum(result(q)["train_tokens_per_sec"] for q, _ in ps)
+                for c in [c0, c1] + [c for _, c in ps]:
+                    os.unlink(c)
+                ref_all.append(ref)
+                ratios.append(one["train_tokens_per_sec"] / ref)
+                gains.append(side / one["train_tokens_per_sec"])
             mine = a["budgets"] or budgets
             steps = steps_for(mine[-1], budget) + sum(round(0.2 * steps_for(b, budget)) for b in mine[:-1])
-            tokens = steps * TOKENS_PER_STEP
-            rows.append(dict(arm=a["name"], budget=budget, block=lors_extra_params(a), tok_s_2threads=two,
-                             tok_s_2jobs=side, hours_per_seed=tokens / max(two, side) / 3600))
-            r = rows[-1]
-            print(f"{r['arm']:<18} {r['block']:>7} block params  1 job x 2 threads {two:8.0f} tok/s   2 jobs x 1 thread "
-                  f"{side:8.0f} tok/s ({side / two:.2f}x)   {tokens / 1e6:6.1f}M tokens per seed: {r['hours_per_seed']:.2f} h",
-                  flush=True)
-    total = 2 * sum(r["hours_per_seed"] for r in rows)
-    print(f"grid, 2 seeds, training steps alone: {total:.1f} hours (at the faster of the two ways per arm)")
+            r = dict(arm=a["name"], budget=budget, block=lors_extra_params(a), tokens=steps * TOKENS_PER_STEP,
+                     vs_ref=statistics.median(ratios), jobs2_gain=statistics.median(gains),
+                     step_ms=one["step_ms_median"], forward_ms=one["forward_ms"], backward_ms=one["backward_ms"],
+                     optimizer_ms=one["optimizer_ms"])
+            rows.append(r)
+            print(f"{r['arm']:<20} {r['block']:>7} block  speed vs reference {r['vs_ref']:.2f}x  "
+                  f"2 jobs x 1 thread vs 1 x 2: {r['jobs2_gain']:.2f}x  (step: forward {one['forward_ms']:.0f} ms, "
+                  f"backward {one['backward_ms']:.0f} ms, optimizer {one['optimizer_ms']:.0f} ms)  "
+                  f"{r['tokens'] / 1e6:.1f}M tokens per seed", flush=True)
+    ref_tok_s = statistics.median(ref_all)
+    for anchor, what in [(ref_tok_s, "measured here (median, shared machine)"), (ISSUE_REF_TOK_S, "the issue's, idle")]:
+        hours = 2 * sum(r["tokens"] / (anchor * r["vs_ref"]) for r in rows) / 3600
+        print(f"reference {anchor:.0f} tok/s ({what}): grid, 2 seeds, training steps alone: {hours:.1f} hours")
+    for r in rows:
+        r["hours_per_seed_at_issue_ref"] = r["tokens"] / (ISSUE_REF_TOK_S * r["vs_ref"]) / 3600
     (ROOT / "runs").mkdir(exist_ok=True)
-    (ROOT / "runs/capacity_timing.json").write_text(json.dumps(rows, indent=1))
+    (ROOT / "runs/capacity_timing.json").write_text(json.dumps(dict(ref_tok_s=ref_tok_s, arms=rows), indent=1))
+
+
+def arm_config(a):
+    """A config file of arm `a` (for `lors-lm params` / `bench`)."""
+    f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+    f.write(f"[model]\nvocab_size = {V}\nd_model = {a['d']}\nn_layers = {a['layers']}\nn_heads = {a['heads']}\n"
+            f"ffn_hidden = {a['ffn']}\nmax_seq_len = {SEQ}\n[lors]\nmode = \"{a['mode']}\"\n"
+            f"[train]\nbatch_size = {BATCH}\nseq_len = {SEQ}\n")
+    f.close()
+    return f.name
+
+
+def table(args):
+    """The plan as a markdown table (docs/results.md): every arm's parameters, FLOPs and decode
+    bytes per token (`lors-lm params --json`), budgets, tokens, epochs, and the hours
+    `time` estimated (runs/capacity_timing.json, at the issue's reference speed)."""
+    exe = lors_lm(args)
+    timing = json.loads((ROOT / "runs/capacity_timing.json").read_text()) if (ROOT / "runs/capacity_timing.json").exists() else None
+    by_arm = {(r["arm"], r["budget"]): r for r in timing["arms"]} if timing else {}
+    train = json.loads((ROOT / DATA / "meta.json").read_text())["train_tokens"]
+    print("| arm | what | d_model × layers | unique block params (% of budget) | train MFLOP / token | decode MB / token, read / distinct | tokens / block param (wsd: longest trained, others its decay branches) | tokens, longest | epochs, longest | training speed vs reference (2 threads) | est. hours, 2 seeds |")
+    print("|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    total = 0.0
+    for plan_arms, budgets, budget in [(ARMS_P, BUDGETS, P), (ARMS_2P, BUDGETS_2P, 2 * P)]:
+        for a in plan_arms:
+            cfg = arm_config(a)
+            cmd = [exe, "params", "--json", "--config", cfg]
+            for x in a["extra"]:
+                cmd += ["--set", x]
+            j = json.loads(subprocess.check_output(cmd, text=True))
+            os.unlink(cfg)
+            w = "merged" if a["mode"] == "vanilla" else "factored"
+            dec = j["decode_bytes_per_token"][w]
+            mine = a["budgets"] or budgets
+            tokens = steps_for(mine[-1], budget) * TOKENS_PER_STEP
+            t = by_arm.get((a["name"], budget))
+            hours = 2 * t["tokens"] / (ISSUE_REF_TOK_S * t["vs_ref"]) / 3600 if t else None
+            total += hours or 0
+            timed = f"{t['vs_ref']:.2f}× | {hours:.2f} |" if t else "— | — |"
+            print(f"| {a['name']} | {a['note']} | {a['d']} × {a['layers']} | {j['block_unique']} ({100 * (j['block_unique'] / budget - 1):+.1f} %) "
+                  f"| {j['train_flops_per_token']['total'] / 1e6:.2f} | {dec['read'] / 1e6:.3f} / {dec['distinct'] / 1e6:.3f} ({w[0]}) "
+                  f"| {', '.join(map(str, mine))} | {tokens / 1e6:.1f}M | {tokens / train:.2f} | {timed}")
+    if timing:
+        print(f"\nTotal: {total:.1f} hours of training steps at the reference's {ISSUE_REF_TOK_S} tok/s "
+              f"(measured here, shared machine: {timing['ref_tok_s']:.0f} tok/s).")
 
 
 def sweep(args, plan, extra):
@@ -288,17 +394,26 @@ def sweep(args, plan, extra):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["plan", "data", "time", "run", "smoke"])
+    ap.add_argument("what", choices=["plan", "data", "stdlib", "time", "table", "run", "smoke"])
     ap.add_argument("--lors-lm", help="the lors-lm binary")
     ap.add_argument("--jobs", type=int, default=2, help="chains side by side (run, smoke)")
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per arm (time)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per arm and round (time)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per arm (time)")
+    ap.add_argument("--stage", type=int, default=1, choices=[1, 2], help="run: 1 = the grid, 2 = the stdlib plan")
     args = ap.parse_args()
     if args.what == "plan":
         write_plans()
     elif args.what == "data":
         data(args)
+    elif args.what == "stdlib":
+        stdlib_data(args)
     elif args.what == "time":
         time_arms(args)
+    elif args.what == "table":
+        table(args)
+    elif args.what == "run" and args.stage == 2:
+        stdlib_data(args)
+        sweep(args, "configs/capacity-stdlib.toml", [])
     elif args.what == "run":
         data(args)
         for plan in ["configs/capacity.toml", "configs/capacity-2p.toml"]:

@@ -115,9 +115,12 @@ pub fn report(input: &ReportInput) -> Result<Report> {
     let pre = &input.plan.charts_prefix;
     let (curves, frontiers) = chart_series(&rows);
     let _ = writeln!(md, "\n![validation loss vs tokens]({pre}loss_curves.png)\n");
-    for f in &frontiers {
+    // A frontier with nothing to place (runs from before decode timing) gets no chart.
+    for f in frontiers.iter().filter(|f| !f.means.is_empty()) {
         let _ = writeln!(md, "![{}]({pre}{})\n", f.title, f.file);
-        let on: Vec<&str> = f.means.iter().filter(|m| f.front.contains(&m.2)).map(|m| m.0.as_str()).collect();
+        let mut on: Vec<&(String, usize, (f64, f64))> = f.means.iter().filter(|m| f.front.contains(&m.2)).collect();
+        on.sort_by(|a, b| a.2 .0.total_cmp(&b.2 .0)); // in x order, as the front is drawn
+        let on: Vec<&str> = on.iter().map(|m| m.0.as_str()).collect();
         let _ = writeln!(md, "Pareto front ({}): {}\n", f.x_desc, on.join(" → "));
     }
     let _ = writeln!(md, "Every finished row's points: [{pre}{FRONTIERS_CSV}]({pre}{FRONTIERS_CSV}).\n");
@@ -519,4 +522,20 @@ fn machine() -> String {
         std::env::consts::OS,
         std::env::consts::ARCH
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pareto;
+
+    #[test]
+    fn pareto_fronts_keep_the_points_nothing_beats() {
+        let pts = [(1.0, 5.0), (2.0, 4.0), (3.0, 4.5), (4.0, 3.0), (2.5, 6.0)];
+        // Fewer parameters (or FLOPs) and lower loss.
+        assert_eq!(pareto(pts.into_iter(), true), [(1.0, 5.0), (2.0, 4.0), (4.0, 3.0)]);
+        // Faster decoding (higher x) and lower loss: (4, 3) beats everything.
+        assert_eq!(pareto(pts.into_iter(), false), [(4.0, 3.0)]);
+        let pts = [(1.0, 2.0), (3.0, 4.0)];
+        assert_eq!(pareto(pts.into_iter(), false), [(1.0, 2.0), (3.0, 4.0)]);
+    }
 }
