@@ -254,6 +254,7 @@ def compare_ids(out, tokenizer, path, fmt, seed=0, fraction=0.1):
 # ---------------------------------------------------------------------------------------------
 
 def main():
+    global BIN
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=260)
     ap.add_argument("--work", default=os.path.join(ROOT, "data", "bench-prepare"))
@@ -265,7 +266,6 @@ def main():
         python_encode(*a.python_encode)
         return
     ensure_venv()
-    global BIN
     BIN = os.path.abspath(a.bin)
     import tokenizers
     os.makedirs(a.work, exist_ok=True)
