@@ -113,7 +113,28 @@ impl PrepareArgs {
     }
 }
 
+/// Gives prepare glibc's allocator defaults back (large buffers mmapped and returned, the heap
+/// trimmed): `device::tune_allocator` keeps all freed memory for training's fixed working set,
+/// which for a stream of batches of every size only lets RSS creep up (360 MB instead of 240 MB
+/// on 70 MB of JSON lines). A user's own `MALLOC_*` settings win.
+fn default_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let set = |var: &str| std::env::var_os(var).is_some();
+        // SAFETY: mallopt only changes allocator parameters; called before prepare starts threads.
+        unsafe {
+            if !set("MALLOC_MMAP_MAX_") && !set("MALLOC_MMAP_THRESHOLD_") {
+                libc::mallopt(libc::M_MMAP_MAX, 65536);
+            }
+            if !set("MALLOC_TRIM_THRESHOLD_") {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+            }
+        }
+    }
+}
+
 pub fn run(args: &PrepareArgs) -> Result<()> {
+    default_allocator();
     let t0 = Instant::now();
     let meta = crate::data::prepare(&args.options())?;
     let secs = t0.elapsed().as_secs_f64();

@@ -14,6 +14,8 @@ use super::tokenizer::{chunking_is_exact, split_into_chunks, EOT};
 
 /// Target size of the pieces of one text encoded in parallel.
 const CHUNK_BYTES: usize = 128 * 1024;
+/// Bytes of text encoded at once (at least four chunks per thread).
+const GROUP_BYTES: usize = 1 << 20;
 
 /// How texts become ids.
 pub(super) enum Encoder {
@@ -45,11 +47,25 @@ impl Encoder {
                 owner.push(i);
             }
         }
-        let encodings =
-            tok.encode_batch_fast(chunks, false).map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+        // In groups of about GROUP_BYTES: an encoding holds ~100 bytes per token besides its
+        // ids (offsets, token strings, masks), so a whole batch's at once would be most of RSS.
+        let group_bytes = GROUP_BYTES.max(4 * rayon::current_num_threads() * CHUNK_BYTES);
         let mut out = vec![Vec::new(); texts.len()];
-        for (enc, i) in encodings.iter().zip(owner) {
-            out[i].extend_from_slice(enc.get_ids());
+        let mut start = 0;
+        while start < chunks.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < chunks.len() && (end == start || bytes + chunks[end].len() <= group_bytes) {
+                bytes += chunks[end].len();
+                end += 1;
+            }
+            let encodings = tok
+                .encode_batch_fast(chunks[start..end].to_vec(), false)
+                .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+            for (enc, &i) in encodings.iter().zip(&owner[start..end]) {
+                out[i].extend_from_slice(enc.get_ids());
+            }
+            start = end;
         }
         Ok(out)
     }

@@ -128,15 +128,25 @@ pub(super) fn tokenizer_vocab_size(tok: &Tokenizer) -> usize {
 
 /// Whether encoding the text in pieces cut by [`split_into_chunks`] gives exactly the ids of
 /// encoding it whole. True for GPT-2-style byte-level tokenizers: no normalizer, the ByteLevel
-/// pre-tokenizer with its regex and no prefix space, added tokens plain special strings.
+/// pre-tokenizer with its regex and no prefix space (alone, or after Digits), added tokens
+/// plain special strings.
 /// Every token of the GPT-2 regex that is not pure whitespace contains no whitespace but an
 /// optional leading space, so the cuts used (after `X\n` before `Y`, or before ` Y`, with X, Y
 /// printable ASCII) are pre-token boundaries in both encodings.
 pub(super) fn chunking_is_exact(tok: &Tokenizer) -> bool {
-    let pre_ok = matches!(
-        tok.get_pre_tokenizer(),
-        Some(PreTokenizerWrapper::ByteLevel(b)) if b.use_regex && !b.add_prefix_space
-    );
+    let byte_level = |p: &PreTokenizerWrapper| matches!(p, PreTokenizerWrapper::ByteLevel(b) if b.use_regex && !b.add_prefix_space);
+    // Digits (SmolLM2, StarCoder: digits split off before the regex) isolates runs of digits,
+    // which never contain a cut (cuts are at a newline or a space).
+    let pre_ok = match tok.get_pre_tokenizer() {
+        Some(PreTokenizerWrapper::Sequence(seq)) => match seq.as_ref() {
+            [rest @ .., last] => {
+                byte_level(last) && rest.iter().all(|p| matches!(p, PreTokenizerWrapper::Digits(_)))
+            }
+            [] => false,
+        },
+        Some(p) => byte_level(p),
+        None => false,
+    };
     let added_ok = tok
         .get_added_tokens_decoder()
         .values()
