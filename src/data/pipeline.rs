@@ -198,7 +198,7 @@ pub(super) fn write_shards(
                 doc_offset = if piece.last { 0 } else { doc_offset + piece.text.len() as u64 };
                 let (next_doc, next_piece) = if piece.last { (piece.doc + 1, 0) } else { (piece.doc, piece.index + 1) };
                 if train.tokens() >= opts.shard_tokens || val.tokens() >= opts.shard_tokens {
-                    close(&mut train, &mut val, state, out)?;
+                    close(&mut train, &mut val, state)?;
                     (state.next_doc, state.next_piece, state.doc_offset) = (next_doc, next_piece, doc_offset);
                     state.counts = live.clone();
                     state.save(out)?;
@@ -223,7 +223,7 @@ pub(super) fn write_shards(
     if !reader_ok {
         bail!("the reader thread panicked");
     }
-    close(&mut train, &mut val, state, out)?;
+    close(&mut train, &mut val, state)?;
     state.counts = live;
     state.next_doc = scan.documents;
     state.next_piece = 0;
@@ -243,7 +243,7 @@ pub(super) fn write_shards(
 }
 
 /// Closes both open shards, recording them in the state (not yet saved).
-fn close(train: &mut SplitWriter, val: &mut SplitWriter, state: &mut State, _out: &Path) -> Result<()> {
+fn close(train: &mut SplitWriter, val: &mut SplitWriter, state: &mut State) -> Result<()> {
     if let Some(info) = train.close()? {
         state.train.push(info);
     }

@@ -156,7 +156,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Meta> {
     };
     let mut state = match earlier {
         Some(state) => state,
-        None => start_fresh(out, &tokenizer, settings, &scan)?,
+        None => start_fresh(out, &tokenizer, settings)?,
     };
     let Prepared { encoder, vocab_size, eos, .. } = tokenizer;
     let written = write_shards(&inputs, &read, &scan, &encoder, eos, vocab_size, &mut state, opts, out)?;
@@ -431,7 +431,7 @@ fn resumed_tokenizer(out: &Path, state: &State, plan: Plan) -> Result<Prepared> 
 
 /// Clears `--out` of an earlier prepare's files (only those, see [`OUTPUT_FILES`]), then writes
 /// tokenizer.json and the initial resume state.
-fn start_fresh(out: &Path, tok: &Prepared, settings: Settings, scan: &Scan) -> Result<State> {
+fn start_fresh(out: &Path, tok: &Prepared, settings: Settings) -> Result<State> {
     fs::create_dir_all(out).with_context(|| format!("could not create --out {}", out.display()))?;
     // meta.json first: a directory with one is always complete.
     let meta_path = out.join("meta.json");
@@ -440,7 +440,7 @@ fn start_fresh(out: &Path, tok: &Prepared, settings: Settings, scan: &Scan) -> R
     }
     remove_outputs(out)?;
     write_atomic(&out.join("tokenizer.json"), |w| w.write_all(tok.json.as_bytes()))?;
-    let state = State::new(settings, tok, scan);
+    let state = State::new(settings, tok);
     state.save(out)?;
     Ok(state)
 }

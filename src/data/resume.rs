@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::input::Inputs;
-use super::prepare::{PrepareOptions, Prepared, Scan};
+use super::prepare::{PrepareOptions, Prepared};
 use super::shards::{file_sha256, ShardInfo};
 use super::tokens::InputFile;
 use crate::files::write_atomic;
@@ -101,7 +101,7 @@ pub struct State {
 }
 
 impl State {
-    pub(super) fn new(settings: Settings, tok: &Prepared, _scan: &Scan) -> State {
+    pub(super) fn new(settings: Settings, tok: &Prepared) -> State {
         State {
             version: STATE_VERSION,
             settings,

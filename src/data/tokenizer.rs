@@ -134,14 +134,13 @@ pub(super) fn tokenizer_vocab_size(tok: &Tokenizer) -> usize {
 /// optional leading space, so the cuts used (after `X\n` before `Y`, or before ` Y`, with X, Y
 /// printable ASCII) are pre-token boundaries in both encodings.
 pub(super) fn chunking_is_exact(tok: &Tokenizer) -> bool {
-    let byte_level = |p: &PreTokenizerWrapper| matches!(p, PreTokenizerWrapper::ByteLevel(b) if b.use_regex && !b.add_prefix_space);
+    let byte_level =
+        |p: &PreTokenizerWrapper| matches!(p, PreTokenizerWrapper::ByteLevel(b) if b.use_regex && !b.add_prefix_space);
     // Digits (SmolLM2, StarCoder: digits split off before the regex) isolates runs of digits,
     // which never contain a cut (cuts are at a newline or a space).
     let pre_ok = match tok.get_pre_tokenizer() {
         Some(PreTokenizerWrapper::Sequence(seq)) => match seq.as_ref() {
-            [rest @ .., last] => {
-                byte_level(last) && rest.iter().all(|p| matches!(p, PreTokenizerWrapper::Digits(_)))
-            }
+            [rest @ .., last] => byte_level(last) && rest.iter().all(|p| matches!(p, PreTokenizerWrapper::Digits(_))),
             [] => false,
         },
         Some(p) => byte_level(p),

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::resume::STATE_FILE;
 use super::shards::{is_shard_name, max_id, shard_name, write_shard, Dtype, Shard, ShardInfo};
 use super::tokenizer::{find_bos_eos, load_tokenizer};
 use crate::files::write_atomic;
@@ -112,6 +113,13 @@ impl Meta {
     /// Reads and checks `DIR/meta.json`.
     pub fn load(dir: &Path) -> Result<Meta> {
         let path = dir.join("meta.json");
+        if !path.is_file() && dir.join(STATE_FILE).is_file() {
+            bail!(
+                "{} holds an unfinished prepare (no meta.json yet, {STATE_FILE}): finish it with \
+                 `lors-lm prepare --resume` and the same arguments",
+                dir.display()
+            );
+        }
         if !path.is_file() {
             bail!("no meta.json in {}: run `lors-lm prepare` first", dir.display());
         }

@@ -1,5 +1,8 @@
 //! Training and validation batches: windows of `seq_len + 1` tokens, cut into inputs (B, T)
-//! and targets shifted by one.
+//! and targets shifted by one. A split is one token stream over all its shards
+//! ([`TokenFile`]): window starts are uniform over the stream (so shards are sampled in
+//! proportion to their size; a window may span two shards or several documents, which the
+//! end-of-text tokens separate), each data-parallel rank drawing from its own random stream.
 
 use crate::data::TokenFile;
 use crate::rng::Rng;
