@@ -3,6 +3,9 @@
 //! `--bytes` round-trips any bytes, a prepare killed with SIGKILL resumes to byte-identical
 //! shards (and refuses to resume with other inputs or another tokenizer), and bad input is
 //! refused naming the file and the place, with nothing half-written left.
+mod common;
+
+use common::{assert_ok, assert_refused};
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -47,24 +50,6 @@ fn prepare(args: &[&str]) -> Output {
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
-}
-
-#[track_caller]
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "prepare failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A clean refusal: exit code 1, one error, no panic; returns stderr.
-#[track_caller]
-fn assert_refused(out: &Output, needles: &[&str]) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
-    assert!(stderr.contains("error:"), "stderr:\n{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
-    }
-    stderr
 }
 
 /// Documents with what breaks naive readers: quotes, backslashes, newlines, tabs, CRLF, NUL,

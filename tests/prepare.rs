@@ -1,5 +1,8 @@
 //! Integration tests of `lors-lm prepare`: the real binary on tiny corpora, read back through
 //! the library API the trainer uses.
+mod common;
+
+use common::{assert_ok, assert_refused};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -79,24 +82,6 @@ fn prepare(args: &[&str]) -> Output {
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
-}
-
-#[track_caller]
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "prepare failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Asserts a clean failure (exit code 1, an `error:` line, no panic) and returns stderr.
-#[track_caller]
-fn assert_refused(out: &Output, needles: &[&str]) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
-    assert!(stderr.contains("error:"), "stderr:\n{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
-    }
-    stderr
 }
 
 fn all_tokens(dir: &Path) -> (Meta, Vec<u32>, Vec<u32>) {

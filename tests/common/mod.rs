@@ -102,3 +102,23 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Asserts a command succeeded, showing its stderr if not.
+#[track_caller]
+pub fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Asserts a clean refusal (exit code 1, an `error:` line, no panic) naming every needle, and
+/// returns stderr.
+#[track_caller]
+pub fn assert_refused(out: &Output, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
+    assert!(stderr.contains("error:"), "stderr:\n{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    stderr
+}
