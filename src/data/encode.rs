@@ -2,6 +2,7 @@
 //! text cut into pieces where that changes no id, see `tokenizer::chunking_is_exact`), or byte
 //! for byte (`--bytes`, [`byte_tokenizer`]).
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -14,8 +15,6 @@ use super::tokenizer::{chunking_is_exact, split_into_chunks, EOT};
 
 /// Target size of the pieces of one text encoded in parallel.
 const CHUNK_BYTES: usize = 128 * 1024;
-/// Bytes of text encoded at once (at least four chunks per thread).
-const GROUP_BYTES: usize = 1 << 20;
 
 /// How texts become ids.
 pub(super) enum Encoder {
@@ -47,25 +46,21 @@ impl Encoder {
                 owner.push(i);
             }
         }
-        // In groups of about GROUP_BYTES: an encoding holds ~100 bytes per token besides its
-        // ids (offsets, token strings, masks), so a whole batch's at once would be most of RSS.
-        let group_bytes = GROUP_BYTES.max(4 * rayon::current_num_threads() * CHUNK_BYTES);
+        // Each piece's ids are taken as soon as it is encoded: an encoding also holds ~100
+        // bytes per token of offsets, token strings and masks, so a whole batch's encodings at
+        // once would be most of RSS.
+        let ids: Vec<Vec<u32>> = chunks
+            .par_iter()
+            .map(|c| tok.encode_fast(*c, false).map(|e| e.get_ids().to_vec()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
         let mut out = vec![Vec::new(); texts.len()];
-        let mut start = 0;
-        while start < chunks.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < chunks.len() && (end == start || bytes + chunks[end].len() <= group_bytes) {
-                bytes += chunks[end].len();
-                end += 1;
+        for (piece, i) in ids.into_iter().zip(owner) {
+            if out[i].is_empty() {
+                out[i] = piece;
+            } else {
+                out[i].extend_from_slice(&piece);
             }
-            let encodings = tok
-                .encode_batch_fast(chunks[start..end].to_vec(), false)
-                .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
-            for (enc, &i) in encodings.iter().zip(&owner[start..end]) {
-                out[i].extend_from_slice(enc.get_ids());
-            }
-            start = end;
         }
         Ok(out)
     }
