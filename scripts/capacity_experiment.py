@@ -22,7 +22,7 @@ one budget compare at equal data. Token budgets 10, 30, 100 and 200 tokens per u
 parameter; the 200 run of each arm is trained once with a warmup-stable-decay schedule and the
 shorter budgets are its decay branches (`branch_of`): they continue its checkpoint at the step
 where their own decay starts, so each (arm, seed) costs one long run plus three short decays.
-200 tokens per parameter = 19.8M tokens = 3.05 epochs of the 6.49M-byte train split: no text is
+200 tokens per parameter = 19.8M tokens = 3.02 epochs of the 6.55M-byte train split: no text is
 repeated more than ~3 times.
 
 Options: --lors-lm PATH (default target/release/lors-lm, else $CARGO_TARGET_DIR/release/lors-lm),
@@ -237,11 +237,11 @@ def data(args):
     if (out / "meta.json").exists():
         print(f"{DATA} already prepared")
     else:
-        subprocess.check_call([lors_lm(args), "prepare", "--vocab-size", "257", "--input", "data/moby-dick", "data/brown",
+        subprocess.check_call([lors_lm(args), "prepare", "--bytes", "--input", "data/moby-dick", "data/brown",
                                "--out", DATA], cwd=ROOT)
     small = ROOT / "data/moby-bytes"
     if not (small / "meta.json").exists():
-        subprocess.check_call([lors_lm(args), "prepare", "--vocab-size", "257", "--input", "data/moby-dick",
+        subprocess.check_call([lors_lm(args), "prepare", "--bytes", "--input", "data/moby-dick",
                                "--out", "data/moby-bytes"], cwd=ROOT)
 
 
@@ -269,7 +269,7 @@ def stdlib_data(args):
         (out / ".complete").write_text("")
     print((out / "VERSION").read_text().strip())
     if not (ROOT / "data/python-stdlib-bytes/meta.json").exists():
-        subprocess.check_call([lors_lm(args), "prepare", "--vocab-size", "257", "--lossy", "--input", "data/python-stdlib",
+        subprocess.check_call([lors_lm(args), "prepare", "--bytes", "--input", "data/python-stdlib",
                                "--out", "data/python-stdlib-bytes"], cwd=ROOT)
 
 
