@@ -558,3 +558,46 @@ fn an_old_directory_still_trains() {
     let out = run(cmd);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_tokenizer_sample_spreads_over_the_whole_corpus() {
+    // The first half of the corpus is written in one made-up language, the second in another:
+    // a sample of a third of the corpus taken from its start would see only the first.
+    let tmp = tempfile::tempdir().unwrap();
+    let words = |lang: &[&str], i: usize| -> String {
+        (0..60).map(|j| lang[(i * 7 + j * 3) % lang.len()]).collect::<Vec<_>>().join(" ")
+    };
+    let first = ["qwertyu", "asdfghj", "poiuytr", "lkjhgfd"];
+    let second = ["zxcvbnm", "mnbvcxz", "vbnmzxc", "cxzvbnm"];
+    let docs: Vec<String> = (0..200).map(|i| if i < 100 { words(&first, i) } else { words(&second, i) }).collect();
+    let input = tmp.path().join("corpus.jsonl");
+    fs::write(&input, jsonl(&docs)).unwrap();
+    let total: usize = docs.iter().map(String::len).sum();
+    let limit = (total / 3).to_string();
+    let out = tmp.path().join("data");
+    assert_ok(&prepare(&[
+        "--input",
+        p(&input),
+        "--out",
+        p(&out),
+        "--vocab-size",
+        "400",
+        "--tokenizer-sample-bytes",
+        &limit,
+    ]));
+    let meta = Meta::load(&out).unwrap();
+    let used = meta.tokenizer_sample_bytes.unwrap();
+    assert!(
+        used <= total as u64 / 3 + 500 && used >= total as u64 / 6,
+        "sample of {used} bytes for a limit of {limit}"
+    );
+    assert!(meta.tokenizer_source.contains("spread over the corpus"), "{}", meta.tokenizer_source);
+    let tok: serde_json::Value = serde_json::from_slice(&fs::read(out.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab: Vec<&String> = tok["model"]["vocab"].as_object().unwrap().keys().collect();
+    for lang in [first, second] {
+        assert!(
+            lang.iter().any(|w| vocab.iter().any(|t| t.trim_start_matches('Ġ') == *w)),
+            "no whole word of {lang:?} in the vocabulary: the sample missed that part of the corpus"
+        );
+    }
+}

@@ -71,7 +71,9 @@ pub struct PrepareArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SHARD_TOKENS)]
     pub shard_tokens: u64,
 
-    /// Train the BPE tokenizer on at most this many bytes: the first training documents.
+    /// Train the BPE tokenizer on a sample of about this many bytes of training documents, picked
+    /// by a hash of each document so that it spreads over the whole corpus (all of them when the
+    /// corpus is smaller).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_TOKENIZER_SAMPLE_BYTES)]
     pub tokenizer_sample_bytes: u64,
 

@@ -22,8 +22,9 @@
 //! text* is also encoded as the special token.
 //!
 //! **Tokenizer.** By default a byte-level BPE tokenizer (GPT-2 style: byte alphabet, GPT-2
-//! split regex, no prefix space) is trained on the first `--tokenizer-sample-bytes` of the
-//! training documents. Its special token `<|endoftext|>` has id 0 and is recorded as both
+//! split regex, no prefix space) is trained on a sample of about `--tokenizer-sample-bytes` of
+//! the training documents, picked by a hash of each document (`prepare::sample_key`) so that it
+//! spreads over the whole corpus. Its special token `<|endoftext|>` has id 0 and is recorded as both
 //! `bos_id` and `eos_id`; the 256 byte symbols are tokens too, so every text stays encodable
 //! and decoding reproduces it exactly. Alternatively an existing `tokenizer.json`, a GGUF or
 //! `hf:OWNER/NAME` is used, or `--bytes`: 256 byte tokens (id = byte + 1) and

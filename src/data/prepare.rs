@@ -20,7 +20,7 @@ use super::pipeline::{write_shards, Written};
 use super::progress;
 use super::resume::{Settings, State, STATE_FILE};
 use super::shards::{file_sha256, is_shard_name};
-use super::split::{Split, SplitPlanner, SplitRule, DEFAULT_SPLIT_SEED};
+use super::split::{fraction_threshold, Split, SplitPlanner, SplitRule, DEFAULT_SPLIT_SEED};
 use super::tokenizer::{
     find_bos_eos, load_tokenizer, tokenizer_vocab_size, train_bpe_on, TokenizerPlan, TokenizerSpec, DEFAULT_VOCAB_SIZE,
     EOT,
@@ -340,20 +340,38 @@ fn make_tokenizer(
                 human_bytes(used),
                 t.elapsed().as_secs_f64()
             ));
+            let how = match scan.text_bytes > opts.tokenizer_sample_bytes {
+                true => "a hashed sample of the training documents, spread over the corpus",
+                false => "all training documents",
+            };
             let source = format!(
                 "trained: byte-level BPE, vocab_size {got} (requested {vocab_size}), min_frequency 2, {EOT} = 0, \
-                 on the first {used} bytes of training documents"
+                 on {used} bytes: {how}"
             );
             Prepared::new(tok, source, Some(used), false)
         }
     }
 }
 
+/// A document's key for the tokenizer sample: its split key ([`super::split::doc_key`])
+/// rehashed (the SplitMix64 finalizer of the key xor a constant), so that which documents are
+/// sampled is independent of which are validation documents.
+pub(super) fn sample_key(split_key: u64) -> u64 {
+    let mut z = split_key ^ 0x7361_6d70_6c65_2121; // "sample!!"
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// What `meta.json` says of the `--bytes` vocabulary.
 const BYTES_SOURCE: &str = "bytes: 256 byte tokens (id = byte + 1) and <|endoftext|> = 0";
 
-/// Trains the BPE tokenizer on the training documents in corpus order, up to `limit` bytes
-/// (whole pieces), streamed from a reader thread (only the trainer's word counts stay in memory).
+/// Trains the BPE tokenizer on a sample of the training documents of about `limit` bytes,
+/// streamed from a reader thread (only the trainer's word counts stay in memory). When the
+/// corpus holds more than `limit` bytes of text, a document is in the sample when its
+/// [`sample_key`] is below `limit / corpus bytes` of the key range, so the sample is spread over
+/// the whole corpus (not its first documents) and depends only on each document's text; the
+/// sample stops at `limit` bytes in any case (whole pieces).
 fn train_on_sample(
     inputs: &Inputs,
     read: &ReadOptions,
@@ -363,6 +381,10 @@ fn train_on_sample(
 ) -> Result<(Tokenizer, u64)> {
     let (tx, rx) = mpsc::sync_channel::<String>(16);
     let (files, read, split) = (inputs.files.clone(), read.clone(), scan.split);
+    let max_sample_key = match scan.text_bytes > limit {
+        true => fraction_threshold(limit as f64 / scan.text_bytes as f64),
+        false => u64::MAX,
+    };
     let reader = std::thread::spawn(move || -> Result<u64> {
         let mut used = 0u64;
         let mut offset = 0u64;
@@ -380,6 +402,7 @@ fn train_on_sample(
                     }
                 }
                 Split::Keys { .. } if split.is_val(piece.key) => continue,
+                Split::Keys { .. } if sample_key(piece.key) > max_sample_key => continue,
                 Split::Keys { .. } => {}
             }
             if text.is_empty() {

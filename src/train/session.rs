@@ -203,7 +203,7 @@ fn prepare(mut cfg: Config, data_dir: &Path, run: &RunDir, device: &Device, opts
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let val = validation_batches(&data.val, cfg.train.seed, cfg.train.eval_batches, b, t, device)?;
     let train_tokens = data.train.len();
-    let source = Source::Tokens(data.train);
+    let source = Source::tokens(data.train);
     let mut trainer = match (&resume_from, &opts.init_weights) {
         (Some(ckpt), _) => Trainer::resume(cfg.clone(), ckpt, source, device)?,
         (None, Some(weights)) => Trainer::with_weights(cfg.clone(), weights.clone(), source, device)

@@ -183,6 +183,14 @@ impl Trainer {
         self.data_rng = rng;
     }
 
+    /// Data-parallel: train on rank `rank`'s part of the `world` parts of the training split
+    /// (`batches::rank_part`), so the ranks' windows never overlap.
+    /// Returns the part's token positions (None for a random-token source).
+    pub fn restrict_source_to_rank(&mut self, rank: usize, world: usize) -> Result<Option<std::ops::Range<usize>>> {
+        let t = self.cfg.train.seq_len;
+        self.source.restrict_to_rank(rank, world, t)
+    }
+
     /// Distil from `teacher` (same vocabulary) with `train.distill_alpha` and
     /// `train.distill_temperature`: every step's loss becomes (1−α)·CE + α·T²·KL.
     pub fn set_teacher(&mut self, teacher: &Model) -> Result<()> {

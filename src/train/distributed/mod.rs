@@ -21,9 +21,11 @@
 //! weights, so it moves `unique parameters × 4` bytes per step where the vanilla model moves
 //! its full parameter count. See docs/distributed.md.
 //!
-//! Samples: rank r of a new run draws from `data_stream(seed, r)`; rank 0's stream is a single
-//! process's, so one rank trains exactly as a plain process does, and N ranks with batch b
-//! equal one process whose batch is the N·b windows of the N streams. A checkpoint stores every
+//! Samples: rank r of a new run draws from `data_stream(seed, r)`, its windows inside the r-th
+//! of N equal contiguous parts of the training split (`batches::rank_part`): the ranks read
+//! disjoint text. Rank 0's stream is a single process's, so one rank trains exactly as a plain
+//! process does, and N ranks with batch b equal one process whose batch is the N·b windows of
+//! the N streams, each drawn in its rank's part. A checkpoint stores every
 //! rank's stream; a resume with the same world size continues each exactly, with another world
 //! size the ranks without a saved stream start new ones (weights, optimizer state and step are
 //! restored exactly either way).
@@ -230,6 +232,8 @@ impl Dist {
     /// metrics record (world size, global batch, all-reduce bytes per step).
     pub fn setup(&self, trainer: &mut Trainer) -> Result<(Vec<String>, serde_json::Value)> {
         let note = self.seed_stream(trainer);
+        let part = trainer.restrict_source_to_rank(self.rank(), self.size());
+        let part = self.agree(part, "cutting the training split into one part per rank")?;
         let (sync, engine) = self.grad_sync(trainer);
         let sync = self.agree(sync, "setting up the gradient all-reduce")?;
         let bytes = sync.bytes_per_step();
@@ -260,6 +264,12 @@ impl Dist {
                 vanilla as f64 / bytes.max(1) as f64
             ),
         ];
+        if let Some(p) = part {
+            lines.push(format!(
+                "data      each rank draws its windows from its own 1/{n} of the training split: disjoint parts of ~{} tokens",
+                p.len()
+            ));
+        }
         lines.extend(note.map(|n| format!("resume    {n}")));
         let record = serde_json::json!({
             "step": step,
