@@ -12,8 +12,9 @@
 //! | `infer`, `formats` | generation and perplexity; Hugging Face and GGUF import/export |
 //! | `model` | the Llama model, the LORS method (`model/lors.rs`), parameters |
 //! | `kernels` | fused CPU kernels with their backward passes |
-//! | `data`, `monitor`, `config`, `device`, `rng`, `files` | prepared data, reports, configuration, devices, atomic writes |
+//! | `data`, `monitor`, `config`, `device`, `rng`, `files`, `alloc` | prepared data, reports, configuration, devices, atomic writes, the allocator per command |
 
+pub mod alloc;
 pub mod cmd;
 pub mod compress;
 pub mod config;

@@ -2,6 +2,10 @@ use clap::{Parser, Subcommand};
 use lors_lm::cmd::{bench, check_device, compress, eval, export, generate, params, prepare, probe, sweep, train};
 use lors_lm::device;
 
+/// mimalloc for `prepare`, the system allocator for the rest (src/alloc.rs says why).
+#[global_allocator]
+static ALLOC: lors_lm::alloc::PerCommand = lors_lm::alloc::PerCommand::new();
+
 /// Train decoder-only LMs whose stacked layers share their weights the LORS way:
 /// every layer l uses W_l = W_shared + B_l·A_l.
 #[derive(Parser)]
