@@ -92,6 +92,16 @@ unsafe impl GlobalAlloc for PerCommand {
     }
 }
 
+/// Under mimalloc, have every thread of rayon's pool and the calling thread return the memory
+/// they hold free (`mi_collect`): pages freed by other threads than the one that allocated them
+/// (prepare's documents: read on one thread, freed on another) are otherwise reclaimed lazily.
+/// Harmless under the system allocator.
+pub fn collect_all_threads() {
+    // SAFETY: mi_collect only returns free memory of the calling thread's heap.
+    rayon::broadcast(|_| unsafe { libmimalloc_sys::mi_collect(false) });
+    unsafe { libmimalloc_sys::mi_collect(false) };
+}
+
 /// Whether this process should use mimalloc: `LORS_LM_ALLOC` if set, else whether its
 /// command is `prepare`. Runs inside the first allocation, so it allocates nothing: the
 /// environment through `getenv`, the command line from `/proc/self/cmdline` into a stack buffer.

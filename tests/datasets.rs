@@ -601,3 +601,148 @@ fn the_tokenizer_sample_spreads_over_the_whole_corpus() {
         );
     }
 }
+
+/// A minimal Hugging Face Hub over HTTP on 127.0.0.1 for one dataset repo `owner/name` at
+/// commit `commit`: the revision, tree and resolve endpoints hf-hub calls. Returns the
+/// endpoint URL, the request lines it served, and a switch that stops it.
+fn mock_hub(
+    commit: &'static str,
+    files: Vec<(String, Vec<u8>)>,
+) -> (String, Arc<std::sync::Mutex<Vec<String>>>, Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (log, stop) = (Arc::new(std::sync::Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+    let (log2, stop2) = (log.clone(), stop.clone());
+    let files = Arc::new(files);
+    std::thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            let Ok((stream, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            let (log, files) = (log2.clone(), files.clone());
+            std::thread::spawn(move || {
+                stream.set_nonblocking(false).unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let mut parts = line.split_whitespace();
+                let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                log.lock().unwrap().push(format!("{method} {target}"));
+                let path = target.split('?').next().unwrap().to_string();
+                let tree = files
+                    .iter()
+                    .map(|(p, b)| {
+                        serde_json::json!({"type": "file", "oid": format!("{:x}", Sha256::digest(b))[..40].to_string(),
+                                           "size": b.len(), "path": p})
+                    })
+                    .collect::<Vec<_>>();
+                let (status, headers, body): (&str, Vec<(String, String)>, Vec<u8>) = if path
+                    == "/api/datasets/owner/name/revision/main"
+                {
+                    ("200 OK", vec![], serde_json::json!({"id": "owner/name", "sha": commit}).to_string().into_bytes())
+                } else if path == "/api/datasets/owner/name/tree/main"
+                    || path == format!("/api/datasets/owner/name/tree/{commit}")
+                {
+                    ("200 OK", vec![], serde_json::Value::Array(tree).to_string().into_bytes())
+                } else if let Some((_, b)) = ["main", commit].iter().find_map(|rev| {
+                    let rel = path.strip_prefix(&format!("/datasets/owner/name/resolve/{rev}/"))?;
+                    files.iter().find(|(p, _)| p == rel)
+                }) {
+                    let h = vec![
+                        ("ETag".into(), format!("\"{:x}\"", Sha256::digest(b))),
+                        ("X-Repo-Commit".into(), commit.into()),
+                    ];
+                    ("200 OK", h, b.clone())
+                } else {
+                    ("404 Not Found", vec![], b"{\"error\":\"not found\"}".to_vec())
+                };
+                let mut out = stream;
+                let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let _ = out.write_all(head.as_bytes());
+                if method != "HEAD" {
+                    let _ = out.write_all(&body);
+                }
+            });
+        }
+    });
+    (endpoint, log, stop)
+}
+
+#[test]
+fn an_hf_dataset_is_downloaded_into_the_hub_cache_then_read_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let all = docs(40, "hub doc ");
+    let some: Vec<Option<String>> = all.iter().cloned().map(Some).collect();
+    let zstd_pq = parquet::basic::Compression::ZSTD(parquet::basic::ZstdLevel::default());
+    write_parquet(&t.join("all.parquet"), &some, "text", 10, zstd_pq);
+    write_parquet(&t.join("hf0.parquet"), &some[..15], "text", 10, zstd_pq);
+    write_parquet(&t.join("hf1.parquet"), &some[15..], "text", 10, zstd_pq);
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let (endpoint, log, stop) = mock_hub(
+        commit,
+        vec![
+            ("README.md".into(), b"# a dataset".to_vec()),
+            ("default/train/0000.parquet".into(), fs::read(t.join("hf0.parquet")).unwrap()),
+            ("default/train/0001.parquet".into(), fs::read(t.join("hf1.parquet")).unwrap()),
+            ("default/test/0000.parquet".into(), gzip(b"never read")),
+        ],
+    );
+    let common = ["--bytes", "--val-fraction", "0.2"];
+    let reference = t.join("out-local");
+    assert_ok(&prepare(&[&["-i", p(&t.join("all.parquet")), "-o", p(&reference)][..], &common].concat()));
+    let bins = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        outputs(dir).into_iter().filter(|(n, _)| n.ends_with(".bin")).collect()
+    };
+
+    let (cache, spec) = (t.join("hf-cache"), "hf:datasets/owner/name:default/train");
+    let hub_prepare = |out: &Path, offline: bool| {
+        let mut cmd = bin();
+        cmd.arg("prepare").args(["-i", spec, "-o", p(out)]).args(common);
+        cmd.env("HF_ENDPOINT", &endpoint).env("HF_HUB_CACHE", &cache).env("HF_HOME", t.join("hf-home"));
+        if offline {
+            cmd.env("HF_HUB_OFFLINE", "1");
+        }
+        run(cmd)
+    };
+    // Online: the selected split's shards are downloaded into the standard cache layout.
+    let online = t.join("out-online");
+    assert_ok(&hub_prepare(&online, false));
+    assert!(
+        bins(&online) == bins(&reference),
+        "the downloaded dataset gives other shards than the same documents read locally"
+    );
+    let meta = Meta::load(&online).unwrap();
+    assert_eq!(meta.inputs, [format!("hf:datasets/owner/name@{commit}:default/train")]);
+    let got: Vec<String> = log.lock().unwrap().iter().filter(|l| l.starts_with("GET /datasets/")).cloned().collect();
+    assert_eq!(got.len(), 2, "only the train split's two files are downloaded: {got:?}");
+    assert!(got.iter().all(|l| l.contains("/default/train/")), "{got:?}");
+    let snapshot = cache.join("datasets--owner--name/snapshots").join(commit).join("default/train/0001.parquet");
+    assert_eq!(fs::read(&snapshot).unwrap(), fs::read(t.join("hf1.parquet")).unwrap());
+    assert_eq!(fs::read_to_string(cache.join("datasets--owner--name/refs/main")).unwrap().trim(), commit);
+
+    // The Hub gone: offline reads the cache and gives the same shards; online says what failed.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(50));
+    let offline = t.join("out-offline");
+    assert_ok(&hub_prepare(&offline, true));
+    assert!(bins(&offline) == bins(&reference));
+    let failed = hub_prepare(&t.join("out-down"), false);
+    assert_refused(&failed, &["hf:datasets/owner/name", "HF_HUB_OFFLINE=1"]);
+    assert!(!t.join("out-down").join("meta.json").exists());
+}

@@ -180,6 +180,7 @@ pub(super) fn write_shards(
                 .flat_map(|(p, units)| units.iter().map(|u| &p.text[u.start..u.end]))
                 .collect();
             let mut ids = encoder.encode(&texts)?.into_iter();
+            crate::alloc::collect_all_threads();
             for (piece, units) in batch.iter().zip(&routed) {
                 for unit in units {
                     let ids = ids.next().unwrap_or_default();
