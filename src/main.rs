@@ -16,7 +16,9 @@ static ALLOC: lors_lm::alloc::PerCommand = lors_lm::alloc::PerCommand::new();
     after_help = "Environment:\n  \
         LORS_LM_BLAS       CPU f32 matmul library: auto (the default: OpenBLAS where libopenblas.so.0\n                     \
         is installed, else the gemm crate), openblas (an error without it) or gemm\n  \
-        RAYON_NUM_THREADS  CPU threads (default: one per core)"
+        RAYON_NUM_THREADS  CPU threads (default: one per core)\n  \
+        LORS_LM_ALLOC      memory allocator: mimalloc for prepare, the system's for the other commands\n                     \
+        (set to system or mimalloc to choose; see docs/performance.md)"
 )]
 struct Cli {
     #[command(subcommand)]
