@@ -145,9 +145,9 @@ fn read_cmdline(buf: &mut [u8]) -> Option<&[u8]> {
 }
 
 /// The subcommand in a NUL-separated command line: the first argument after the program's
-/// name that is not an option.
+/// name that is not an option (nor empty: the command line ends with a NUL).
 pub fn command_of(cmdline: &[u8]) -> Option<&[u8]> {
-    cmdline.split(|&b| b == 0).skip(1).find(|a| !a.starts_with(b"-"))
+    cmdline.split(|&b| b == 0).skip(1).find(|a| !a.is_empty() && !a.starts_with(b"-"))
 }
 
 #[cfg(test)]
