@@ -11,6 +11,9 @@ ratios, with their range.
 
 Usage: scripts/bench_vs_torch.py [--threads 2] [--steps 8] [--rounds 3] [--build LABEL=PATH]...
                                  [--blas auto,gemm] [CONFIG...]
+       scripts/bench_vs_torch.py --torch-only --device cuda --dtype bf16 --compile CONFIG
+           PyTorch alone, eager and torch.compile, on a GPU (scripts/gpu_check.sh puts it beside
+           `lors-lm train` on the same GPU and model).
 Several --build binaries, and each under several matmul libraries (--blas sets LORS_LM_BLAS:
 auto = OpenBLAS where installed, gemm = the gemm crate), are measured in the same rounds
 against the same PyTorch runs.
@@ -39,7 +42,11 @@ def ensure_torch():
     os.execv(py, [py, *sys.argv])
 
 
-def torch_bench(cfg, mode, steps, warmup, threads):
+def torch_bench(cfg, mode, steps, warmup, threads, device="cpu", dtype="f32", compile_=False, vocab=4096,
+                stats=None):
+    """PyTorch tokens/s of one training step of `cfg` in `mode`: f32, or bf16 autocast over f32
+    master weights (lors-lm's `train.dtype = "bf16"`); eager, or `torch.compile`d. `stats`, if
+    given, receives the peak accelerator memory (MiB) and the last loss."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -47,7 +54,7 @@ def torch_bench(cfg, mode, steps, warmup, threads):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     m, lc, tc = cfg["model"], cfg.get("lors", {}), cfg["train"]
-    V, d, L, H = m["vocab_size"], m["d_model"], m["n_layers"], m["n_heads"]
+    V, d, L, H = m["vocab_size"] or vocab, m["d_model"], m["n_layers"], m["n_heads"]
     Hkv = m.get("n_kv_heads", 0) or H
     hd, ffn, T, B = d // H, m["ffn_hidden"], tc["seq_len"], tc["batch_size"]
     rank = lc.get("rank", 16)
@@ -76,7 +83,7 @@ def torch_bench(cfg, mode, steps, warmup, threads):
 
     inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
     ang = torch.outer(torch.arange(T).float(), inv)
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(device), torch.cat([ang.sin()] * 2, -1).to(device)
 
     def rope(x):
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
@@ -113,23 +120,34 @@ def torch_bench(cfg, mode, steps, warmup, threads):
                 x = x + b.down(F.silu(b.gate(h)) * b.up(h))
             return F.linear(rms(x, self.norm), self.emb)
 
-    model = Model()
+    model = Model().to(device)
+    if tc.get("tf32", False) and device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    forward = torch.compile(model) if compile_ else model
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
-        data = torch.randint(0, V, (B, T + 1))
+        data = torch.randint(0, V, (B, T + 1), device=device)
         t0 = time.perf_counter()
-        logits = model(data[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, V), data[:, 1:].reshape(-1))
+        with autocast:
+            logits = forward(data[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, V), data[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss.item()
+        last = loss.item()  # waits for the device
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    if stats is not None:
+        stats["loss"] = last
+        stats["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     return B * T / statistics.median(times)
 
 
@@ -153,7 +171,33 @@ def main():
                          "old=/tmp/lors-lm-old; default: $LORS_LM or target/release/lors-lm")
     ap.add_argument("--blas", default="auto",
                     help="comma-separated LORS_LM_BLAS values to run every build under (auto, openblas, gemm)")
+    ap.add_argument("--torch-only", action="store_true",
+                    help="measure PyTorch alone (one JSON line per config and mode): for a GPU, where lors-lm's "
+                         "side is `lors-lm train` (scripts/gpu_check.sh)")
+    ap.add_argument("--device", default="cpu", help="PyTorch device with --torch-only (cpu, cuda)")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="with --torch-only: bf16 = autocast")
+    ap.add_argument("--compile", action="store_true", help="with --torch-only: also measure torch.compile")
+    ap.add_argument("--vocab-size", type=int, default=4096, help="vocabulary when a config says 0")
+    ap.add_argument("--modes", default="vanilla,lors")
     a = ap.parse_args()
+    if a.torch_only:
+        ensure_torch()
+        import torch
+        for c in a.configs:
+            cfg = tomllib.loads(Path(c).read_text())
+            for mode in a.modes.split(","):
+                for compiled in ([False, True] if a.compile else [False]):
+                    stats = {}
+                    try:
+                        tps = torch_bench(cfg, mode, a.steps, a.warmup, a.threads, a.device, a.dtype, compiled,
+                                          a.vocab_size, stats)
+                        err = None
+                    except Exception as e:  # one failing variant (say torch.compile) must not hide the others
+                        tps, err = None, f"{type(e).__name__}: {e}"[:500]
+                    print(json.dumps({"config": Path(c).stem, "mode": mode, "device": a.device, "dtype": a.dtype,
+                                      "compiled": compiled, "torch": torch.__version__, "torch_tokens_per_sec": tps,
+                                      "steps": a.steps, "warmup": a.warmup, **stats, "error": err}), flush=True)
+        return
     binaries = {}
     for spec in a.build or [f"lors-lm={os.environ.get('LORS_LM', ROOT / 'target' / 'release' / 'lors-lm')}"]:
         label, sep, path = spec.partition("=")
