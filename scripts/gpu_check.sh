@@ -16,7 +16,8 @@
 #     one AdamW step) in f32, TF32 and bf16, each against its tolerance;
 #  3. configs/gpu-100m.toml as LORS and as its vanilla twin, bf16, 60 steps: tokens/s, MFU
 #     (PaLM formula, median step after warm-up), peak GPU memory (nvidia-smi every 100 ms,
-#     CUDA context included), final loss; and LORS in f32 for the loss against bf16;
+#     CUDA context included) beside `lors-lm params`'s estimate of what the step's tensors hold,
+#     final loss; and LORS in f32 for the loss against bf16;
 #  4. PyTorch on the same model and device (scripts/bench_vs_torch.py --torch-only), eager and
 #     torch.compile, bf16 autocast: tokens/s beside ours, as a ratio;
 #  5. greedy generation on the device equals the CPU's, for a tiny run trained on the CPU (f32);
@@ -116,6 +117,7 @@ train_run() {
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/mem_$name.txt" &
         poller=$!
     fi
+    "$bin" params "${big[@]}" --data "$data" "$@" --json > "$out/estimate_$name.json" 2>/dev/null || true
     local rc=0
     "$bin" train "${big[@]}" --data "$data" --out "$run" --device "$dev" --set "train.max_steps=$steps" "$@" \
         > "$out/train_$name.log" 2>&1 || rc=$?
@@ -210,16 +212,16 @@ step "7. profile" profile
 import json, os, statistics, sys
 out = sys.argv[1]
 rows = {}
-print("| run | tokens/step | tokens/s | MFU | step ms | peak GPU memory (MiB) | final loss |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print("| run | tokens/step | tokens/s | MFU | step ms | peak GPU memory (MiB) | `params` estimate (MiB) | final loss |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name in ["lors-bf16", "vanilla-bf16", "lors-f32"]:
     m = os.path.join(out, "runs", name, "metrics.jsonl")
     if not os.path.exists(m):
-        print(f"| {name} | – | – | – | – | – | (no metrics: the step failed) |")
+        print(f"| {name} | – | – | – | – | – | – | (no metrics: the step failed) |")
         continue
     steps = [json.loads(l) for l in open(m) if '"ms"' in l]
     if not steps:
-        print(f"| {name} | – | – | – | – | – | (no steps logged) |")
+        print(f"| {name} | – | – | – | – | – | – | (no steps logged) |")
         continue
     late = steps[len(steps) // 5:] or steps  # after warm-up
     tps = statistics.median(s["tokens_per_sec"] for s in late)
@@ -229,7 +231,12 @@ for name in ["lors-bf16", "vanilla-bf16", "lors-f32"]:
     mem = os.path.join(out, f"mem_{name}.txt")
     peak = max((int(x) for x in open(mem).read().split() if x.strip().isdigit()), default=0) if os.path.exists(mem) else "–"
     rows[name] = tps
-    print(f"| {name} | {tokens} | {tps:,.0f} | {100 * mfu:.1f} % | {ms:.1f} | {peak} | {steps[-1]['loss']:.4f} |")
+    est = os.path.join(out, f"estimate_{name}.json")
+    try:
+        est = f"{json.load(open(est))['train_memory_bytes']['total'] / 2**20:,.0f}"
+    except Exception:
+        est = "–"
+    print(f"| {name} | {tokens} | {tps:,.0f} | {100 * mfu:.1f} % | {ms:.1f} | {peak} | {est} | {steps[-1]['loss']:.4f} |")
 if "lors-bf16" in rows and "vanilla-bf16" in rows:
     print(f"\nLORS / vanilla tokens/s (bf16): {rows['lors-bf16'] / rows['vanilla-bf16']:.3f}")
 tj = os.path.join(out, "torch.jsonl")

@@ -414,3 +414,44 @@ fn the_capacity_plans_hold_their_budgets() {
         }
     }
 }
+
+#[test]
+fn the_training_memory_estimate_is_its_closed_form_and_scales_with_batch_and_context() {
+    // The GQA configuration of the FLOPs test: d 32, 3 layers, 4 heads (2 kv), F 64, T 16, B 4.
+    let dm = dims(32, 3, 4, 2, 64, 16, 4);
+    let mem = |extra: &[&str]| {
+        let mut sets = dm.sets.clone();
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let p = params_json(&sets);
+        (p["train_memory_bytes"].clone(), p["total_unique"].as_u64().unwrap())
+    };
+    let get = |m: &serde_json::Value, k: &str| m[k].as_u64().unwrap();
+    for (mode, dtype, per_score) in [("vanilla", "f32", 16), ("lors", "f32", 16), ("lors", "bf16", 20)] {
+        let (m, unique) = mem(&[&format!("lors.mode=\"{mode}\""), &format!("train.dtype=\"{dtype}\"")]);
+        // f32 parameters, gradients and AdamW's two moments: 16 bytes per unique parameter.
+        assert_eq!(get(&m, "params") + get(&m, "grads") + get(&m, "optimizer"), 16 * unique, "{mode} {dtype}");
+        // L · B · H · T² scores, 16 bytes each in f32 (scores, scaled, masked, softmax), 20 in bf16.
+        assert_eq!(get(&m, "attention_scores"), (3 * 4 * 4 * 16 * 16 * per_score) as u64, "{mode} {dtype}");
+        let parts = ["params", "grads", "optimizer", "step_weights", "activations", "attention_scores", "logits"];
+        assert_eq!(parts.iter().map(|k| get(&m, k)).sum::<u64>(), get(&m, "total"), "{mode} {dtype}");
+        // Twice the batch: twice every per-token term; twice the context: four times the scores.
+        let (b2, _) =
+            mem(&[&format!("lors.mode=\"{mode}\""), &format!("train.dtype=\"{dtype}\""), "train.batch_size=8"]);
+        for k in ["activations", "attention_scores", "logits"] {
+            assert_eq!(get(&b2, k), 2 * get(&m, k), "{mode} {dtype} {k}");
+        }
+        let (t2, _) = mem(&[
+            &format!("lors.mode=\"{mode}\""),
+            &format!("train.dtype=\"{dtype}\""),
+            "train.seq_len=32",
+            "model.max_seq_len=32",
+        ]);
+        assert_eq!(get(&t2, "attention_scores"), 4 * get(&m, "attention_scores"), "{mode} {dtype}");
+        assert_eq!(get(&t2, "activations"), 2 * get(&m, "activations"), "{mode} {dtype}");
+    }
+    // LORS keeps each layer's merged W + B·A and B·A (8 bytes per vanilla weight) that vanilla does not.
+    let (van, _) = mem(&["lors.mode=\"vanilla\""]);
+    let (lors, _) = mem(&["lors.mode=\"lors\"", "lors.rank=2"]);
+    let block = 3 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64) as u64; // kv width 2 · 8 = 16
+    assert_eq!(get(&lors, "step_weights") - get(&van, "step_weights"), 8 * block);
+}

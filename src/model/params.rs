@@ -54,6 +54,40 @@ pub struct ParamCounts {
     pub vanilla_total: usize,
 }
 
+/// The bytes one training step's tensors hold at the end of its forward pass, by what holds
+/// them: an estimate counted from the plain ops (what CUDA runs), and a floor for the peak,
+/// which adds the backward pass's gradients in flight, temporaries and the allocator's cache.
+/// On the CPU's plain ops (`bench --plain-ops`) the measured peak RSS was 1.5-1.9× this
+/// (docs/performance.md); `scripts/gpu_check.sh` puts it beside the GPU's measured peak.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct TrainMemory {
+    /// f32 parameters (the unique ones), their f32 gradients and AdamW's two moments.
+    pub params: u64,
+    pub grads: u64,
+    pub optimizer: u64,
+    /// Copies of the weights the step makes and keeps for the backward pass: stacked q·k·v and
+    /// gate·up, bf16 casts, LORS's merged `W + B·A` and `B·A`.
+    pub step_weights: u64,
+    /// Saved activations of every layer, the attention scores aside.
+    pub activations: u64,
+    /// The (B, H, T, T) attention scores and probabilities of every layer.
+    pub attention_scores: u64,
+    /// The logits and what the loss keeps of them.
+    pub logits: u64,
+}
+
+impl TrainMemory {
+    pub fn total(&self) -> u64 {
+        self.params
+            + self.grads
+            + self.optimizer
+            + self.step_weights
+            + self.activations
+            + self.attention_scores
+            + self.logits
+    }
+}
+
 impl ParamCounts {
     pub fn new(m: &ModelConfig, l: &LorsConfig) -> Self {
         let (v, d, n) = (m.vocab_size, m.d_model, m.n_layers);
@@ -162,6 +196,64 @@ impl ParamCounts {
         let (v, d, n) = (m.vocab_size as u64, m.d_model as u64, m.n_layers as u64);
         let other = v * d + (2 * n + 1) * d + if m.tie_embeddings { 0 } else { v * d };
         WeightBytes { read: 4 * (read + other), distinct: 4 * (distinct + other) }
+    }
+
+    /// Estimated peak memory of one training step on a device that runs the plain candle ops
+    /// (CUDA; on the CPU `bench --plain-ops`): [`TrainMemory`], for micro-batches of `batch`
+    /// sequences of `seq_len` tokens, matmuls in bf16 when `bf16`.
+    pub fn train_memory(
+        &self,
+        m: &ModelConfig,
+        l: &LorsConfig,
+        batch: usize,
+        seq_len: usize,
+        bf16: bool,
+    ) -> TrainMemory {
+        let u = self.total() as u64;
+        let (n, d, f, v) = ((batch * seq_len) as u64, m.d_model as u64, m.ffn_hidden as u64, m.vocab_size as u64);
+        let (h, kv, hd, layers) = (m.n_heads as u64, m.kv_heads() as u64, m.head_dim() as u64, m.n_layers as u64);
+        let cast = if bf16 { 2 } else { 0 }; // bytes of a bf16 copy made for a matmul
+                                             // Weights the step builds and keeps for its backward pass, per layer: q, k, v and gate,
+                                             // up stacked (a copy), every weight cast to bf16, and W + B·A with its B·A product where
+                                             // the projection has a private term.
+        let mut step_weights = 0u64;
+        for layer in 0..m.n_layers {
+            for pj in Proj::ALL {
+                let (out, inp) = pj.shape(m);
+                let e = (out * inp) as u64;
+                let stacked = !matches!(pj, Proj::O | Proj::Down);
+                let merged = l.has_base(pj, layer) && l.rank_for(pj, layer) > 0;
+                step_weights += e * (cast + if stacked { 4 } else { 0 } + if merged { 8 } else { 0 });
+            }
+        }
+        step_weights += cast * v * d; // the (tied) LM head's bf16 copy
+                                      // Saved activations per layer and token (bytes), counted from the plain ops: two RMSNorms
+                                      // (x², x/rms, ·gain: 24d), two residual sums (8d), q·k·v out (bf16 and f32 copies), RoPE on
+                                      // q and k (transposes, rotate-half, products: 22 bytes per rotated value), v transposed,
+                                      // the attention output's transpose, o and down in and out, gate·up out, silu and product.
+        let qkv = (h + 2 * kv) * hd;
+        let per_token = 4 * (6 * d + 2 * d) // norms, residuals
+            + (cast + 4) * qkv + cast * d // qkv: f32 out (+ bf16 out and input copy)
+            + 22 * (h + kv) * hd + 4 * kv * hd // RoPE, v contiguous
+            + 4 * d + cast * d + (cast + 4) * d // attention output, o in / out
+            + cast * d + (cast + 4) * 2 * f + 8 * f // gate·up in / out, silu, product
+            + cast * f + (cast + 4) * d; // down in / out
+        let activations = layers * n * per_token;
+        // Attention scores (B, H, T, T) per layer: q·kᵀ (bf16 out and its f32 copy), scaled,
+        // masked, softmax, and the probabilities' bf16 copy for P·v.
+        let per_score = if bf16 { 2 + 4 + 4 + 4 + 4 + 2 } else { 4 * 4 };
+        let attention_scores = layers * (batch as u64) * h * (seq_len as u64).pow(2) * per_score;
+        // Logits (N, V): f32 (and the bf16 matmul output), log-softmax and the loss's gradient.
+        let logits = n * v * (cast + 4 + 4 + 4);
+        TrainMemory {
+            params: 4 * u,
+            grads: 4 * u,
+            optimizer: 8 * u,
+            step_weights,
+            activations,
+            attention_scores,
+            logits,
+        }
     }
 
     /// A human-readable table.
