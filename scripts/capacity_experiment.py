@@ -11,7 +11,8 @@ The arms, budgets and schedule live here; `plan` writes them out as sweep plans,
     scripts/capacity_experiment.py time     # time every arm (bench, 2 threads / 2 jobs x 1 thread),
                                             # estimate the grid's hours
     scripts/capacity_experiment.py table    # the plan's table for docs/results.md (after `time`)
-    scripts/capacity_experiment.py run      # the grid (resumable: run it again after any stop)
+    scripts/capacity_experiment.py run      # the grid in RUN_ORDER, then the reports (resumable:
+                                            # run it again after any stop)
     scripts/capacity_experiment.py run --stage 2   # stage 2, the stdlib plan (another ~8 hours)
     scripts/capacity_experiment.py smoke    # the same pipeline end to end, a few steps per run
 
@@ -29,7 +30,7 @@ Options: --lors-lm PATH (default target/release/lors-lm, else $CARGO_TARGET_DIR/
 --jobs N for `run` (default 2: two single-thread jobs side by side; `time` measures whether that
 is faster than one two-thread job on this machine).
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, time, tomllib
+import argparse, json, os, re, statistics, subprocess, sys, tempfile, time, tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -392,6 +393,33 @@ def sweep(args, plan, extra):
     subprocess.check_call(cmd, cwd=ROOT)
 
 
+# The order `run` trains the grid in, so that an interrupted grid has answered the most: the
+# two vanilla references, then the grouped arms the issue's pilot points at, then one-base
+# LORS, the P/2 and 4P references, the 16-layer arms, and the 2P plan. Both seeds of a group
+# run before the next group (chains of a group side by side, longest first).
+RUN_ORDER = [
+    ("configs/capacity.toml", ["a-van2", "b-van8-d32"]),
+    ("configs/capacity.toml", ["e-shared8-g2", "e-lors8-g2-d56"]),
+    ("configs/capacity.toml", ["d-lors8-r5", "d-lors8-paper"]),
+    ("configs/capacity.toml", ["c-shared8", "f-van8-d64"]),
+    ("configs/capacity.toml", ["c-shared16", "d-lors16-r3r2", "d-lors16-paper", "e-shared16-g2", "e-lors16-g2-d56"]),
+    ("configs/capacity-2p.toml", ["a-van2-2p", "b-van8-d44-2p", "e-lors8-g2-d80-2p"]),
+]
+
+
+def run_grid(args, extra=()):
+    """The grid in RUN_ORDER (each sweep resumable: finished runs are kept, half-trained ones
+    resume), then each plan's report (docs/results.md blocks and charts)."""
+    for plan, arms in RUN_ORDER:
+        text = (ROOT / plan).read_text()
+        names = [n for a in arms for n in re.findall(rf'^name = "({re.escape(a)}-t\d+)"', text, re.M)]
+        if len(names) < len(arms):
+            sys.exit(f"{plan}: no runs found for some of {arms}; regenerate the plans (`plan`)")
+        sweep(args, plan, [*extra, "--no-report"] + [x for n in names for x in ("--only", n)])
+    for plan in dict.fromkeys(plan for plan, _ in RUN_ORDER):
+        sweep(args, plan, [*extra, "--report-only"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["plan", "data", "stdlib", "time", "table", "run", "smoke"])
@@ -416,12 +444,10 @@ def main():
         sweep(args, "configs/capacity-stdlib.toml", [])
     elif args.what == "run":
         data(args)
-        for plan in ["configs/capacity.toml", "configs/capacity-2p.toml"]:
-            sweep(args, plan, [])
+        run_grid(args)
     elif args.what == "smoke":
         data(args)
-        for plan in ["configs/capacity.toml", "configs/capacity-2p.toml"]:
-            sweep(args, plan, ["--smoke", "--data", "data/moby-bytes"])
+        run_grid(args, ["--smoke", "--data", "data/moby-bytes"])
 
 
 if __name__ == "__main__":
