@@ -5,7 +5,7 @@
 //! refused naming the file and the place, with nothing half-written left.
 mod common;
 
-use common::{assert_ok, assert_refused};
+use common::{assert_ok, assert_refused, run_with_timeout};
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -26,20 +26,8 @@ fn bin() -> Command {
 }
 
 /// Runs a command, killing it after two minutes (a hang is a failure).
-fn run(mut cmd: Command) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let t0 = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!("command hung; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+fn run(cmd: Command) -> Output {
+    run_with_timeout(cmd, Duration::from_secs(120))
 }
 
 fn prepare(args: &[&str]) -> Output {

@@ -2,10 +2,10 @@
 //! the library API the trainer uses.
 mod common;
 
-use common::{assert_ok, assert_refused};
+use common::{assert_ok, assert_refused, run_with_timeout};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use lors_lm::data::{load_tokenizer, write_prepared_dir, Meta, TokenFile};
@@ -55,23 +55,6 @@ fn bin() -> Command {
         cmd.env_remove(var);
     }
     cmd
-}
-
-/// Runs a command, killing it after `limit` (a hang is a failure, not a stuck test run).
-fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let t0 = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if t0.elapsed() > limit {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!("command hung for {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn prepare(args: &[&str]) -> Output {

@@ -5,7 +5,8 @@ pub mod mutate;
 pub mod tb_reader;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The `lors-lm` binary built for this test run.
 pub fn bin() -> Command {
@@ -121,4 +122,21 @@ pub fn assert_refused(out: &Output, needles: &[&str]) -> String {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
     stderr
+}
+
+/// Runs a command, killing it after `limit` (a hang is a failure, not a stuck test run).
+pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if t0.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!("command hung for {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
