@@ -20,36 +20,30 @@ const UNDECIDED: u8 = 0;
 const SYSTEM: u8 = 1;
 const MIMALLOC: u8 = 2;
 
-/// The global allocator of the `lors-lm` binary (`src/main.rs`).
-pub struct PerCommand {
-    choice: AtomicU8,
-}
+/// The allocator serving this process, decided at its first allocation ([`choice`]).
+static CHOICE: AtomicU8 = AtomicU8::new(UNDECIDED);
+
+/// The global allocator of the `lors-lm` binary (`src/main.rs`): forwards every call to the
+/// allocator [`choice`] picks.
+pub struct PerCommand;
 
 impl PerCommand {
     pub const fn new() -> PerCommand {
-        PerCommand { choice: AtomicU8::new(UNDECIDED) }
+        PerCommand
     }
+}
 
-    /// Which allocator serves this process: "mimalloc" or "system".
-    pub fn name(&self) -> &'static str {
-        match self.choice() {
-            MIMALLOC => "mimalloc",
-            _ => "system",
-        }
+#[inline]
+fn choice() -> u8 {
+    let c = CHOICE.load(Ordering::Relaxed);
+    if c != UNDECIDED {
+        return c;
     }
-
-    #[inline]
-    fn choice(&self) -> u8 {
-        let c = self.choice.load(Ordering::Relaxed);
-        if c != UNDECIDED {
-            return c;
-        }
-        // The first allocation decides, on the main thread before any other exists; were two
-        // to race, both would read the same command line and environment and decide the same.
-        let c = if use_mimalloc() { MIMALLOC } else { SYSTEM };
-        self.choice.store(c, Ordering::Relaxed);
-        c
-    }
+    // The first allocation decides, on the main thread before any other exists; were two to
+    // race, both would read the same command line and environment and decide the same.
+    let c = if use_mimalloc() { MIMALLOC } else { SYSTEM };
+    CHOICE.store(c, Ordering::Relaxed);
+    c
 }
 
 impl Default for PerCommand {
@@ -64,28 +58,28 @@ impl Default for PerCommand {
 unsafe impl GlobalAlloc for PerCommand {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        match self.choice() {
+        match choice() {
             MIMALLOC => MiMalloc.alloc(layout),
             _ => System.alloc(layout),
         }
     }
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        match self.choice() {
+        match choice() {
             MIMALLOC => MiMalloc.alloc_zeroed(layout),
             _ => System.alloc_zeroed(layout),
         }
     }
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        match self.choice() {
+        match choice() {
             MIMALLOC => MiMalloc.dealloc(ptr, layout),
             _ => System.dealloc(ptr, layout),
         }
     }
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        match self.choice() {
+        match choice() {
             MIMALLOC => MiMalloc.realloc(ptr, layout, new_size),
             _ => System.realloc(ptr, layout, new_size),
         }
@@ -95,8 +89,11 @@ unsafe impl GlobalAlloc for PerCommand {
 /// Under mimalloc, have every thread of rayon's pool and the calling thread return the memory
 /// they hold free (`mi_collect`): pages freed by other threads than the one that allocated them
 /// (prepare's documents: read on one thread, freed on another) are otherwise reclaimed lazily.
-/// Harmless under the system allocator.
+/// Nothing to do under the system allocator.
 pub fn collect_all_threads() {
+    if CHOICE.load(Ordering::Relaxed) != MIMALLOC {
+        return;
+    }
     // SAFETY: mi_collect only returns free memory of the calling thread's heap.
     rayon::broadcast(|_| unsafe { libmimalloc_sys::mi_collect(false) });
     unsafe { libmimalloc_sys::mi_collect(false) };

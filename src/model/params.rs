@@ -198,9 +198,9 @@ impl ParamCounts {
         WeightBytes { read: 4 * (read + other), distinct: 4 * (distinct + other) }
     }
 
-    /// Estimated peak memory of one training step on a device that runs the plain candle ops
-    /// (CUDA; on the CPU `bench --plain-ops`): [`TrainMemory`], for micro-batches of `batch`
-    /// sequences of `seq_len` tokens, matmuls in bf16 when `bf16`.
+    /// Estimated bytes one training step's tensors hold (a floor for its peak) on a device that
+    /// runs the plain candle ops (CUDA; on the CPU `bench --plain-ops`): [`TrainMemory`], for
+    /// micro-batches of `batch` sequences of `seq_len` tokens, matmuls in bf16 when `bf16`.
     pub fn train_memory(
         &self,
         m: &ModelConfig,
@@ -212,10 +212,11 @@ impl ParamCounts {
         let u = self.total() as u64;
         let (n, d, f, v) = ((batch * seq_len) as u64, m.d_model as u64, m.ffn_hidden as u64, m.vocab_size as u64);
         let (h, kv, hd, layers) = (m.n_heads as u64, m.kv_heads() as u64, m.head_dim() as u64, m.n_layers as u64);
-        let cast = if bf16 { 2 } else { 0 }; // bytes of a bf16 copy made for a matmul
-                                             // Weights the step builds and keeps for its backward pass, per layer: q, k, v and gate,
-                                             // up stacked (a copy), every weight cast to bf16, and W + B·A with its B·A product where
-                                             // the projection has a private term.
+        // Bytes of a bf16 copy made for a matmul.
+        let cast = if bf16 { 2 } else { 0 };
+        // Weights the step builds and keeps for its backward pass, per layer: q, k, v and gate,
+        // up stacked (a copy), every weight cast to bf16, and W + B·A with its B·A product where
+        // the projection has a private term.
         let mut step_weights = 0u64;
         for layer in 0..m.n_layers {
             for pj in Proj::ALL {
@@ -226,11 +227,12 @@ impl ParamCounts {
                 step_weights += e * (cast + if stacked { 4 } else { 0 } + if merged { 8 } else { 0 });
             }
         }
-        step_weights += cast * v * d; // the (tied) LM head's bf16 copy
-                                      // Saved activations per layer and token (bytes), counted from the plain ops: two RMSNorms
-                                      // (x², x/rms, ·gain: 24d), two residual sums (8d), q·k·v out (bf16 and f32 copies), RoPE on
-                                      // q and k (transposes, rotate-half, products: 22 bytes per rotated value), v transposed,
-                                      // the attention output's transpose, o and down in and out, gate·up out, silu and product.
+        // The (tied) LM head's bf16 copy.
+        step_weights += cast * v * d;
+        // Saved activations per layer and token (bytes), counted from the plain ops: two RMSNorms
+        // (x², x/rms, ·gain: 24d), two residual sums (8d), q·k·v out (bf16 and f32 copies), RoPE on
+        // q and k (transposes, rotate-half, products: 22 bytes per rotated value), v transposed,
+        // the attention output's transpose, o and down in and out, gate·up out, silu and product.
         let qkv = (h + 2 * kv) * hd;
         let per_token = 4 * (6 * d + 2 * d) // norms, residuals
             + (cast + 4) * qkv + cast * d // qkv: f32 out (+ bf16 out and input copy)
