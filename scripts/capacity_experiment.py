@@ -102,11 +102,14 @@ ARMS_P = [
         note="(f) vanilla 8 layers at the LORS arms' width: 4P, the training FLOPs of (c)/(d)/(e) at d_model 64"),
 ]
 
-# The second budget, 2P, for the arms that decide the question: both vanilla references and
-# the grouped arm with private terms, at 30 and 100 tokens per block parameter.
+# The second budget, 2P, for the arms that decide the question: both vanilla references, the
+# best arm at P (two shared blocks) and the grouped arm with private terms, at 30 and 100
+# tokens per block parameter.
 ARMS_2P = [
     arm("a-van2-2p", "vanilla", 88, 2, 4, 256, note="(a) at 2P"),
     arm("b-van8-d44-2p", "vanilla", 44, 8, 2, 124, note="(b) at 2P"),
+    arm("e-shared8-g2-2p", "shared", 88, 8, 4, 256, ["lors.groups=2"],
+        "(e) two shared blocks, each used by 4 consecutive layers, at 2P (the best arm at P)"),
     arm("e-lors8-g2-d80-2p", "lors", 80, 8, 4, 212, ["lors.groups=2", "lors.rank=4"],
         "(e) two shared blocks with private rank-4 terms at 2P"),
 ]
@@ -403,7 +406,7 @@ RUN_ORDER = [
     ("configs/capacity.toml", ["d-lors8-r5", "d-lors8-paper"]),
     ("configs/capacity.toml", ["c-shared8", "f-van8-d64"]),
     ("configs/capacity.toml", ["c-shared16", "d-lors16-r3r2", "d-lors16-paper", "e-shared16-g2", "e-lors16-g2-d56"]),
-    ("configs/capacity-2p.toml", ["a-van2-2p", "b-van8-d44-2p", "e-lors8-g2-d80-2p"]),
+    ("configs/capacity-2p.toml", ["a-van2-2p", "b-van8-d44-2p", "e-shared8-g2-2p", "e-lors8-g2-d80-2p"]),
 ]
 
 
