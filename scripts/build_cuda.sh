@@ -2,9 +2,14 @@
 # Build the CUDA binary (cargo feature `cuda`) on a machine without a GPU or a system CUDA,
 # with NVIDIA's CUDA 13.0 toolkit from PyPI. Output: target-cuda/release/lors-lm.
 #
-#   bash scripts/build_cuda.sh              # toolkit into .cuda-toolkit/, binary into target-cuda/
-#   bash scripts/build_cuda.sh --nccl-check # compile-check the `nccl` feature (data-parallel GPU
-#                                           # gradients): cargo check, nothing linked, so no libnccl
+#   bash scripts/build_cuda.sh              # toolkit into .cuda-toolkit/, binary into target-cuda/,
+#                                           # with NCCL (data-parallel GPU gradients; ranks from
+#                                           # `lors-lm launch` or torchrun, no MPI needed)
+#   bash scripts/build_cuda.sh --no-nccl    # the same without NCCL (no libnccl at run time)
+#   bash scripts/build_cuda.sh --nccl-check # compile-check the `nccl` feature only (cargo check)
+#
+# NCCL comes from NVIDIA's nvidia-nccl-cu13 wheel (2.30.7, PyTorch 2.11's): linked against its
+# libnccl.so.2, which the GPU machine's PyTorch wheels provide at run time.
 #
 # Every wheel is pinned to the CUDA 13.0 line: the PTX must not be newer than the GPU machine's
 # driver (580 = CUDA 13.0); unpinned, nvcc 13.0 pulls newer crt/nvvm/runtime wheels and the
@@ -20,10 +25,12 @@
 set -euo pipefail
 
 mode=build
+features=nccl
 case "${1:-}" in
     "") ;;
+    --no-nccl) features=cuda ;;
     --nccl-check) mode=nccl-check ;;
-    *) echo "usage: build_cuda.sh [--nccl-check]" >&2; exit 2 ;;
+    *) echo "usage: build_cuda.sh [--no-nccl | --nccl-check]" >&2; exit 2 ;;
 esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,6 +44,10 @@ if [[ ! -f "$tk/.complete" ]]; then
         nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 \
         nvidia-cublas==13.0.0.19 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
     touch "$tk/.complete"
+fi
+if [[ "$features" == nccl && ! -f "$tk/.nccl" ]]; then
+    "$py" -m pip install --quiet --no-deps --target "$tk" nvidia-nccl-cu13==2.30.7
+    touch "$tk/.nccl"
 fi
 cuda="$tk/nvidia/cu13"
 [[ -x "$cuda/bin/nvcc" ]] || { echo "error: $cuda/bin/nvcc missing: delete $tk and rerun" >&2; exit 1; }
@@ -66,8 +77,16 @@ fi
 export CUDA_HOME="$cuda" CUDA_PATH="$cuda" CUDA_ROOT="$cuda"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export PATH="$cuda/bin:$PATH"
-export LIBRARY_PATH="$cuda/lib:$stub${LIBRARY_PATH:+:$LIBRARY_PATH}"
-export RUSTFLAGS="${RUSTFLAGS:-} -L $cuda/lib -L $stub"
+# NCCL's wheel puts libnccl.so.2 (and nccl.h) under nvidia/nccl/ (cu13 layouts vary: find it).
+nccl_lib="$(dirname "$(find "$tk/nvidia" -name 'libnccl.so.2' -print -quit 2>/dev/null)" 2>/dev/null || true)"
+if [[ -n "$nccl_lib" && -f "$nccl_lib/libnccl.so.2" ]]; then
+    [[ -e "$nccl_lib/libnccl.so" ]] || ln -s libnccl.so.2 "$nccl_lib/libnccl.so"
+else
+    nccl_lib="$cuda/lib"
+    [[ "$features" != nccl ]] || { echo "error: libnccl.so.2 not found under $tk/nvidia" >&2; exit 1; }
+fi
+export LIBRARY_PATH="$cuda/lib:$nccl_lib:$stub${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export RUSTFLAGS="${RUSTFLAGS:-} -L $cuda/lib -L $nccl_lib -L $stub"
 nvcc --version | tail -n 2
 cd "$root"
 if [[ "$mode" == nccl-check ]]; then
@@ -77,7 +96,8 @@ if [[ "$mode" == nccl-check ]]; then
     echo "the nccl feature compiles (cargo check)"
     exit 0
 fi
-CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-$root/target-cuda}" cargo build --release --features cuda --bin lors-lm
+CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-$root/target-cuda}" cargo build --release --features "$features" --bin lors-lm
+echo "built with --features $features"
 bin="${CUDA_TARGET_DIR:-$root/target-cuda}/release/lors-lm"
 # The binary embeds candle's PTX (~80 MB); a stripped, xz-compressed copy (~12 MB) is what to
 # carry to a GPU machine (scripts/gpu_check.sh unpacks it).

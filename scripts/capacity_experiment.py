@@ -15,6 +15,8 @@ The arms, budgets and schedule live here; `plan` writes them out as sweep plans,
                                             # run it again after any stop)
     scripts/capacity_experiment.py run --stage 2   # stage 2, the stdlib plan (another ~8 hours)
     scripts/capacity_experiment.py smoke    # the same pipeline end to end, a few steps per run
+    scripts/capacity_experiment.py decode   # batch-1 decode tok/s and peak RSS of the vanilla and
+                                            # best sharing arms (after their runs; a quiet machine)
 
 Budget P = the block parameters of a 2-layer vanilla stack at d_model 64 (SwiGLU 172, byte
 vocabulary): 98,816. Every arm at P is sized to P within 5 % (`match_by = "block"` checks it);
@@ -423,13 +425,51 @@ def run_grid(args, extra=()):
         sweep(args, plan, [*extra, "--report-only"])
 
 
+# Batch-1 decode on a quiet machine (`decode`): both vanilla arms and the best sharing arms of
+# each kind at P, from their trained runs' configs, one thread, rounds alternating the arms.
+DECODE_ARMS = ["a-van2", "b-van8-d32", "e-shared8-g2", "e-lors8-g2-d56", "d-lors8-r5"]
+
+
+def decode(args):
+    """Batch-1 decode tokens/s and peak RSS of DECODE_ARMS (merged, and factored for shared
+    and LORS arms): `lors-lm bench --decode` on each arm's trained config, one thread, the
+    arms alternating over --rounds rounds in this one script; medians, and each against (b)
+    merged, the deep vanilla reference (the issue's goal 3). Pause other work first."""
+    exe = lors_lm(args)
+    runs = ROOT / "runs/capacity"
+    rows = {}
+    env = dict(os.environ, RAYON_NUM_THREADS="1")
+    for r in range(args.rounds):
+        for name in DECODE_ARMS:
+            cfg = runs / f"{name}-t200/seed1/config.toml"
+            if not cfg.exists():
+                sys.exit(f"{cfg} missing: train the arm first (run)")
+            mode = tomllib.loads(cfg.read_text())["lors"]["mode"]
+            out = subprocess.check_output([exe, "bench", "--decode", "--config", str(cfg), "--modes", mode,
+                                           "--batches", "1", "--rounds", "1", "--json"], text=True, env=env)
+            for line in out.splitlines():
+                j = json.loads(line)
+                rows.setdefault((name, j["weights"]), []).append(j)
+            print(f"round {r + 1}/{args.rounds}: {name} done", file=sys.stderr)
+    ref = statistics.median(j["decode_tokens_per_sec"] for j in rows[("b-van8-d32", "merged")])
+    print(f"Batch-1 decode, 1 thread, {args.rounds} rounds alternating the arms (medians); "
+          f"64-token prompt, 128 tokens decoded; `scripts/capacity_experiment.py decode`.\n")
+    print("| arm | weights | decode tok/s | vs (b) merged | prompt tok/s | weight MB read / token | peak RSS MB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (name, w), js in rows.items():
+        med = lambda k: statistics.median(j[k] for j in js)
+        print(f"| {name} | {w} | {med('decode_tokens_per_sec'):,.0f} | {med('decode_tokens_per_sec') / ref:.2f}× "
+              f"| {med('prompt_tokens_per_sec'):,.0f} | {js[0]['weight_bytes_read'] / 1e6:.3f} | {max(j['peak_rss_mb'] for j in js):.1f} |")
+
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["plan", "data", "stdlib", "time", "table", "run", "smoke"])
+    ap.add_argument("what", choices=["plan", "data", "stdlib", "time", "table", "run", "smoke", "decode"])
     ap.add_argument("--lors-lm", help="the lors-lm binary")
     ap.add_argument("--jobs", type=int, default=2, help="chains side by side (run, smoke)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per arm and round (time)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per arm (time)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per arm (time, decode)")
     ap.add_argument("--stage", type=int, default=1, choices=[1, 2], help="run: 1 = the grid, 2 = the stdlib plan")
     args = ap.parse_args()
     if args.what == "plan":
@@ -442,6 +482,8 @@ def main():
         time_arms(args)
     elif args.what == "table":
         table(args)
+    elif args.what == "decode":
+        decode(args)
     elif args.what == "run" and args.stage == 2:
         stdlib_data(args)
         sweep(args, "configs/capacity-stdlib.toml", [])

@@ -21,7 +21,8 @@
 #  4. PyTorch on the same model and device (scripts/bench_vs_torch.py --torch-only), eager and
 #     torch.compile, bf16 autocast: tokens/s beside ours, as a ratio;
 #  5. greedy generation on the device equals the CPU's, for a tiny run trained on the CPU (f32);
-#  6. data-parallel NCCL at world size 1 (n/a until the binary carries NCCL without MPI);
+#  6. data-parallel NCCL at world size 1 (`lors-lm launch --nproc 1`: the TCP host link, NCCL
+#     on the device): its losses against the same run as a plain process;
 #  7. a profile of a few training steps: nsys if present (top 10 kernels by time).
 set -uo pipefail
 
@@ -81,7 +82,8 @@ gpu_info() {
     libdirs="$("$py" - <<'PY' 2>/dev/null || true
 import glob, os, site, sys
 roots = set(site.getsitepackages() + [site.getusersitepackages()] + sys.path)
-want = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13", "libcudart.so.13"]
+want = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13", "libcudart.so.13",
+        "libnccl.so.2"]
 dirs = []
 for r in roots:
     for w in want:
@@ -94,7 +96,7 @@ PY
 )"
     export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-    ldd "$bin" | grep -E 'libcuda|cublas|curand|nvrtc|cudart' || true
+    ldd "$bin" | grep -E 'libcuda|cublas|curand|nvrtc|cudart|nccl' || true
     if ldd "$bin" | grep -q 'not found'; then
         echo "error: the binary cannot find its CUDA libraries (see 'not found' above)" >&2
         return 1
@@ -182,7 +184,23 @@ PY
 }
 
 nccl_one() {
-    na "this binary has no NCCL bootstrap without MPI yet (issue 29), and the device image has no MPI library"
+    local plain="$out/runs/dp-plain" one="$out/runs/dp-one"
+    rm -rf "$plain" "$one"
+    local args=(train --config configs/tiny.toml --data "$data" --device "$dev" --set train.max_steps=20
+                --set train.eval_interval=10 --set 'train.dtype="f32"' --set train.tf32=false)
+    "$bin" "${args[@]}" --out "$plain" > "$out/dp_plain.log" 2>&1 || { tail -5 "$out/dp_plain.log"; return 1; }
+    "$bin" launch --nproc 1 -- "${args[@]}" --out "$one" > "$out/dp_one.log" 2>&1 || { tail -5 "$out/dp_one.log"; return 1; }
+    grep -E '^ranks ' "$out/dp_one.log" | head -1
+    "$py" - "$plain/metrics.jsonl" "$one/metrics.jsonl" <<'PY' || return 1
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"loss"' in l] for p in sys.argv[1:3])
+d = max(abs(x - y) for x, y in zip(a, b)) if a and len(a) == len(b) else float("inf")
+print(f"world size 1 vs a plain process: {len(b)} / {len(a)} step losses, max |Δ| = {d:.3g}")
+sys.exit(0 if d <= 1e-5 else 1)
+PY
+    if [[ "$dev" != cpu ]] && ! grep -q 'gradients averaged by NCCL' "$out/dp_one.log"; then
+        na "this binary has no NCCL (build it with scripts/build_cuda.sh, not --no-nccl): the host all-reduce ran"
+    fi
 }
 
 profile() {

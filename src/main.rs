@@ -1,5 +1,7 @@
 use clap::{Parser, Subcommand};
-use lors_lm::cmd::{bench, check_device, compress, eval, export, generate, params, prepare, probe, sweep, train};
+use lors_lm::cmd::{
+    bench, check_device, compress, eval, export, generate, launch, params, prepare, probe, sweep, train,
+};
 use lors_lm::device;
 
 /// mimalloc for `prepare`, the system allocator for the rest (src/alloc.rs says why).
@@ -45,6 +47,9 @@ enum Command {
     /// Measure training-step and generation throughput of a config per sharing mode, or with
     /// --decode inference: merged against factored weights.
     Bench(bench::BenchArgs),
+    /// Start N ranks of data-parallel training on this machine (no MPI needed): one per GPU,
+    /// or CPU ranks. `lors-lm launch --nproc 2 -- train --config c.toml --device cuda`.
+    Launch(launch::LaunchArgs),
     /// Train every configuration × seed of a comparison plan; write a results table and charts.
     Sweep(sweep::SweepArgs),
     /// Check that a device (e.g. cuda) and dtype give the CPU's logits and loss, before and after one step.
@@ -69,6 +74,11 @@ fn main() {
         Command::Params(args) => params::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Sweep(args) => sweep::run(&args),
+        Command::Launch(args) => match launch::run(&args) {
+            Ok(0) => Ok(()),
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
         Command::CheckDevice(args) => check_device::run(&args),
         Command::ProbeMemory(args) => probe::run(&args),
     };

@@ -9,20 +9,20 @@
 
 mod common;
 
+use common::dp::*;
 use common::repo;
 use lors_lm::config::Config;
 use lors_lm::model::ParamCounts;
-use lors_lm::train::batches::{rank_part, sample_batch_in};
+use lors_lm::train::batches::rank_part;
 use lors_lm::train::distributed::{data_stream, weights_checksum};
-use lors_lm::train::{session, RunDir, Source, Trainer};
-use std::collections::HashMap;
+use lors_lm::train::{RunDir, Source};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 /// One mpirun job at a time: the tests share two cores, and the fault tests time things.
 static MPI: Mutex<()> = Mutex::new(());
@@ -65,15 +65,6 @@ fn train_ranks_with(mpirun_opts: &[&str], n: usize, data: &Path, out: &Path, set
     c
 }
 
-fn train_args(data: &Path, out: &Path, sets: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec!["train".into(), "--config".into(), common::repo_str("configs/tiny.toml")];
-    a.extend(["--data".into(), data.display().to_string(), "--out".into(), out.display().to_string()]);
-    for s in sets {
-        a.extend(["--set".into(), s.to_string()]);
-    }
-    a
-}
-
 fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("start mpirun");
     assert!(
@@ -83,72 +74,6 @@ fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// A learnable synthetic language over 50 tokens (as tests/train_cli.rs).
-fn synthetic_data(dir: &Path) {
-    let (mut x, mut t, mut seq) = (12345u64, 1u32, vec![]);
-    for _ in 0..22_000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        t = if (x >> 33).is_multiple_of(50) { ((x >> 40) % 50) as u32 } else { (7 * t + 3) % 50 };
-        seq.push(t);
-    }
-    lors_lm::data::write_prepared_dir(dir, &seq[..20_000], &seq[20_000..], 50, None).unwrap();
-}
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-fn field(run: &Path, key: &str) -> Vec<serde_json::Value> {
-    metrics(run).into_iter().filter_map(|m| m.get(key).cloned()).collect()
-}
-
-fn losses(run: &Path) -> Vec<f64> {
-    metrics(run).iter().filter_map(|m| m.get("loss")?.as_f64()).collect()
-}
-
-fn latest_params(run: &Path) -> HashMap<String, Tensor> {
-    RunDir::at(run).checkpoint(None).unwrap().params(&Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let mut m = 0f32;
-    for (name, t) in a {
-        let d = (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        m = m.max(d.to_scalar::<f32>().unwrap());
-    }
-    m
-}
-
-/// One process stepping on the windows that `ranks` ranks draw (their streams concatenated, each
-/// rank's windows inside its own part of the training split).
-fn reference_weights(data: &Path, sets: &[String], ranks: usize, steps: usize) -> HashMap<String, Tensor> {
-    let dev = Device::Cpu;
-    let mut cfg = Config::load(&repo("configs/tiny.toml"), sets).unwrap();
-    let split = session::open_data(data, &mut cfg).unwrap();
-    let (b, t, accum) = (cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum);
-    let mut streams: Vec<_> = (0..ranks).map(|r| data_stream(cfg.train.seed, r)).collect();
-    let mut trainer = Trainer::new(cfg, Source::Random { vocab: 50 }, &dev).unwrap();
-    for _ in 0..steps {
-        let micro: Vec<(Tensor, Tensor)> = (0..accum)
-            .map(|_| {
-                let n = split.train.len();
-                let parts: Vec<_> = streams
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(r, rng)| sample_batch_in(&split.train, rank_part(n, r, ranks), rng, b, t, &dev).unwrap())
-                    .collect();
-                let xs: Vec<_> = parts.iter().map(|p| p.0.clone()).collect();
-                let ys: Vec<_> = parts.iter().map(|p| p.1.clone()).collect();
-                (Tensor::cat(&xs, 0).unwrap(), Tensor::cat(&ys, 0).unwrap())
-            })
-            .collect();
-        trainer.step_on(&micro).unwrap();
-    }
-    trainer.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
 }
 
 #[test]
@@ -339,25 +264,6 @@ fn start_long_run(tmp: &Path, data: &Path, run: &Path, mpirun_opts: &[&str], ext
         std::thread::sleep(Duration::from_millis(100));
     }
     (child, log)
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
-
-/// Wait up to `limit` for `child`; the exit status and the time it took.
-fn wait_for(child: &mut Child, limit: Duration, log: &Path) -> (std::process::ExitStatus, Duration) {
-    let t0 = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status, t0.elapsed());
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            panic!("mpirun still running after {limit:?}: {}", read(log));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub mod compress;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod launch;
 pub mod params;
 pub mod prepare;
 pub mod probe;

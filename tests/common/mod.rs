@@ -1,6 +1,7 @@
 //! Helpers shared by integration tests.
 #![allow(dead_code)]
 
+pub mod dp;
 pub mod mutate;
 pub mod tb_reader;
 

@@ -90,7 +90,8 @@ pub fn tune_threads_for_ranks() {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() || std::env::var_os("CANDLE_NUM_THREADS").is_some() {
         return;
     }
-    let Some(local) = detect().and_then(|l| l.local_size).filter(|&n| n > 1) else { return };
+    let torchrun = super::tcp::Rendezvous::from_env().ok().flatten().map(|r| r.local.1);
+    let Some(local) = torchrun.or_else(|| detect().and_then(|l| l.local_size)).filter(|&n| n > 1) else { return };
     let threads = (candle_core::utils::get_num_threads() / local).max(1);
     // Single-threaded here: called first thing in main, before any thread pool exists.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());

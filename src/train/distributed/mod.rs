@@ -1,5 +1,5 @@
-//! Data-parallel training: N ranks (processes on one machine or many, started by `mpirun` or
-//! `srun`) each draw their own batches, and every step average their gradients, so that all of
+//! Data-parallel training: N ranks (processes on one machine or many, started by `lors-lm
+//! launch`, torchrun, `mpirun` or `srun`) each draw their own batches, and every step average their gradients, so that all of
 //! them take the same optimizer step and hold the same weights.
 //!
 //! ```text
@@ -15,8 +15,10 @@
 //!              metrics, TensorBoard and the console)
 //! ```
 //!
-//! The engines are the ones clusters run: MPI (`mpi.rs`, the rsmpi crate over Open MPI or
-//! MPICH) for CPU ranks and to bootstrap NCCL (`nccl.rs`, through cudarc) for GPU ranks. A
+//! The engines: MPI (`mpi.rs`, the rsmpi crate over Open MPI or MPICH) for ranks started by
+//! `mpirun` or `srun`; TCP through rank 0 (`tcp.rs`, no library) for ranks started by
+//! `lors-lm launch` or torchrun; on GPUs either one bootstraps NCCL (`nccl.rs`, through
+//! cudarc), which moves the gradients. A
 //! LORS model all-reduces what it trains — shared bases and private factors — never merged
 //! weights, so it moves `unique parameters × 4` bytes per step where the vanilla model moves
 //! its full parameter count. See docs/distributed.md.
@@ -36,6 +38,7 @@ pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod sync;
+pub mod tcp;
 pub mod watchdog;
 
 use crate::model::ParamCounts;
@@ -51,16 +54,24 @@ use std::rc::Rc;
 use std::time::Duration;
 use watchdog::Watchdog;
 
-/// Start data-parallel training when a launcher (`mpirun`, `srun`) started this process as one
-/// of several ranks: the run's communicator, with the watchdog (`collective_timeout`) and the
-/// stop signals installed. None for a single process. A build without the `mpi` feature
-/// refuses to be one of several ranks (`launcher::refuse_without_mpi`).
+/// Start data-parallel training when a launcher started this process as one of several
+/// ranks: the run's communicator, with the watchdog (`collective_timeout`) and the stop
+/// signals installed. None for a single process.
+///
+/// `lors-lm launch` and torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+/// give the TCP communicator (`tcp.rs`, any build, world size 1 included: the launch asked for
+/// it); `mpirun` and `srun` give MPI (`mpi.rs`), and a build without the `mpi` feature refuses
+/// to be one of several MPI ranks (`launcher::refuse_without_mpi`).
 pub fn start(collective_timeout: Duration) -> Result<Option<Dist>> {
+    if let Some(rdv) = tcp::Rendezvous::from_env()? {
+        let comm = tcp::TcpComm::connect(&rdv, collective_timeout)?;
+        install_stop_signals();
+        return Ok(Some(Dist::new(Rc::new(comm), Watchdog::exiting(collective_timeout))));
+    }
     let launch = launcher::detect();
     #[cfg(not(feature = "mpi"))]
     {
         launcher::refuse_without_mpi(launch.as_ref())?;
-        let _ = collective_timeout;
         Ok(None)
     }
     #[cfg(feature = "mpi")]
@@ -75,10 +86,10 @@ pub fn start(collective_timeout: Duration) -> Result<Option<Dist>> {
     }
 }
 
-/// SIGTERM (what `mpirun` sends every rank on Ctrl-C, and Slurm on `scancel` or at the time
-/// limit) and SIGUSR1 (which `mpirun` forwards at once; `sbatch --signal=USR1@120`) stop the
-/// run as Ctrl-C does: the ranks agree on the step, rank 0 checkpoints, all exit cleanly.
-#[cfg(feature = "mpi")]
+/// SIGTERM (what `mpirun` and `lors-lm launch` send every rank on Ctrl-C, and Slurm on
+/// `scancel` or at the time limit) and SIGUSR1 (which `mpirun` forwards at once; `sbatch
+/// --signal=USR1@120`) stop the run as Ctrl-C does: the ranks agree on the step, rank 0
+/// checkpoints, all exit cleanly.
 fn install_stop_signals() {
     extern "C" fn on_signal(sig: libc::c_int) {
         if sig == libc::SIGTERM {
@@ -93,8 +104,7 @@ fn install_stop_signals() {
 }
 
 /// Set by SIGTERM: the launcher is ending the job (Open MPI's `mpirun` after its own SIGINT or
-/// SIGTERM; Slurm at `scancel` or the time limit).
-#[cfg(feature = "mpi")]
+/// SIGTERM; Slurm at `scancel` or the time limit; `lors-lm launch` on Ctrl-C).
 static TERMINATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether the launcher is ending the job (this rank got SIGTERM). Its runtime is being torn
@@ -102,10 +112,7 @@ static TERMINATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool
 /// (`odls_base_sigkill_timeout` later, per rank), so a rank that has checkpointed and flushed
 /// leaves with `exit_now` instead.
 pub fn launcher_is_ending_the_job() -> bool {
-    #[cfg(feature = "mpi")]
-    return TERMINATED.load(std::sync::atomic::Ordering::SeqCst);
-    #[cfg(not(feature = "mpi"))]
-    false
+    TERMINATED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Flush stdout and stderr and end the process with `code` at once, without `MPI_Finalize`
@@ -292,8 +299,8 @@ impl Dist {
             return (sync.map(|s| Box::new(s) as Box<dyn GradSync>), "NCCL (one flat f32 buffer per step)");
         }
         let engine = match trainer.device().is_cpu() {
-            true => "an MPI all-reduce (one flat f32 buffer per step)",
-            false => "MPI through host memory (this build has no NCCL: rebuild with --features nccl)",
+            true => "an all-reduce over it (one flat f32 buffer per step)",
+            false => "an all-reduce over it through host memory (this build has no NCCL: rebuild with --features nccl)",
         };
         (Ok(Box::new(sync::HostAllReduce::new(self.clone(), trainer.params(), step))), engine)
     }

@@ -1,9 +1,10 @@
 //! The gradient all-reduce of GPU ranks (cargo feature `nccl`): NCCL through cudarc, on the
-//! device's own stream. Rank 0 creates the NCCL unique id and MPI broadcasts it; each rank then
+//! device's own stream. Rank 0 creates the NCCL unique id and the run's communicator (MPI, or
+//! TCP under `lors-lm launch` / torchrun: no MPI library needed) broadcasts it; each rank then
 //! joins the communicator with its GPU (the GPU of its local rank, `rank_device_spec`). Per
 //! step the gradients are flattened into one f32 buffer on the GPU, averaged in place by one
 //! `ncclAllReduce(ncclAvg)` and cut back into tensors; the loss and its distillation parts
-//! (host numbers) are averaged over MPI. The stream is synchronised inside the watchdog's
+//! (host numbers) are averaged over that communicator. The stream is synchronised inside the watchdog's
 //! watch, so a lost GPU peer ends the run instead of hanging it.
 
 use crate::train::distributed::sync::{flatten, gradient_numel, mean_losses, unflatten};

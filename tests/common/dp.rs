@@ -1,0 +1,110 @@
+//! Helpers of the data-parallel tests (tests/distributed.rs under mpirun, tests/launch.rs
+//! under `lors-lm launch`): a tiny learnable corpus, a run's metrics and weights, and the
+//! one-process reference that steps on the windows every rank draws.
+
+use lors_lm::config::Config;
+use lors_lm::train::batches::{rank_part, sample_batch_in};
+use lors_lm::train::distributed::data_stream;
+use lors_lm::train::{session, RunDir, Source, Trainer};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+use super::repo;
+
+pub fn train_args(data: &Path, out: &Path, sets: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec!["train".into(), "--config".into(), super::repo_str("configs/tiny.toml")];
+    a.extend(["--data".into(), data.display().to_string(), "--out".into(), out.display().to_string()]);
+    for s in sets {
+        a.extend(["--set".into(), s.to_string()]);
+    }
+    a
+}
+
+/// A learnable synthetic language over 50 tokens (as tests/train_cli.rs).
+pub fn synthetic_data(dir: &Path) {
+    let (mut x, mut t, mut seq) = (12345u64, 1u32, vec![]);
+    for _ in 0..22_000 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        t = if (x >> 33).is_multiple_of(50) { ((x >> 40) % 50) as u32 } else { (7 * t + 3) % 50 };
+        seq.push(t);
+    }
+    lors_lm::data::write_prepared_dir(dir, &seq[..20_000], &seq[20_000..], 50, None).unwrap();
+}
+
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+pub fn field(run: &Path, key: &str) -> Vec<serde_json::Value> {
+    metrics(run).into_iter().filter_map(|m| m.get(key).cloned()).collect()
+}
+
+pub fn losses(run: &Path) -> Vec<f64> {
+    metrics(run).iter().filter_map(|m| m.get("loss")?.as_f64()).collect()
+}
+
+pub fn latest_params(run: &Path) -> HashMap<String, Tensor> {
+    RunDir::at(run).checkpoint(None).unwrap().params(&Device::Cpu).unwrap()
+}
+
+pub fn max_abs_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut m = 0f32;
+    for (name, t) in a {
+        let d = (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        m = m.max(d.to_scalar::<f32>().unwrap());
+    }
+    m
+}
+
+/// One process stepping on the windows that `ranks` ranks draw (their streams concatenated, each
+/// rank's windows inside its own part of the training split).
+pub fn reference_weights(data: &Path, sets: &[String], ranks: usize, steps: usize) -> HashMap<String, Tensor> {
+    let dev = Device::Cpu;
+    let mut cfg = Config::load(&repo("configs/tiny.toml"), sets).unwrap();
+    let split = session::open_data(data, &mut cfg).unwrap();
+    let (b, t, accum) = (cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum);
+    let mut streams: Vec<_> = (0..ranks).map(|r| data_stream(cfg.train.seed, r)).collect();
+    let mut trainer = Trainer::new(cfg, Source::Random { vocab: 50 }, &dev).unwrap();
+    for _ in 0..steps {
+        let micro: Vec<(Tensor, Tensor)> = (0..accum)
+            .map(|_| {
+                let n = split.train.len();
+                let parts: Vec<_> = streams
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(r, rng)| sample_batch_in(&split.train, rank_part(n, r, ranks), rng, b, t, &dev).unwrap())
+                    .collect();
+                let xs: Vec<_> = parts.iter().map(|p| p.0.clone()).collect();
+                let ys: Vec<_> = parts.iter().map(|p| p.1.clone()).collect();
+                (Tensor::cat(&xs, 0).unwrap(), Tensor::cat(&ys, 0).unwrap())
+            })
+            .collect();
+        trainer.step_on(&micro).unwrap();
+    }
+    trainer.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+}
+
+pub fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Wait up to `limit` for `child`; the exit status and the time it took.
+pub fn wait_for(child: &mut Child, limit: Duration, log: &Path) -> (std::process::ExitStatus, Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the launcher still running after {limit:?}: {}", read(log));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
