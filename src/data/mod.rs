@@ -50,6 +50,7 @@
 mod encode;
 mod hub;
 pub mod input;
+mod options;
 mod pipeline;
 mod prepare;
 mod resume;

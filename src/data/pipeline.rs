@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::encode::Encoder;
 use super::input::{Documents, Inputs, Piece, ReadOptions, TextMode};
-use super::prepare::{human_bytes, PrepareOptions, Scan};
+use super::options::{human_bytes, PrepareOptions, Scan};
 use super::progress;
 use super::resume::{Counts, State};
 use super::shards::{shard_name, Dtype, ShardWriter};

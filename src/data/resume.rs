@@ -15,13 +15,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::input::Inputs;
-use super::prepare::{PrepareOptions, Prepared};
-use super::shards::{file_sha256, ShardInfo};
+use super::options::{PrepareOptions, Prepared};
+use super::shards::{file_sha256, ShardInfo, STATE_FILE};
 use super::tokens::InputFile;
 use crate::files::write_atomic;
 
-/// The resume state's file name in `--out`.
-pub const STATE_FILE: &str = "prepare-state.json";
 const STATE_VERSION: u32 = 1;
 
 /// The settings that decide a prepared directory's contents: a resume must have the same.

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::resume::STATE_FILE;
-use super::shards::{is_shard_name, max_id, shard_name, write_shard, Dtype, Shard, ShardInfo};
+use super::shards::{is_shard_name, max_id, shard_name, write_shard, Dtype, Shard, ShardInfo, STATE_FILE};
 use super::tokenizer::{find_bos_eos, load_tokenizer};
 use crate::files::write_atomic;
 
