@@ -16,11 +16,10 @@ use lors_lm::model::ParamCounts;
 use lors_lm::train::batches::rank_part;
 use lors_lm::train::distributed::{data_stream, weights_checksum};
 use lors_lm::train::{RunDir, Source};
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::Device;
 
@@ -249,21 +248,10 @@ fn rank_pid(marker: &str, rank: usize) -> Option<u32> {
     })
 }
 
-/// Start a long 2-rank run (checkpoint every 25 steps) with output to a file, and wait until
-/// it has written its second checkpoint.
 fn start_long_run(tmp: &Path, data: &Path, run: &Path, mpirun_opts: &[&str], extra: &[&str]) -> (Child, PathBuf) {
-    let log = tmp.join("mpirun.log");
-    let sets = ["train.max_steps=1000000", "train.ckpt_interval=25", "train.eval_interval=100000"];
-    let mut c = train_ranks_with(mpirun_opts, 2, data, run, &sets);
+    let mut c = train_ranks_with(mpirun_opts, 2, data, run, &LONG_RUN);
     c.args(["--quiet"]).args(extra);
-    let f = File::create(&log).unwrap();
-    let child = c.stdout(Stdio::from(f.try_clone().unwrap())).stderr(Stdio::from(f)).spawn().unwrap();
-    let t0 = Instant::now();
-    while RunDir::at(run).latest_step().ok().flatten().unwrap_or(0) < 50 {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no second checkpoint after 120 s: {}", read(&log));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (child, log)
+    start_until_second_checkpoint(c, tmp, "mpirun.log", run)
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One launch at a time: the tests share two cores, and the fault tests time things.
 static ONE: Mutex<()> = Mutex::new(());
@@ -82,21 +82,11 @@ fn rank_pid(marker: &str, rank: usize) -> Option<u32> {
     })
 }
 
-/// A long 2-rank launch (checkpoint every 25 steps) logging to a file, once it has written
-/// its second checkpoint.
+/// A long 2-rank launch logging to a file, once it has written its second checkpoint.
 fn start_long_run(tmp: &Path, data: &Path, run: &Path) -> (Child, std::path::PathBuf) {
-    let log = tmp.join("launch.log");
-    let sets = ["train.max_steps=1000000", "train.ckpt_interval=25", "train.eval_interval=100000"];
-    let mut c = launch(2, data, run, &sets);
+    let mut c = launch(2, data, run, &LONG_RUN);
     c.arg("--quiet");
-    let f = File::create(&log).unwrap();
-    let child = c.stdout(Stdio::from(f.try_clone().unwrap())).stderr(Stdio::from(f)).spawn().unwrap();
-    let t0 = Instant::now();
-    while RunDir::at(run).latest_step().ok().flatten().unwrap_or(0) < 50 {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no second checkpoint after 120 s: {}", read(&log));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (child, log)
+    start_until_second_checkpoint(c, tmp, "launch.log", run)
 }
 
 #[test]

@@ -7,8 +7,10 @@ use lors_lm::train::batches::{rank_part, sample_batch_in};
 use lors_lm::train::distributed::data_stream;
 use lors_lm::train::{session, RunDir, Source, Trainer};
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::Path;
-use std::process::Child;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -107,4 +109,21 @@ pub fn wait_for(child: &mut Child, limit: Duration, log: &Path) -> (std::process
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The settings of a run that goes on until it is stopped: a checkpoint every 25 steps.
+pub const LONG_RUN: [&str; 3] = ["train.max_steps=1000000", "train.ckpt_interval=25", "train.eval_interval=100000"];
+
+/// Start `cmd` (a launch of a `LONG_RUN` into `run`) with its output in `tmp`/`log_name`, and
+/// return once it has written its second checkpoint.
+pub fn start_until_second_checkpoint(mut cmd: Command, tmp: &Path, log_name: &str, run: &Path) -> (Child, PathBuf) {
+    let log = tmp.join(log_name);
+    let f = File::create(&log).unwrap();
+    let child = cmd.stdout(Stdio::from(f.try_clone().unwrap())).stderr(Stdio::from(f)).spawn().unwrap();
+    let t0 = Instant::now();
+    while RunDir::at(run).latest_step().ok().flatten().unwrap_or(0) < 50 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no second checkpoint after 120 s: {}", read(&log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (child, log)
 }

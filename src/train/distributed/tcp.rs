@@ -131,27 +131,31 @@ impl TcpComm {
         if self.rdv.rank != 0 {
             let (r, w) = &mut conns[0];
             let gone = |e: std::io::Error| {
-                anyhow!("rank 0 closed the connection during a collective ({e}): it failed or was stopped (its error is printed above)")
+                anyhow!("rank 0 closed the connection during a collective ({e}): it failed, was killed or was stopped (its error or the launcher says which)")
             };
             write_frame(w, op as u8, mine).map_err(gone)?;
             let (tag, result) = read_frame(r).map_err(gone)?;
             check_step(0, tag, op)?;
             return Ok(result);
         }
+        let lost = |rank: usize| {
+            move |e: std::io::Error| {
+                anyhow!(
+                    "rank {rank} closed its connection during a collective ({e}): it failed, was killed or was stopped (its error \
+                     or the launcher says which)"
+                )
+            }
+        };
         let mut all = Vec::with_capacity(self.rdv.size);
         all.push(mine.to_vec());
         for (i, (r, _)) in conns.iter_mut().enumerate() {
-            let rank = i + 1;
-            let (tag, part) = read_frame(r).map_err(|e| {
-                anyhow!("rank {rank} closed its connection during a collective ({e}): it failed or was stopped (its error is printed above)")
-            })?;
-            check_step(rank, tag, op)?;
+            let (tag, part) = read_frame(r).map_err(lost(i + 1))?;
+            check_step(i + 1, tag, op)?;
             all.push(part);
         }
         let result = combine(all)?;
         for (i, (_, w)) in conns.iter_mut().enumerate() {
-            write_frame(w, op as u8, &result)
-                .with_context(|| format!("sending a collective's result to rank {}", i + 1))?;
+            write_frame(w, op as u8, &result).map_err(lost(i + 1))?;
         }
         Ok(result)
     }
