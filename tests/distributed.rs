@@ -236,16 +236,7 @@ fn distilled_ranks_log_loss_parts_that_make_up_the_loss() {
 
 /// The pid of `rank` among the processes running with `marker` in their command line.
 fn rank_pid(marker: &str, rank: usize) -> Option<u32> {
-    let want = [format!("OMPI_COMM_WORLD_RANK={rank}"), format!("PMI_RANK={rank}")];
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let environ = std::fs::read(e.path().join("environ")).ok()?;
-        let has = |hay: &[u8], s: &str| hay.split(|&b| b == 0).any(|p| p == s.as_bytes());
-        let ours =
-            String::from_utf8_lossy(&cmdline).contains(marker) && !String::from_utf8_lossy(&cmdline).contains("mpirun");
-        (ours && want.iter().any(|w| has(&environ, w))).then_some(pid)
-    })
+    pid_with_env(marker, "mpirun", &[format!("OMPI_COMM_WORLD_RANK={rank}"), format!("PMI_RANK={rank}")])
 }
 
 fn start_long_run(tmp: &Path, data: &Path, run: &Path, mpirun_opts: &[&str], extra: &[&str]) -> (Child, PathBuf) {
@@ -334,14 +325,7 @@ fn ctrl_c_under_mpirun_checkpoints_and_every_rank_exits_cleanly() {
     let out = read(&log);
     assert!(took < Duration::from_secs(30), "{took:?}: {out}");
     assert!(!out.contains("signal 9") && !out.contains("Killed"), "a rank was killed, not stopped: {out}");
-    let stopped: usize = out
-        .split("stopped at step ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("rank 0 did not stop cleanly: {out}"));
-    assert!(out.contains(&format!("rank 1: stopped with the other ranks at step {stopped}")), "{out}");
-    assert_eq!(RunDir::at(&run).latest_step().unwrap(), Some(stopped), "{out}");
-    assert_eq!(losses(&run).len(), stopped, "metrics.jsonl flushed up to the last step");
+    assert_ranks_stopped_together(&out, &run);
 }
 
 #[test]

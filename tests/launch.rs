@@ -72,14 +72,7 @@ fn one_launched_rank_trains_exactly_as_a_plain_process() {
 
 /// The pid of the launched rank `rank` of the run whose --out is `marker`.
 fn rank_pid(marker: &str, rank: usize) -> Option<u32> {
-    let want = format!("RANK={rank}");
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).into_owned();
-        let environ = std::fs::read(e.path().join("environ")).ok()?;
-        let ours = cmdline.contains(marker) && !cmdline.contains("launch");
-        (ours && environ.split(|&b| b == 0).any(|p| p == want.as_bytes())).then_some(pid)
-    })
+    pid_with_env(marker, "launch", &[format!("RANK={rank}")])
 }
 
 /// A long 2-rank launch logging to a file, once it has written its second checkpoint.
@@ -128,14 +121,7 @@ fn ctrl_c_to_the_launcher_checkpoints_and_every_rank_exits_cleanly() {
     eprintln!("SIGINT to the launcher: exited ({status:?}) after {took:?}");
     let out = read(&log);
     assert!(status.success(), "{status:?}: {out}");
-    let stopped: usize = out
-        .split("stopped at step ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("rank 0 did not stop cleanly: {out}"));
-    assert!(out.contains(&format!("rank 1: stopped with the other ranks at step {stopped}")), "{out}");
-    assert_eq!(RunDir::at(&run).latest_step().unwrap(), Some(stopped), "{out}");
-    assert_eq!(losses(&run).len(), stopped, "metrics.jsonl flushed up to the last step");
+    assert_ranks_stopped_together(&out, &run);
 }
 
 #[test]

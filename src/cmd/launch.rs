@@ -137,8 +137,9 @@ fn supervise(mut ranks: Vec<Child>, grace: Duration) -> Result<i32> {
             }
             if let Some(status) = child.try_wait().with_context(|| format!("waiting for rank {rank}"))? {
                 use std::os::unix::process::ExitStatusExt;
-                codes[rank] = Some(code_of(status));
-                ended.push((rank, code_of(status), status.signal().is_some()));
+                let code = code_of(status);
+                codes[rank] = Some(code);
+                ended.push((rank, code, status.signal().is_some()));
             }
         }
         // The cause, where several failed in one round: a rank that a signal killed (the others

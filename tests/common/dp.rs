@@ -127,3 +127,30 @@ pub fn start_until_second_checkpoint(mut cmd: Command, tmp: &Path, log_name: &st
     }
     (child, log)
 }
+
+/// The pid of a rank: a process with `marker` (its run's --out) in its command line but not
+/// `launcher`, and one of the `vars` (`NAME=value`) in its environment.
+pub fn pid_with_env(marker: &str, launcher: &str, vars: &[String]) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).into_owned();
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let ours = cmdline.contains(marker) && !cmdline.contains(launcher);
+        let has = |v: &String| environ.split(|&b| b == 0).any(|p| p == v.as_bytes());
+        (ours && vars.iter().any(has)).then_some(pid)
+    })
+}
+
+/// After a stop request to a 2-rank run: rank 0 stopped at some step with a checkpoint there,
+/// rank 1 with it, and metrics.jsonl holds every step up to it. Returns the step.
+pub fn assert_ranks_stopped_together(out: &str, run: &Path) -> usize {
+    let stopped: usize = out
+        .split("stopped at step ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("rank 0 did not stop cleanly: {out}"));
+    assert!(out.contains(&format!("rank 1: stopped with the other ranks at step {stopped}")), "{out}");
+    assert_eq!(RunDir::at(run).latest_step().unwrap(), Some(stopped), "{out}");
+    assert_eq!(losses(run).len(), stopped, "metrics.jsonl flushed up to the last step");
+    stopped
+}
