@@ -64,9 +64,9 @@ fn smoke_sweep_writes_a_row_per_configuration_and_the_charts() {
         md.lines().find(|l| l.starts_with("| config |")).expect("a table").split('|').map(str::trim).collect();
     let col =
         |name: &str| header.iter().position(|h| h.starts_with(name)).unwrap_or_else(|| panic!("no column {name}"));
-    // 17 columns: | config | mode | sharing | block | total | % | tokens | tokens/param | epochs |
-    // FLOPs | loss | ppl | decode bytes | decode tok/s | tok/s | time | seeds |
-    assert_eq!(header.len(), 19, "{header:?}");
+    // 18 columns: | config | mode | sharing | block | total | % | tokens | tokens/param | epochs |
+    // FLOPs | loss | ppl | val − train | decode bytes | decode tok/s | tok/s | time | seeds |
+    assert_eq!(header.len(), 20, "{header:?}");
     for name in &names {
         let rows: Vec<&str> = md.lines().filter(|l| l.starts_with(&format!("| {name} |"))).collect();
         assert_eq!(rows.len(), 1, "one row for {name} in:\n{md}");
@@ -80,12 +80,26 @@ fn smoke_sweep_writes_a_row_per_configuration_and_the_charts() {
         assert_eq!(cells[col("epochs")], "0.03", "{}", rows[0]);
         let decode: f64 = cells[col("decode tok/s")].parse().unwrap();
         assert!(decode > 0.0, "{}", rows[0]);
+        let mut gaps = vec![];
         for seed in [1, 2] {
-            let res = out.join(name).join(format!("seed{seed}")).join("result.json");
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&res).unwrap()).unwrap();
+            let dir = out.join(name).join(format!("seed{seed}"));
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
             assert_eq!(v["steps"], 4);
             assert_eq!(v["seed"], seed);
+            // A 4-step run: its training loss at the end is the mean over all 4 steps' losses.
+            let losses: Vec<f64> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|m| m.get("ms").is_some())
+                .map(|m| m["loss"].as_f64().unwrap())
+                .collect();
+            assert_eq!(losses.len(), 4);
+            gaps.push(v["val_loss"].as_f64().unwrap() - losses.iter().sum::<f64>() / 4.0);
         }
+        let (mean, spread) = ((gaps[0] + gaps[1]) / 2.0, (gaps[0] - gaps[1]).abs() / 2.0);
+        assert_eq!(cells[col("val − train")], format!("{mean:+.4} ± {spread:.4}"), "{}", rows[0]);
     }
     // The parameter columns are the closed-form counts: vanilla is 100 %, LORS r16 fewer.
     let row = |n: &str| md.lines().find(|l| l.starts_with(&format!("| {n} |"))).unwrap().to_string();

@@ -10,7 +10,7 @@ use crate::data::Meta;
 use crate::model::{ParamCounts, Weights};
 use crate::monitor::plot::{self, Series};
 use crate::sweep::plan::{sharing_desc, show_d, Plan, Resolved};
-use crate::sweep::run::{median_step_ms, read_metrics, val_curve, RunResult};
+use crate::sweep::run::{final_train_loss, median_step_ms, read_metrics, val_curve, RunResult};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,23 +45,26 @@ struct Row<'a> {
     curves: Vec<Vec<(f64, f64)>>,
     /// Median step time of each seed's run, ms.
     median_ms: Vec<f64>,
+    /// Each seed's val loss minus its training loss at the end (`final_train_loss`).
+    gaps: Vec<Option<f64>>,
 }
 
 impl Row<'_> {
     /// Mean over seeds of `f` (None without finished seeds, or where any lacks it).
     fn mean_of(&self, f: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
-        let v: Option<Vec<f64>> = self.results.iter().map(f).collect();
-        v.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64)
+        mean_all(self.results.iter().map(f))
     }
     /// Half the range over seeds of `f`.
     fn spread_of(&self, f: impl Fn(&RunResult) -> Option<f64>) -> f64 {
-        let v: Vec<f64> = self.results.iter().filter_map(f).collect();
-        let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-        if v.is_empty() {
-            0.0
-        } else {
-            (hi - lo) / 2.0
-        }
+        half_range(self.results.iter().filter_map(f))
+    }
+    /// Mean over seeds of val − train (None where a seed lacks training steps).
+    fn mean_gap(&self) -> Option<f64> {
+        mean_all(self.gaps.iter().copied())
+    }
+    /// Half the range over seeds of val − train.
+    fn gap_spread(&self) -> f64 {
+        half_range(self.gaps.iter().flatten().copied())
     }
     fn mean(&self) -> Option<f64> {
         (!self.results.is_empty())
@@ -69,13 +72,23 @@ impl Row<'_> {
     }
     /// Half the range over seeds: mean ± spread covers every seed.
     fn spread(&self) -> f64 {
-        let v: Vec<f64> = self.results.iter().map(|x| x.val_loss).collect();
-        let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-        if v.is_empty() {
-            0.0
-        } else {
-            (hi - lo) / 2.0
-        }
+        half_range(self.results.iter().map(|x| x.val_loss))
+    }
+}
+
+/// Mean of `v` (None when empty or where any value is missing).
+fn mean_all(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Option<Vec<f64>> = v.collect();
+    v.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// Half the range of `v` (0 when empty): mean ± this covers every value.
+fn half_range(v: impl Iterator<Item = f64>) -> f64 {
+    let (lo, hi) = v.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    if lo > hi {
+        0.0
+    } else {
+        (hi - lo) / 2.0
     }
 }
 
@@ -132,18 +145,19 @@ pub fn report(input: &ReportInput) -> Result<Report> {
 fn collect_rows<'a>(input: &ReportInput<'a>) -> Result<Vec<Row<'a>>> {
     let mut rows = vec![];
     for r in input.resolved {
-        let (mut results, mut curves, mut median_ms) = (vec![], vec![], vec![]);
+        let (mut results, mut curves, mut median_ms, mut gaps) = (vec![], vec![], vec![], vec![]);
         for seed in input.seeds {
             let dir = input.out.join(&r.name).join(format!("seed{seed}"));
             if let Some(res) = RunResult::read(&dir)? {
-                results.push(res);
                 let path = dir.join("metrics.jsonl");
                 let metrics = read_metrics(&path)?;
                 curves.push(val_curve(&metrics));
                 median_ms.push(median_step_ms(&metrics, &path)?);
+                gaps.push(final_train_loss(&metrics).map(|train| res.val_loss - train));
+                results.push(res);
             }
         }
-        rows.push(Row { r, results, curves, median_ms });
+        rows.push(Row { r, results, curves, median_ms, gaps });
     }
     if rows.iter().all(|row| row.results.is_empty()) {
         bail!("no finished runs in {}: run the sweep without --report-only first", input.out.display());
@@ -226,6 +240,12 @@ fn header(md: &mut String, input: &ReportInput, rows: &[Row]) {
     }
     let _ = writeln!(
         md,
+        "- val − train: val loss minus the training loss over the run's last 5 % of steps (at least 10; each \
+         batch's loss before its update), mean ± spread over seeds: it grows where text repeats (epochs > 1) and \
+         the model starts to memorise it; a loss still falling inside that window makes it read low in short runs"
+    );
+    let _ = writeln!(
+        md,
         "- tokens / block param: training tokens per unique block parameter; epochs: passes over the train split; \
          train FLOPs: forward + backward of the run, `ParamCounts::train_flops` × tokens (PaLM's 6N over the layers \
          applied + 12·L·d·T attention + 6·V·d LM head + the LORS merge: `lors-lm params` breaks it down)"
@@ -270,13 +290,13 @@ fn table(md: &mut String, input: &ReportInput, rows: &[Row]) {
     let (bpb_head, bpb_align) = if input.byte_level { (" val bpb |", "---:|") } else { (" val ppl |", "---:|") };
     let _ = writeln!(
         md,
-        "| config | mode | rank / schedule / groups / recipe | unique block params | total unique | % of {} | tokens | tokens / block param | epochs | train FLOPs | val loss (mean ± spread) |{bpb_head} decode MB read / distinct | decode tok/s | tokens/s | train time (s) | seeds |{}",
+        "| config | mode | rank / schedule / groups / recipe | unique block params | total unique | % of {} | tokens | tokens / block param | epochs | train FLOPs | val loss (mean ± spread) |{bpb_head} val − train | decode MB read / distinct | decode tok/s | tokens/s | train time (s) | seeds |{}",
         plan.baseline,
         plan.deltas.iter().map(|d| format!(" Δ vs {d} |")).collect::<String>()
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|{bpb_align}---:|---:|---:|---:|---:|{}",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|{bpb_align}---:|---:|---:|---:|---:|---:|{}",
         "---:|".repeat(plan.deltas.len())
     );
     let delta_to = |row: &Row, other: &str| -> String {
@@ -317,13 +337,14 @@ fn table(md: &mut String, input: &ReportInput, rows: &[Row]) {
         };
         let decode =
             row.mean_of(|r| r.decode.as_ref().map(|d| d.tokens_per_sec)).map_or("—".into(), |x| format!("{x:.0}"));
+        let gap = row.mean_gap().map_or("—".into(), |g| format!("{g:+.4} ± {:.4}", row.gap_spread()));
         let mut sharing = sharing_desc(cfg, show_d(resolved));
         if let Some((from, at)) = &row.r.branch {
             sharing += &format!(", branch of {from} @ {at}");
         }
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.1} % | {tokens} | {:.1} | {:.2} | {:.3e} | {loss} | {second} | {:.3} / {:.3} ({}) | {decode} | {tps} | {time} | {}/{} |{}",
+            "| {} | {} | {} | {} | {} | {:.1} % | {tokens} | {:.1} | {:.2} | {:.3e} | {loss} | {second} | {gap} | {:.3} / {:.3} ({}) | {decode} | {tps} | {time} | {}/{} |{}",
             row.r.name,
             cfg.lors.mode,
             sharing,

@@ -15,6 +15,7 @@ use crate::train::{session, RunDir, SessionOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -319,6 +320,20 @@ pub fn median_step_ms(metrics: &[serde_json::Value], path: &Path) -> Result<f64>
     Ok(if n % 2 == 1 { ms[n / 2] } else { (ms[n / 2 - 1] + ms[n / 2]) / 2.0 })
 }
 
+/// Mean training loss over the last 5 % of a run's steps (at least 10, or all of a shorter
+/// run): each batch's loss as it came, before its update. A resumed run may log a step twice;
+/// its last line counts. None without training steps.
+pub fn final_train_loss(metrics: &[serde_json::Value]) -> Option<f64> {
+    let mut by_step = BTreeMap::new();
+    for v in step_lines(metrics) {
+        if let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) {
+            by_step.insert(step, loss);
+        }
+    }
+    let n = (by_step.len() / 20).max(10).min(by_step.len());
+    (n > 0).then(|| by_step.values().rev().take(n).sum::<f64>() / n as f64)
+}
+
 /// (tokens, val_loss) of the periodic evaluations.
 pub fn val_curve(metrics: &[serde_json::Value]) -> Vec<(f64, f64)> {
     metrics.iter().filter_map(|v| Some((v.get("tokens")?.as_f64()?, v.get("val_loss")?.as_f64()?))).collect()
@@ -327,4 +342,27 @@ pub fn val_curve(metrics: &[serde_json::Value]) -> Vec<(f64, f64)> {
 /// The commit this binary was built from (recorded by build.rs).
 pub fn git_commit() -> String {
     env!("LORS_LM_GIT_COMMIT").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::final_train_loss;
+    use serde_json::json;
+
+    #[test]
+    fn final_train_loss_averages_the_last_steps_and_takes_a_resumed_steps_last_line() {
+        // 400 steps of loss = step: the last 5 % is 20 steps (381..=400), mean 390.5; evaluation
+        // lines (no step time) do not count.
+        let mut m: Vec<_> = (1..=400).map(|s| json!({"step": s, "loss": s as f64, "ms": 1.0})).collect();
+        m.push(json!({"step": 400, "val_loss": 9.0}));
+        assert_eq!(final_train_loss(&m), Some(390.5));
+        // A run resumed at step 395 logs 396..=400 again, with other losses: the later lines count.
+        m.extend((396..=400).map(|s| json!({"step": s, "loss": 0.0, "ms": 1.0})));
+        assert_eq!(final_train_loss(&m), Some((381..=395).sum::<i32>() as f64 / 20.0));
+        // Short runs: at least 10 steps, or all of them.
+        let m: Vec<_> = (1..=30).map(|s| json!({"step": s, "loss": s as f64, "ms": 1.0})).collect();
+        assert_eq!(final_train_loss(&m), Some(25.5));
+        assert_eq!(final_train_loss(&m[..4]), Some(2.5));
+        assert_eq!(final_train_loss(&[json!({"step": 1, "val_loss": 2.0})]), None);
+    }
 }

@@ -125,8 +125,17 @@ impl TcpComm {
     }
 
     /// One collective: every rank's `mine` reaches rank 0, which returns `combine` of all of
-    /// them (in rank order) to every rank.
-    fn exchange(&self, op: Op, mine: &[u8], combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
+    /// them (in rank order) to every rank. Every frame's size is known in advance (rank r's
+    /// part is `part_len(r)` bytes, the result `result_len`): a frame of another size is ranks
+    /// out of step, refused before its payload is read.
+    fn exchange(
+        &self,
+        op: Op,
+        mine: &[u8],
+        part_len: impl Fn(usize) -> usize,
+        result_len: usize,
+        combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         let mut conns = self.conns.borrow_mut();
         if self.rdv.rank != 0 {
             let (r, w) = &mut conns[0];
@@ -134,9 +143,7 @@ impl TcpComm {
                 anyhow!("rank 0 closed the connection during a collective ({e}): it failed, was killed or was stopped (its error or the launcher says which)")
             };
             write_frame(w, op as u8, mine).map_err(gone)?;
-            let (tag, result) = read_frame(r).map_err(gone)?;
-            check_step(0, tag, op)?;
-            return Ok(result);
+            return read_part(r, 0, op, result_len, gone);
         }
         let lost = |rank: usize| {
             move |e: std::io::Error| {
@@ -149,9 +156,7 @@ impl TcpComm {
         let mut all = Vec::with_capacity(self.rdv.size);
         all.push(mine.to_vec());
         for (i, (r, _)) in conns.iter_mut().enumerate() {
-            let (tag, part) = read_frame(r).map_err(lost(i + 1))?;
-            check_step(i + 1, tag, op)?;
-            all.push(part);
+            all.push(read_part(r, i + 1, op, part_len(i + 1), lost(i + 1))?);
         }
         let result = combine(all)?;
         for (i, (_, w)) in conns.iter_mut().enumerate() {
@@ -168,19 +173,44 @@ impl TcpComm {
         from: impl Fn(f64) -> [u8; N],
     ) -> Result<Vec<u8>> {
         let len = send.len();
-        self.exchange(op, send, |parts| {
-            if let Some((rank, p)) = parts.iter().enumerate().find(|(_, p)| p.len() != len) {
-                bail!("ranks out of step: rank {rank} sums {} values, rank 0 {}", p.len() / N, len / N);
-            }
-            let mut acc = vec![0.0f64; len / N];
-            for p in &parts {
-                for (a, c) in acc.iter_mut().zip(p.chunks_exact(N)) {
-                    *a += to(c.try_into().expect("chunks of N"));
+        self.exchange(
+            op,
+            send,
+            |_| len,
+            len,
+            |parts| {
+                let mut acc = vec![0.0f64; len / N];
+                for p in &parts {
+                    for (a, c) in acc.iter_mut().zip(p.chunks_exact(N)) {
+                        *a += to(c.try_into().expect("chunks of N"));
+                    }
                 }
-            }
-            Ok(acc.into_iter().flat_map(from).collect())
-        })
+                Ok(acc.into_iter().flat_map(from).collect())
+            },
+        )
     }
+}
+
+/// Rank `rank`'s frame of collective `op`, which must be `len` bytes; `io` names the rank in
+/// a connection error.
+fn read_part(
+    r: &mut impl Read,
+    rank: usize,
+    op: Op,
+    len: usize,
+    io: impl Fn(std::io::Error) -> anyhow::Error,
+) -> Result<Vec<u8>> {
+    let (tag, got) = read_head(r).map_err(&io)?;
+    check_step(rank, tag, op)?;
+    if got != len as u64 {
+        bail!(
+            "ranks out of step: rank {rank} sent {got} bytes for {op:?} where this rank expects {len} \
+             (do all ranks train the same config?)"
+        );
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).map_err(io)?;
+    Ok(payload)
 }
 
 /// An error unless rank `rank`'s frame is the collective this rank is in.
@@ -198,23 +228,22 @@ fn write_frame(w: &mut impl Write, tag: u8, payload: &[u8]) -> std::io::Result<(
     w.flush()
 }
 
-/// Frames above this are refused (a stray client or a corrupt stream, not a gradient: 16 GiB).
-const MAX_FRAME: u64 = 16 << 30;
-
-fn read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
-    read_frame_up_to(r, MAX_FRAME)
-}
-
-fn read_frame_up_to(r: &mut impl Read, max: u64) -> std::io::Result<(u8, Vec<u8>)> {
+/// A frame's tag and payload length.
+fn read_head(r: &mut impl Read) -> std::io::Result<(u8, u64)> {
     let mut head = [0u8; 9];
     r.read_exact(&mut head)?;
-    let len = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
+    Ok((head[0], u64::from_le_bytes(head[1..].try_into().expect("8 bytes"))))
+}
+
+/// A frame of at most `max` bytes (the hello, from a peer not yet known to be a rank).
+fn read_frame_up_to(r: &mut impl Read, max: u64) -> std::io::Result<(u8, Vec<u8>)> {
+    let (tag, len) = read_head(r)?;
     if len > max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a frame of {len} bytes")));
     }
     let mut payload = vec![0u8; len as usize];
     r.read_exact(&mut payload)?;
-    Ok((head[0], payload))
+    Ok((tag, payload))
 }
 
 fn hello(rank: usize, size: usize) -> Vec<u8> {
@@ -347,19 +376,19 @@ impl Comm for TcpComm {
         Ok(())
     }
     fn gather_u64(&self, value: u64) -> Result<Vec<u64>> {
-        let out = self.exchange(Op::Gather, &value.to_le_bytes(), |parts| Ok(parts.concat()))?;
+        let out =
+            self.exchange(Op::Gather, &value.to_le_bytes(), |_| 8, 8 * self.rdv.size, |parts| Ok(parts.concat()))?;
         out.chunks_exact(8).map(|c| Ok(u64::from_le_bytes(c.try_into()?))).collect()
     }
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
         let mine: &[u8] = if self.rdv.rank == root { buf } else { &[] };
-        let out = self.exchange(Op::Broadcast, mine, |mut parts| {
-            (root < parts.len())
-                .then(|| std::mem::take(&mut parts[root]))
-                .ok_or_else(|| anyhow!("broadcast from rank {root} of {}", parts.len()))
-        })?;
-        if out.len() != buf.len() {
-            bail!("ranks out of step: a broadcast of {} bytes into a buffer of {}", out.len(), buf.len());
+        if root >= self.rdv.size {
+            bail!("a broadcast from rank {root} in a run of {} ranks", self.rdv.size);
         }
+        let len = buf.len();
+        let part_len = |r: usize| if r == root { len } else { 0 };
+        let out =
+            self.exchange(Op::Broadcast, mine, part_len, len, |mut parts| Ok(std::mem::take(&mut parts[root])))?;
         buf.copy_from_slice(&out);
         Ok(())
     }
@@ -462,6 +491,21 @@ mod tests {
         });
         assert!(out[0].contains("ranks out of step"), "{}", out[0]);
         assert!(out[1].contains("rank 0 closed the connection"), "{}", out[1]);
+    }
+
+    #[test]
+    fn a_part_of_the_wrong_size_is_refused_before_it_is_read() {
+        let out = ranks(2, |c| {
+            let mut s = [0.0f64; 2];
+            let send = if c.rank() == 0 { &[1.0, 2.0][..] } else { &[1.0][..] };
+            c.sum_f64(send, &mut s[..send.len()]).map(|_| ()).unwrap_err().to_string()
+        });
+        assert!(out[0].contains("rank 1 sent 8 bytes for SumF64 where this rank expects 16"), "{}", out[0]);
+        // A corrupt or hostile length (2^60 bytes) is an error, not an allocation.
+        let mut frame = vec![Op::SumF32 as u8];
+        frame.extend((1u64 << 60).to_le_bytes());
+        let err = read_part(&mut &frame[..], 3, Op::SumF32, 4, |e| anyhow!("{e}")).unwrap_err().to_string();
+        assert!(err.contains("rank 3 sent 1152921504606846976 bytes"), "{err}");
     }
 
     #[test]
