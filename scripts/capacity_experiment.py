@@ -256,7 +256,7 @@ def stdlib_data(args):
     epochs of Moby Dick + Brown): every *.py under this Python's stdlib, its tests included
     (site-packages left out), copied as .txt (what `prepare` reads), the version recorded.
     Python 3.11.7 here: 1,790 files, 1,762 documents (empty files dropped), 31.5 MB: 27.8M train and
-    3.7M validation bytes.
+    3.7M validation bytes."""
     import sysconfig, shutil, platform
     src = Path(sysconfig.get_paths()["stdlib"])
     out = ROOT / "data/python-stdlib"
