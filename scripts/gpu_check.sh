@@ -243,7 +243,9 @@ for name in ["lors-bf16", "vanilla-bf16", "lors-f32"]:
         continue
     late = steps[len(steps) // 5:] or steps  # after warm-up
     tps = statistics.median(s["tokens_per_sec"] for s in late)
-    mfu = statistics.median(s.get("mfu", float("nan")) for s in late)
+    # MFU is logged against the device's peak; the CPU has none ("–" in the dry run).
+    mfus = [s["mfu"] for s in late if "mfu" in s]
+    mfu = f"{100 * statistics.median(mfus):.1f} %" if mfus else "–"
     ms = statistics.median(s["ms"] for s in late)
     tokens = steps[-1]["tokens"] // steps[-1]["step"]
     mem = os.path.join(out, f"mem_{name}.txt")
@@ -254,7 +256,7 @@ for name in ["lors-bf16", "vanilla-bf16", "lors-f32"]:
         est = f"{json.load(open(est))['train_memory_bytes']['total'] / 2**20:,.0f}"
     except Exception:
         est = "–"
-    print(f"| {name} | {tokens} | {tps:,.0f} | {100 * mfu:.1f} % | {ms:.1f} | {peak} | {est} | {steps[-1]['loss']:.4f} |")
+    print(f"| {name} | {tokens} | {tps:,.0f} | {mfu} | {ms:.1f} | {peak} | {est} | {steps[-1]['loss']:.4f} |")
 if "lors-bf16" in rows and "vanilla-bf16" in rows:
     print(f"\nLORS / vanilla tokens/s (bf16): {rows['lors-bf16'] / rows['vanilla-bf16']:.3f}")
 tj = os.path.join(out, "torch.jsonl")
