@@ -33,10 +33,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// First 8 bytes of every shard.
 /// The resume state's file name in a `prepare --out` directory (written by `resume.rs`; its
 /// presence without meta.json marks an unfinished prepare).
 pub const STATE_FILE: &str = "prepare-state.json";
+/// First 8 bytes of every shard.
 pub const SHARD_MAGIC: [u8; 8] = *b"LORSTOKS";
 /// Version of the shard layout written (and the only one read).
 pub const SHARD_VERSION: u32 = 1;

@@ -66,13 +66,13 @@ impl Row<'_> {
     fn gap_spread(&self) -> f64 {
         half_range(self.gaps.iter().flatten().copied())
     }
+    /// Mean val loss over seeds (None without finished seeds).
     fn mean(&self) -> Option<f64> {
-        (!self.results.is_empty())
-            .then(|| self.results.iter().map(|x| x.val_loss).sum::<f64>() / self.results.len() as f64)
+        self.mean_of(|x| Some(x.val_loss))
     }
     /// Half the range over seeds: mean ± spread covers every seed.
     fn spread(&self) -> f64 {
-        half_range(self.results.iter().map(|x| x.val_loss))
+        self.spread_of(|x| Some(x.val_loss))
     }
 }
 
