@@ -45,12 +45,13 @@ if [[ ! -f "$tk/.complete" ]]; then
         nvidia-cublas==13.0.0.19 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
     touch "$tk/.complete"
 fi
-# NCCL in a target of its own: pip --target skips a top-level folder that already exists
-# (nvidia/, from the toolkit wheels), so installed beside them NCCL would silently be left out.
-if [[ "$features" == nccl && ! -f "$tk/nccl/.complete" ]]; then
-    rm -rf "$tk/nccl"
-    "$py" -m pip install --quiet --no-deps --target "$tk/nccl" nvidia-nccl-cu13==2.30.7
-    touch "$tk/nccl/.complete"
+# NCCL in a pip target of its own (nccl-wheel/, which only this script writes): pip --target
+# skips a top-level folder that already exists (nvidia/, from the toolkit wheels), so installed
+# beside them NCCL would silently be left out.
+if [[ "$features" == nccl && ! -f "$tk/nccl-wheel/.complete" ]]; then
+    rm -rf "$tk/nccl-wheel"
+    "$py" -m pip install --quiet --no-deps --target "$tk/nccl-wheel" nvidia-nccl-cu13==2.30.7
+    touch "$tk/nccl-wheel/.complete"
 fi
 cuda="$tk/nvidia/cu13"
 [[ -x "$cuda/bin/nvcc" ]] || { echo "error: $cuda/bin/nvcc missing: delete $tk and rerun" >&2; exit 1; }
@@ -81,12 +82,12 @@ export CUDA_HOME="$cuda" CUDA_PATH="$cuda" CUDA_ROOT="$cuda"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export PATH="$cuda/bin:$PATH"
 # NCCL's wheel puts libnccl.so.2 (and nccl.h) under nvidia/nccl/ (cu13 layouts vary: find it).
-nccl_lib="$(dirname "$(find "$tk/nccl" -name 'libnccl.so.2' -print -quit 2>/dev/null)" 2>/dev/null || true)"
+nccl_lib="$(dirname "$(find "$tk/nccl-wheel" -name 'libnccl.so.2' -print -quit 2>/dev/null)" 2>/dev/null || true)"
 if [[ -n "$nccl_lib" && -f "$nccl_lib/libnccl.so.2" ]]; then
     [[ -e "$nccl_lib/libnccl.so" ]] || ln -s libnccl.so.2 "$nccl_lib/libnccl.so"
 else
     nccl_lib="$cuda/lib"
-    [[ "$features" != nccl ]] || { echo "error: libnccl.so.2 not found under $tk/nccl: delete it and rerun" >&2; exit 1; }
+    [[ "$features" != nccl ]] || { echo "error: libnccl.so.2 not found under $tk/nccl-wheel: delete it and rerun" >&2; exit 1; }
 fi
 export LIBRARY_PATH="$cuda/lib:$nccl_lib:$stub${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L $cuda/lib -L $nccl_lib -L $stub"
