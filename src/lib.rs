@@ -7,12 +7,13 @@
 //! |---|---|
 //! | `cmd` | one file per command: its arguments and `run` |
 //! | `sweep` | comparison plans: plan, run, report |
-//! | `compress` | a trained model → LORS by mean bases and truncated SVD of the residuals |
 //! | `train` | `Trainer` (the step), the loop, optimizer, schedule, run directory, checkpoints |
-//! | `infer`, `formats` | generation and perplexity; Hugging Face and GGUF import/export |
+//! | `infer`, `compress` | generation and perplexity; a trained model → LORS by mean bases and truncated SVD of the residuals |
+//! | `data` | `prepare` and the prepared token files |
+//! | `formats`, `device` | Hugging Face and GGUF import/export, `tokenizer.json`, Hub model repos; devices and BLAS |
+//! | `monitor`, `config` | metrics and reports; the run configuration |
 //! | `model` | the Llama model, the LORS method (`model/lors.rs`), parameters |
-//! | `kernels` | fused CPU kernels with their backward passes |
-//! | `data`, `monitor`, `config`, `device`, `rng`, `files`, `alloc` | prepared data, reports, configuration, devices, atomic writes, the allocator per command |
+//! | `kernels`, `rng`, `files`, `alloc` | fused CPU kernels with their backward passes; the seeded RNG, atomic writes, the allocator per command |
 
 pub mod alloc;
 pub mod cmd;

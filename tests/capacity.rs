@@ -72,7 +72,7 @@ fn byte_level_tokenizers_are_recognised() {
     }
     let bytes = prepare_text(&tmp.path().join("a"), &corpus(None), 257);
     let bpe = prepare_text(&tmp.path().join("b"), &corpus(None), 300);
-    let tok = |d: &Path| lors_lm::data::load_tokenizer(&d.join("tokenizer.json")).unwrap();
+    let tok = |d: &Path| lors_lm::formats::load_tokenizer(&d.join("tokenizer.json")).unwrap();
     assert!(lors_lm::data::is_byte_level(&tok(&bytes)));
     assert!(!lors_lm::data::is_byte_level(&tok(&bpe)));
 }

@@ -334,7 +334,7 @@ fn bytes_mode_round_trips_any_bytes() {
     want.sort();
     assert!(got == want, "the documents do not round-trip");
     // The tokenizer.json written encodes and decodes text as the ids say.
-    let tok = lors_lm::data::load_tokenizer(&out.join("tokenizer.json")).unwrap();
+    let tok = lors_lm::formats::load_tokenizer(&out.join("tokenizer.json")).unwrap();
     let ids = tok.encode("plain text ✓\n", false).unwrap().get_ids().to_vec();
     let bytes: Vec<u32> = "plain text ✓\n".bytes().map(|b| b as u32 + 1).collect();
     assert_eq!(ids, bytes);

@@ -130,7 +130,7 @@ proptest! {
     #[test]
     fn any_prompt_text_round_trips_through_the_tokenizer(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let (_, data, _) = fixtures();
-        let tok = lors_lm::data::load_tokenizer(&data.join("tokenizer.json")).unwrap();
+        let tok = lors_lm::formats::load_tokenizer(&data.join("tokenizer.json")).unwrap();
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let enc = tok.encode(text.as_str(), false).unwrap();
         let back = tok.decode(enc.get_ids(), false).unwrap();
@@ -323,7 +323,7 @@ fn hostile_files_are_refused_or_loaded_never_a_panic_or_a_hang() {
             let len = d.train.len();
             d.train.window(len / 2, (len - len / 2).min(64))?;
             d.val.window(0, d.val.len().min(64))?;
-            lors_lm::data::load_tokenizer(&data_copy.join("tokenizer.json"))?;
+            lors_lm::formats::load_tokenizer(&data_copy.join("tokenizer.json"))?;
             Ok(())
         });
         std::fs::write(data_copy.join(file), original).unwrap();
@@ -338,7 +338,7 @@ fn hostile_files_are_refused_or_loaded_never_a_panic_or_a_hang() {
         let (bytes, what) = mutate::json(&mut Rng::new(0x7_0000 + i as u64), &good);
         std::fs::write(&path, &bytes).unwrap();
         h.case(&mut t, format!("tokenizer case {i}: {what}"), || {
-            let tok = lors_lm::data::load_tokenizer(&path)?;
+            let tok = lors_lm::formats::load_tokenizer(&path)?;
             let enc = tok.encode("Call me Ishmael. ünïcödé ✓ 鯨 🐋", false).map_err(anyhow::Error::msg)?;
             tok.decode(enc.get_ids(), false).map_err(anyhow::Error::msg)?;
             Ok(())
@@ -389,7 +389,7 @@ fn tokenizer_files_that_panicked_tokenizers_are_refused() {
     v["model"]["continuing_subword_prefix"] = serde_json::Value::from("x".repeat(40));
     for (text, want) in [(broken_decoder, "expected"), (v.to_string(), "continuing_subword_prefix")] {
         std::fs::write(&path, text).unwrap();
-        let err = format!("{:#}", lors_lm::data::load_tokenizer(&path).unwrap_err());
+        let err = format!("{:#}", lors_lm::formats::load_tokenizer(&path).unwrap_err());
         assert!(err.contains("tokenizer.json") && err.contains(want), "{err}");
     }
 }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use lors_lm::data::{load_tokenizer, write_prepared_dir, Meta, TokenFile};
+use lors_lm::data::{write_prepared_dir, Meta, TokenFile};
+use lors_lm::formats::load_tokenizer;
 use sha2::{Digest, Sha256};
 
 /// Documents of the test corpus, as (relative path, contents). Sorted by path they are

@@ -186,7 +186,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     let train_tokens = TokenFile::open(&data_dir, "train", &meta)?.len();
     let tokenizer = data_dir.join("tokenizer.json");
     let bytes = match tokenizer.is_file() {
-        true => ByteLevel::of(&crate::data::load_tokenizer(&tokenizer)?),
+        true => ByteLevel::of(&crate::formats::load_tokenizer(&tokenizer)?),
         false => None,
     };
     if args.jobs == 0 {

@@ -248,7 +248,7 @@ fn check_same_tokenizer(teacher: &source::Loaded, data_dir: &Path) -> Result<()>
     }
     let ours = data_dir.join("tokenizer.json");
     if ours.is_file() {
-        let data_tok = crate::data::load_tokenizer(&ours)?;
+        let data_tok = crate::formats::load_tokenizer(&ours)?;
         if data_tok.get_vocab(true) != teacher.tokenizer.get_vocab(true) {
             bail!(
                 "--teacher {}: its tokenizer differs from the data's ({}): distillation compares next-token distributions, so both must use the same tokens",

@@ -40,13 +40,13 @@
 //! | `prepare.rs`   | `lors-lm prepare`: [`prepare`] with [`PrepareOptions`]; the scan (pass 1)   |
 //! | `input/`       | the `--input` arguments → files; one reader per format behind one iterator  |
 //! | `split.rs`     | document keys and the validation split                                      |
-//! | `tokenizer.rs` | BPE training, loading `tokenizer.json`, bos/eos ids, exact chunking         |
+//! | `tokenizer.rs` | BPE training, `--tokenizer` sources, bos/eos ids, exact chunking            |
 //! | `encode.rs`    | texts → ids, in parallel; the `--bytes` tokenizer                           |
 //! | `pipeline.rs`  | pass 2: read → encode → write shards, with bounded buffers                  |
 //! | `resume.rs`    | `prepare-state.json`: what `--resume` checks and continues from             |
 //! | `shards.rs`    | the shard format: writer and memory-mapped reader                           |
 //! | `tokens.rs`    | [`Meta`] (`meta.json`), [`TokenFile`] (a split's shards as one stream)      |
-//! | `hub.rs`       | Hugging Face Hub files and datasets through hf-hub's cache (`HF_HUB_OFFLINE`) |
+//! | `hub.rs`       | Hugging Face Hub datasets through hf-hub's cache (`HF_HUB_OFFLINE`)         |
 mod encode;
 mod hub;
 pub mod input;
@@ -60,14 +60,14 @@ mod tokenizer;
 mod tokens;
 
 pub use encode::byte_tokenizer;
-pub use hub::{fetch_hub_dataset, fetch_hub_file};
+pub use hub::fetch_hub_dataset;
 pub use prepare::{
     prepare, PrepareOptions, DEFAULT_SHARD_TOKENS, DEFAULT_TOKENIZER_SAMPLE_BYTES, DEFAULT_VAL_FRACTION,
     MIN_SPLIT_TOKENS,
 };
 pub use shards::{Shard, ShardInfo};
 pub use split::DEFAULT_SPLIT_SEED;
-pub use tokenizer::{find_bos_eos, is_byte_level, load_tokenizer, DEFAULT_VOCAB_SIZE, EOT, MIN_VOCAB_SIZE};
+pub use tokenizer::{find_bos_eos, is_byte_level, DEFAULT_VOCAB_SIZE, EOT, MIN_VOCAB_SIZE};
 pub use tokens::{write_prepared_dir, write_tokens, InputFile, Meta, SplitShards, TokenFile, FORMAT_VERSION};
 
 /// Prints a progress line of `prepare` (also used by the Hub download) on stderr.

@@ -25,9 +25,10 @@ use super::progress;
 use super::resume::{Settings, State};
 use super::shards::{file_sha256, is_shard_name, STATE_FILE};
 use super::split::{fraction_threshold, Split, SplitPlanner, SplitRule};
-use super::tokenizer::{load_tokenizer, train_bpe_on, TokenizerPlan, TokenizerSpec, EOT};
+use super::tokenizer::{train_bpe_on, TokenizerPlan, TokenizerSpec, EOT};
 use super::tokens::{InputFile, Meta};
 use crate::files::{same_path, write_atomic};
+use crate::formats::load_tokenizer;
 
 /// The fixed names of the files `prepare` writes into `--out` (and `--force` replaces), besides
 /// the shards ([`super::shards::is_shard_name`]); `train.bin`/`val.bin` are the splits of

@@ -10,8 +10,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::shards::{is_shard_name, max_id, shard_name, write_shard, Dtype, Shard, ShardInfo, STATE_FILE};
-use super::tokenizer::{find_bos_eos, load_tokenizer};
+use super::tokenizer::find_bos_eos;
 use crate::files::write_atomic;
+use crate::formats::load_tokenizer;
 
 /// Version of the prepared-directory layout, stored in `meta.json`: 2 = token shards with a
 /// header and document index listed in `meta.json`; 1 (or absent) = one headerless

@@ -243,7 +243,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<(Config, Model, tokeni
     let mut store = ParamStore::from_tensors(tensors, DType::F32, device);
     let model = Model::new(&cfg.model, &cfg.lors, &mut store)
         .with_context(|| format!("cannot load the weights in {}", dir.display()))?;
-    let tok = crate::data::load_tokenizer(&dir.join("tokenizer.json"))?;
+    let tok = crate::formats::load_tokenizer(&dir.join("tokenizer.json"))?;
     Ok((cfg, model, tok, hf))
 }
 
@@ -260,18 +260,18 @@ pub fn resolve_hf(spec: &str) -> Result<PathBuf> {
         .split_once('/')
         .filter(|(o, n)| !o.is_empty() && !n.is_empty())
         .with_context(|| format!("--hf {spec}: expected hf:OWNER/NAME"))?;
-    let config = crate::data::fetch_hub_file(owner, name, None, "config.json")?.0;
+    let config = crate::formats::fetch_hub_file(owner, name, None, "config.json")?.0;
     let dir = config.parent().context("hub cache path without a parent")?.to_path_buf();
-    crate::data::fetch_hub_file(owner, name, None, "tokenizer.json")?;
-    if crate::data::fetch_hub_file(owner, name, None, "model.safetensors").is_err() {
-        let index = crate::data::fetch_hub_file(owner, name, None, "model.safetensors.index.json")?.0;
+    crate::formats::fetch_hub_file(owner, name, None, "tokenizer.json")?;
+    if crate::formats::fetch_hub_file(owner, name, None, "model.safetensors").is_err() {
+        let index = crate::formats::fetch_hub_file(owner, name, None, "model.safetensors.index.json")?.0;
         let v: Value = serde_json::from_str(&fs::read_to_string(&index)?)?;
         let mut shards: Vec<&str> =
             v["weight_map"].as_object().into_iter().flat_map(|m| m.values()).filter_map(Value::as_str).collect();
         shards.sort_unstable();
         shards.dedup();
         for s in shards {
-            crate::data::fetch_hub_file(owner, name, None, s)?;
+            crate::formats::fetch_hub_file(owner, name, None, s)?;
         }
     }
     Ok(dir)

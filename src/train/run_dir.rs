@@ -236,7 +236,7 @@ impl RunDir {
         let ckpt = self.checkpoint(step)?;
         let cfg = ckpt.config()?;
         let (model, store) = load_model(&cfg, &ckpt, device)?;
-        let tokenizer = crate::data::load_tokenizer(&self.tokenizer_path())?;
+        let tokenizer = crate::formats::load_tokenizer(&self.tokenizer_path())?;
         let meta_path = self.data_meta_path();
         let meta = match meta_path.is_file() {
             true => Some(

@@ -146,7 +146,7 @@ pub fn train(cfg: Config, data_dir: &Path, run: &RunDir, device: &Device, opts: 
                 Some(bos) => vec![bos],
                 None => val_file.window(0, 4.min(t))?,
             };
-            Some((crate::data::load_tokenizer(&p)?, prompt))
+            Some((crate::formats::load_tokenizer(&p)?, prompt))
         }
         _ => None,
     };
