@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 #[cfg(feature = "hub")]
 use super::progress;
 #[cfg(feature = "hub")]
-use crate::formats::hub::hub_offline;
+use crate::formats::hub::hub_client;
 
 // ---------------------------------------------------------------------------------------------
 // Datasets
@@ -131,12 +131,7 @@ fn list(files: &[String]) -> String {
 pub fn fetch_hub_dataset(spec_text: &str) -> Result<(Vec<PathBuf>, String)> {
     let spec = DatasetSpec::parse(spec_text)?;
     let repo_id = format!("{}/{}", spec.owner, spec.name);
-    let offline = hub_offline();
-    let client = hf_hub::HFClient::new()
-        .with_context(|| format!("could not set up the Hugging Face Hub client for hf:datasets/{repo_id}"))?;
-    let cache = client.cache_dir().to_path_buf();
-    let client = hf_hub::HFClientSync::from_inner(client)
-        .with_context(|| format!("could not set up the Hugging Face Hub client for hf:datasets/{repo_id}"))?;
+    let (client, cache, offline) = hub_client(&format!("hf:datasets/{repo_id}"))?;
     let rev_text = spec.revision.clone().unwrap_or_else(|| "main".into());
     progress(&format!(
         "resolving hf:datasets/{repo_id}@{rev_text} (cache {}{})",

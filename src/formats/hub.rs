@@ -9,9 +9,20 @@ use anyhow::Context;
 use anyhow::{bail, Result};
 
 /// Whether `HF_HUB_OFFLINE` asks for cache-only Hub access (as in Python: 1/true/yes/on).
-pub(crate) fn hub_offline() -> bool {
+fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+/// A blocking Hub client for `what` (named in its errors), the cache directory it uses, and
+/// whether `HF_HUB_OFFLINE` keeps it to that cache.
+#[cfg(feature = "hub")]
+pub(crate) fn hub_client(what: &str) -> Result<(hf_hub::HFClientSync, PathBuf, bool)> {
+    let setup = || format!("could not set up the Hugging Face Hub client for {what}");
+    let client = hf_hub::HFClient::new().with_context(setup)?;
+    let cache = client.cache_dir().to_path_buf();
+    let client = hf_hub::HFClientSync::from_inner(client).with_context(setup)?;
+    Ok((client, cache, hub_offline()))
 }
 
 /// Resolves `filename` (e.g. `tokenizer.json`) of a Hub model repo through the standard cache;
@@ -19,12 +30,7 @@ pub(crate) fn hub_offline() -> bool {
 #[cfg(feature = "hub")]
 pub fn fetch_hub_file(owner: &str, name: &str, revision: Option<&str>, filename: &str) -> Result<(PathBuf, String)> {
     let repo_id = format!("{owner}/{name}");
-    let offline = hub_offline();
-    let client = hf_hub::HFClient::new()
-        .with_context(|| format!("could not set up the Hugging Face Hub client for hf:{repo_id}"))?;
-    let cache = client.cache_dir().to_path_buf();
-    let client = hf_hub::HFClientSync::from_inner(client)
-        .with_context(|| format!("could not set up the Hugging Face Hub client for hf:{repo_id}"))?;
+    let (client, cache, offline) = hub_client(&format!("hf:{repo_id}"))?;
     let rev_text = revision.unwrap_or("main");
     eprintln!(
         "hub: resolving hf:{repo_id}@{rev_text} {filename} (cache {}{})",
