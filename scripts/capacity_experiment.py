@@ -13,7 +13,8 @@ The arms, budgets and schedule live here; `plan` writes them out as sweep plans,
     scripts/capacity_experiment.py table    # the plan's table for docs/results.md (after `time`)
     scripts/capacity_experiment.py run      # the grid in RUN_ORDER, then the reports (resumable:
                                             # run it again after any stop)
-    scripts/capacity_experiment.py run --stage 2   # stage 2, the stdlib plan (another ~8 hours)
+    scripts/capacity_experiment.py run --stage 2   # stage 2, the stdlib plan in STAGE2_ORDER (another
+                                                   # ~2.5 hours), then its report
     scripts/capacity_experiment.py smoke    # the same pipeline end to end, a few steps per run
     scripts/capacity_experiment.py decode   # batch-1 decode tok/s and peak RSS of the vanilla and
                                             # best sharing arms (after their runs; a quiet machine)
@@ -417,18 +418,26 @@ RUN_ORDER = [
     ("configs/capacity-2p.toml", ["a-van2-2p", "b-van8-d44-2p", "e-shared8-g2-2p", "e-lors8-g2-d80-2p"], [1, 2]),
 ]
 
+# Stage 2 in the same way: the two vanilla references, then the grouped arms with and without
+# private terms (goals 1 and 2), then one-base LORS.
+STAGE2_ORDER = [
+    ("configs/capacity-stdlib.toml", ["a-van2", "b-van8-d32"], [1, 2]),
+    ("configs/capacity-stdlib.toml", ["e-shared8-g2", "e-lors8-g2-d56"], [1, 2]),
+    ("configs/capacity-stdlib.toml", ["d-lors8-r5"], [1, 2]),
+]
 
-def run_grid(args, extra=()):
-    """The grid in RUN_ORDER (each sweep resumable: finished runs are kept, half-trained ones
+
+def run_grid(args, order, extra=()):
+    """The groups of `order` (each sweep resumable: finished runs are kept, half-trained ones
     resume), then each plan's report (docs/results.md blocks and charts)."""
-    for plan, arms, seeds in RUN_ORDER:
+    for plan, arms, seeds in order:
         text = (ROOT / plan).read_text()
         names = [n for a in arms for n in re.findall(rf'^name = "({re.escape(a)}-t\d+)"', text, re.M)]
         if len(names) < len(arms):
             sys.exit(f"{plan}: no runs found for some of {arms}; regenerate the plans (`plan`)")
         only = [x for n in names for x in ("--only", n)] + [x for s in seeds for x in ("--seed", str(s))]
         sweep(args, plan, [*extra, "--no-report"] + only)
-    for plan in dict.fromkeys(plan for plan, _, _ in RUN_ORDER):
+    for plan in dict.fromkeys(plan for plan, _, _ in order):
         sweep(args, plan, [*extra, "--report-only"])
 
 
@@ -493,13 +502,13 @@ def main():
         decode(args)
     elif args.what == "run" and args.stage == 2:
         stdlib_data(args)
-        sweep(args, "configs/capacity-stdlib.toml", [])
+        run_grid(args, STAGE2_ORDER)
     elif args.what == "run":
         data(args)
-        run_grid(args)
+        run_grid(args, RUN_ORDER)
     elif args.what == "smoke":
         data(args)
-        run_grid(args, ["--smoke", "--data", "data/moby-bytes"])
+        run_grid(args, RUN_ORDER, ["--smoke", "--data", "data/moby-bytes"])
 
 
 if __name__ == "__main__":
