@@ -14,10 +14,6 @@ use super::progress;
 #[cfg(feature = "hub")]
 use crate::formats::hub::hub_client;
 
-// ---------------------------------------------------------------------------------------------
-// Datasets
-// ---------------------------------------------------------------------------------------------
-
 /// An `hf:datasets/OWNER/NAME[@REVISION][:CONFIG/SPLIT]` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct DatasetSpec {
