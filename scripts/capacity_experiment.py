@@ -18,6 +18,8 @@ The arms, budgets and schedule live here; `plan` writes them out as sweep plans,
     scripts/capacity_experiment.py smoke    # the same pipeline end to end, a few steps per run
     scripts/capacity_experiment.py decode   # batch-1 decode tok/s and peak RSS of the vanilla and
                                             # best sharing arms (after their runs; a quiet machine)
+    scripts/capacity_experiment.py context  # stage 2's validation loss in windows of 16, 64 and 256
+                                            # bytes, per arm and seed (after stage 2)
 
 Budget P = the block parameters of a 2-layer vanilla stack at d_model 64 (SwiGLU 172, byte
 vocabulary): 98,816. Every arm at P is sized to P within 5 % (`match_by = "block"` checks it);
@@ -482,10 +484,71 @@ def decode(args):
               f"| {med('prompt_tokens_per_sec'):,.0f} | {js[0]['weight_bytes_read'] / 1e6:.3f} | {max(j['peak_rss_mb'] for j in js):.1f} |")
 
 
+# Loss against context length (`context`): whole validation documents of a plan's data, up to
+# CONTEXT_BYTES, evaluated by each finished run of the plan's longest budget in windows of
+# CONTEXT_WINDOWS bytes (a window's first byte sees nothing, its last T - 1 bytes).
+CONTEXT_BYTES = 500_000
+CONTEXT_WINDOWS = [16, 64, 256]
+
+
+def context(args):
+    """Validation loss in windows of 16, 64 and 256 bytes for every finished seed of the stage-2
+    plan's 300-tokens-per-parameter runs: how much each arm gains from context beyond a few
+    bytes (copying names and lines from earlier in a file). The probe is the first whole
+    validation documents (UTF-8) up to CONTEXT_BYTES bytes, written to runs/capacity-stdlib/."""
+    data = ROOT / STDLIB
+    meta = json.loads((data / "meta.json").read_text())
+    if meta["vocab_size"] != V or meta["dtype"] != "u16":
+        sys.exit(f"{data}: not the byte-level data this expects (run `stdlib` first)")
+    ids = (data / "val-00000.bin").read_bytes()
+    ids = [int.from_bytes(ids[i:i + 2], "little") for i in range(0, min(len(ids), 4 * CONTEXT_BYTES), 2)]
+    docs, cur = [], bytearray()
+    for t in ids:  # id = byte + 1; 0 ends a document
+        if t == 0:
+            docs.append(bytes(cur))
+            cur = bytearray()
+        else:
+            cur.append(t - 1)
+    probe, n = [], 0
+    for d in docs:
+        try:
+            text = d.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if n + len(d) > CONTEXT_BYTES:
+            break
+        probe.append(text)
+        n += len(d)
+    out = ROOT / "runs/capacity-stdlib/context-probe.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(probe), encoding="utf-8")
+    print(f"probe: {len(probe)} validation documents, {out.stat().st_size:,} bytes -> {out.relative_to(ROOT)}")
+    top = max(BUDGETS_STDLIB)
+    rows = {}
+    for a in ARMS_STDLIB:
+        for seed in (1, 2, 3):
+            run = ROOT / f"runs/capacity-stdlib/{a['name']}-t{top}/seed{seed}"
+            if not (run / "result.json").exists():
+                continue
+            for T in CONTEXT_WINDOWS:
+                j = json.loads(subprocess.check_output([lors_lm(args), "eval", "--run", str(run), "--text", str(out),
+                                                        "--seq-len", str(T), "--json"], text=True))
+                rows.setdefault(a["name"], {}).setdefault(seed, {})[T] = j["loss"]
+            print(f"{a['name']} seed {seed}: " + ", ".join(f"T={T} {rows[a['name']][seed][T]:.4f}" for T in CONTEXT_WINDOWS),
+                  file=sys.stderr, flush=True)
+    heads = " | ".join(f"T = {T}" for T in CONTEXT_WINDOWS)
+    print(f"\n| arm (t{top}) | seed | {heads} | gain {CONTEXT_WINDOWS[0]} → {CONTEXT_WINDOWS[-1]} |")
+    print("|---|---:|" + "---:|" * (len(CONTEXT_WINDOWS) + 1))
+    for name, seeds in rows.items():
+        for seed, l in seeds.items():
+            cells = " | ".join(f"{l[T]:.4f}" for T in CONTEXT_WINDOWS)
+            print(f"| {name} | {seed} | {cells} | {l[CONTEXT_WINDOWS[0]] - l[CONTEXT_WINDOWS[-1]]:.4f} |")
+
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["plan", "data", "stdlib", "time", "table", "run", "smoke", "decode"])
+    ap.add_argument("what", choices=["plan", "data", "stdlib", "time", "table", "run", "smoke", "decode", "context"])
     ap.add_argument("--lors-lm", help="the lors-lm binary")
     ap.add_argument("--jobs", type=int, default=2, help="chains side by side (run, smoke)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per arm and round (time)")
@@ -504,6 +567,8 @@ def main():
         table(args)
     elif args.what == "decode":
         decode(args)
+    elif args.what == "context":
+        context(args)
     elif args.what == "run" and args.stage == 2:
         stdlib_data(args)
         run_grid(args, STAGE2_ORDER)
