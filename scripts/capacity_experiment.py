@@ -494,31 +494,36 @@ CONTEXT_WINDOWS = [16, 64, 256]
 def context(args):
     """Validation loss in windows of 16, 64 and 256 bytes for every finished seed of the stage-2
     plan's 300-tokens-per-parameter runs: how much each arm gains from context beyond a few
-    bytes (copying names and lines from earlier in a file). The probe is the first whole
-    validation documents (UTF-8) up to CONTEXT_BYTES bytes, written to runs/capacity-stdlib/."""
+    bytes (copying names and lines from earlier in a file). The probe: whole validation
+    documents (UTF-8, in the split's order) that fit in CONTEXT_BYTES bytes, joined by
+    newlines, written to runs/capacity-stdlib/context-probe.txt."""
     data = ROOT / STDLIB
     meta = json.loads((data / "meta.json").read_text())
     if meta["vocab_size"] != V or meta["dtype"] != "u16":
         sys.exit(f"{data}: not the byte-level data this expects (run `stdlib` first)")
-    ids = (data / "val-00000.bin").read_bytes()
-    ids = [int.from_bytes(ids[i:i + 2], "little") for i in range(0, min(len(ids), 4 * CONTEXT_BYTES), 2)]
-    docs, cur = [], bytearray()
-    for t in ids:  # id = byte + 1; 0 ends a document
-        if t == 0:
-            docs.append(bytes(cur))
-            cur = bytearray()
-        else:
-            cur.append(t - 1)
+    # The shard (src/data/shards.rs): a 32-byte header (magic, version, bytes per token, token
+    # count n, document count d), n u16 ids, then d u64 document ends.
+    raw = (data / "val-00000.bin").read_bytes()
+    if raw[:8] != b"LORSTOKS" or int.from_bytes(raw[12:16], "little") != 2:
+        sys.exit(f"{data}/val-00000.bin: not a u16 token shard")
+    n, d = int.from_bytes(raw[16:24], "little"), int.from_bytes(raw[24:32], "little")
+    ends = [int.from_bytes(raw[32 + 2 * n + 8 * i:40 + 2 * n + 8 * i], "little") for i in range(d)]
+    docs, start = [], 0
+    for end in ends:  # id = byte + 1; 0 = <|endoftext|>
+        docs.append(bytes(t - 1 for t in memoryview(raw[32 + 2 * start:32 + 2 * end]).cast("H") if t))
+        start = end
+        if sum(map(len, docs)) > 2 * CONTEXT_BYTES:
+            break
     probe, n = [], 0
-    for d in docs:
+    for doc in docs:
         try:
-            text = d.decode("utf-8")
+            text = doc.decode("utf-8")
         except UnicodeDecodeError:
             continue
-        if n + len(d) > CONTEXT_BYTES:
-            break
+        if n + len(doc) > CONTEXT_BYTES:
+            continue
         probe.append(text)
-        n += len(d)
+        n += len(doc)
     out = ROOT / "runs/capacity-stdlib/context-probe.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(probe), encoding="utf-8")
