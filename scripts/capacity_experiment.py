@@ -419,7 +419,7 @@ RUN_ORDER = [
     ("configs/capacity.toml", ["c-shared8", "f-van8-d64"], [1, 2]),
     ("configs/capacity.toml", ["c-shared16", "d-lors16-r3r2", "d-lors16-paper", "e-shared16-g2", "e-lors16-g2-d56"], [1, 2]),
     # A third seed where rows that decide a goal were within the combined seed spread at 200
-    # tokens per parameter after two (docs/results.md, the interim reading): (a) against
+    # tokens per parameter after two (docs/results.md, the reading after two seeds): (a) against
     # one-base LORS and the grouped arm with private terms. Before the 2P plan: it settles
     # goals 1 and 2 in about an hour.
     ("configs/capacity.toml", ["a-van2", "e-lors8-g2-d56", "d-lors8-r5", "d-lors8-paper"], [3]),
