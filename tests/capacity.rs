@@ -380,7 +380,11 @@ fn branches_that_would_not_equal_a_fresh_run_are_refused() {
 fn the_capacity_plans_hold_their_budgets() {
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare_text(tmp.path(), &corpus(None), 257);
-    for (plan, budget) in [("configs/capacity.toml", 98_816.0), ("configs/capacity-2p.toml", 2.0 * 98_816.0)] {
+    for (plan, budget) in [
+        ("configs/capacity.toml", 98_816.0),
+        ("configs/capacity-2p.toml", 2.0 * 98_816.0),
+        ("configs/capacity-stdlib.toml", 98_816.0),
+    ] {
         for smoke in [false, true] {
             let mut c = bin();
             c.args(["sweep", "--dry-run", "--plan"]).arg(common::repo(plan)).arg("--data").arg(&data);
