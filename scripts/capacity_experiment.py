@@ -14,7 +14,7 @@ The arms, budgets and schedule live here; `plan` writes them out as sweep plans,
     scripts/capacity_experiment.py run      # the grid in RUN_ORDER, then the reports (resumable:
                                             # run it again after any stop)
     scripts/capacity_experiment.py run --stage 2   # stage 2, the stdlib plan in STAGE2_ORDER (another
-                                                   # ~2.5 hours), then its report
+                                                   # ~3 hours), then its report
     scripts/capacity_experiment.py smoke    # the same pipeline end to end, a few steps per run
     scripts/capacity_experiment.py decode   # batch-1 decode tok/s and peak RSS of the vanilla and
                                             # best sharing arms (after their runs; a quiet machine)
