@@ -34,6 +34,8 @@ import sys
 import time
 import zipfile
 
+import token_shards
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-bench")
 PINS = ["pyarrow==26.0.1", "tokenizers==0.23.3", "numpy==2.4.6"]
@@ -200,28 +202,11 @@ def python_encode(tokenizer, path, fmt, method):
 # ---------------------------------------------------------------------------------------------
 
 def shard_documents(out, split):
-    """Yields each document of a split from our shards (header, tokens, document index)."""
+    """Yields each document of a split from our shards (header, tokens, document index) as a
+    numpy array of its ids (scripts/token_shards.py reads and checks them)."""
     import numpy as np
-    meta = json.load(open(os.path.join(out, "meta.json")))
-    carry = None
-    for s in meta["shards"][split]:
-        raw = open(os.path.join(out, s["file"]), "rb").read()
-        assert raw[:8] == b"LORSTOKS", s["file"]
-        width = int.from_bytes(raw[12:16], "little")
-        n = int.from_bytes(raw[16:24], "little")
-        d = int.from_bytes(raw[24:32], "little")
-        tokens = np.frombuffer(raw, dtype="<u2" if width == 2 else "<u4", count=n, offset=32)
-        ends = np.frombuffer(raw, dtype="<u8", count=d, offset=32 + n * width)
-        prev = 0
-        for e in ends:
-            doc = tokens[prev:e]
-            if carry is not None:
-                doc = np.concatenate([carry, doc])
-                carry = None
-            yield doc
-            prev = int(e)
-        if prev < n:
-            carry = tokens[prev:] if carry is None else np.concatenate([carry, tokens[prev:]])
+    for doc in token_shards.documents(out, split):
+        yield np.asarray(doc)
 
 
 def compare_ids(out, tokenizer, path, fmt, seed=0, fraction=0.1):

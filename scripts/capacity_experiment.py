@@ -38,6 +38,8 @@ is faster than one two-thread job on this machine).
 import argparse, json, os, re, statistics, subprocess, sys, tempfile, time, tomllib
 from pathlib import Path
 
+import token_shards
+
 ROOT = Path(__file__).resolve().parent.parent
 V = 257  # byte-level vocabulary: 256 bytes + <|endoftext|>
 SEQ, BATCH = 256, 16
@@ -508,39 +510,35 @@ def context(args):
     newlines, written to runs/capacity-stdlib/context-probe.txt."""
     data = ROOT / STDLIB
     meta = json.loads((data / "meta.json").read_text())
-    if meta["vocab_size"] != V or meta["dtype"] != "u16":
+    if meta["vocab_size"] != V:
         sys.exit(f"{data}: not the byte-level data this expects (run `stdlib` first)")
-    # The shard (src/data/shards.rs): a 32-byte header (magic, version, bytes per token, token
-    # count n, document count d), n u16 ids, then d u64 document ends.
-    raw = (data / "val-00000.bin").read_bytes()
-    if raw[:8] != b"LORSTOKS" or int.from_bytes(raw[12:16], "little") != 2:
-        sys.exit(f"{data}/val-00000.bin: not a u16 token shard")
-    n, d = int.from_bytes(raw[16:24], "little"), int.from_bytes(raw[24:32], "little")
-    ends = [int.from_bytes(raw[32 + 2 * n + 8 * i:40 + 2 * n + 8 * i], "little") for i in range(d)]
-    docs, start = [], 0
-    for end in ends:  # id = byte + 1; 0 = <|endoftext|>
-        docs.append(bytes(t - 1 for t in memoryview(raw[32 + 2 * start:32 + 2 * end]).cast("H") if t))
-        start = end
-        if sum(map(len, docs)) > 2 * CONTEXT_BYTES:
+    # Candidates: the split's first documents, up to twice the probe's size; the probe: those of
+    # them that are UTF-8 and fit, in order.
+    docs, read = [], 0
+    for ids in token_shards.documents(data, "val"):
+        docs.append(bytes(t - 1 for t in ids if t))  # id = byte + 1; 0 = <|endoftext|>
+        read += len(docs[-1])
+        if read > 2 * CONTEXT_BYTES:
             break
-    probe, n = [], 0
+    probe, size = [], 0
     for doc in docs:
         try:
             text = doc.decode("utf-8")
         except UnicodeDecodeError:
             continue
-        if n + len(doc) > CONTEXT_BYTES:
+        if size + len(doc) > CONTEXT_BYTES:
             continue
         probe.append(text)
-        n += len(doc)
+        size += len(doc)
     out = ROOT / "runs/capacity-stdlib/context-probe.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(probe), encoding="utf-8")
     print(f"probe: {len(probe)} validation documents, {out.stat().st_size:,} bytes -> {out.relative_to(ROOT)}")
     top = max(BUDGETS_STDLIB)
+    seeds = tomllib.loads((ROOT / "configs/capacity-stdlib.toml").read_text())["seeds"]
     rows = {}
     for a in ARMS_STDLIB:
-        for seed in (1, 2, 3):
+        for seed in seeds:
             run = ROOT / f"runs/capacity-stdlib/{a['name']}-t{top}/seed{seed}"
             if not (run / "result.json").exists():
                 continue
